@@ -1,0 +1,37 @@
+"""The benchmark script runs and writes the figures the README quotes (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_encrypt_writes_results(tmp_path):
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"from_another_bench": 1.0}))
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_encrypt.py"),
+            "--batch",
+            "4",
+            "--size",
+            "32",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["from_another_bench"] == 1.0  # merged, not replaced
+    for name in ("encrypt_img_s", "copy_img_s", "encrypt_vs_copy_ratio"):
+        assert results[name] > 0
