@@ -1,0 +1,98 @@
+"""Decoding source images to the stored size: NVIDIA DALI (GPU or CPU), PIL as the fallback.
+
+Every image becomes ``size x size x 3`` uint8 RGB: the shorter side is resized to ``size``
+(bilinear, antialiased when shrinking), then the centre ``size x size`` is cropped. CMYK,
+grayscale, palette and alpha images are converted to RGB. Files that cannot be decoded are not
+fatal: each decoder returns a ``DecodeError`` with the reason in that sample's place, and the
+caller records it as a reject.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000; ImageNet's largest is under 20 MP
+
+
+@dataclass(frozen=True)
+class DecodeError:
+    """Why one file could not become an image."""
+
+    reason: str
+
+
+def probe(data: bytes, max_pixels: int) -> DecodeError | None:
+    """Cheap header checks (no pixel decoding): empty, not an image, or too large."""
+    if not data:
+        return DecodeError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            fmt = img.format
+    except UnidentifiedImageError:
+        return DecodeError("not a recognised image format")
+    except Exception as exc:  # PIL raises many types on garbage headers
+        return DecodeError(f"unreadable image header ({type(exc).__name__}: {exc})")
+    if width * height > max_pixels:
+        return DecodeError(
+            f"{fmt} image is {width}x{height} = {width * height} pixels, over --max-pixels "
+            f"{max_pixels}; raise --max-pixels to accept it"
+        )
+    return None
+
+
+def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to ``size`` (rounding the longer)."""
+    if width <= height:
+        return size, max(size, round(height * size / width))
+    return max(size, round(width * size / height)), size
+
+
+def crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    left, top = (width - size) // 2, (height - size) // 2
+    return left, top, left + size, top + size
+
+
+def decode_pil(data: bytes, size: int) -> np.ndarray:
+    """Decode, convert to RGB, resize the shorter side to ``size`` and centre-crop."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # raises on truncated data instead of returning grey rows
+        if img.mode != "RGB":
+            img = img.convert("RGB")  # CMYK, L, P, RGBA, I;16 ... -> RGB
+        width, height = resized_shape(*img.size, size)
+        if (width, height) != img.size:
+            img = img.resize((width, height), Image.Resampling.BILINEAR)
+        img = img.crop(crop_box(width, height, size))
+        return np.asarray(img, dtype=np.uint8).copy()
+
+
+class PilDecoder:
+    """Decodes a batch with PIL in a thread pool (PIL releases the GIL while decoding)."""
+
+    name = "pil"
+    device = "cpu"
+
+    def __init__(self, size: int, *, num_threads: int = 2) -> None:
+        self.size = size
+        self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="pil-decode")
+
+    def _one(self, data: bytes) -> np.ndarray | DecodeError:
+        try:
+            return decode_pil(data, self.size)
+        except Exception as exc:  # a bad file is a reject, not a crash
+            return DecodeError(f"PIL could not decode it ({type(exc).__name__}: {exc})")
+
+    def decode(self, blobs: Sequence[bytes]) -> list[np.ndarray | DecodeError]:
+        return list(self._pool.map(self._one, blobs))
+
+    def close(self) -> None:
+        self._pool.shutdown()

@@ -1,0 +1,123 @@
+"""The manifest: one JSON file per split that describes its shards, written last and atomically.
+
+``OUT/{split}.manifest.json`` lists every shard (name, samples, bytes, SHA-256) and what shaped
+the data: image shape, block size, transforms, key fingerprint (or ``encrypted: false``), class
+names, the digest of the source listing, the rejected files with reasons, the options and the
+tool version. It holds no timestamps, so a resumed run writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from pipeline.shards import ShardRecord
+from pipeline.storage import Storage
+
+MANIFEST_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or inconsistent; the message names it."""
+
+
+def manifest_name(split: str) -> str:
+    return f"{split}.manifest.json"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    split: str
+    encrypted: bool
+    key_fingerprint: str | None
+    block_size: int | None
+    transforms: list[str]
+    image_shape: list[int]
+    classes: list[str]
+    source_digest: str
+    options: dict
+    tool_version: str
+    shards: list[ShardRecord] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    version: int = MANIFEST_VERSION
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def to_json(self) -> str:
+        data = {
+            "version": self.version,
+            "tool_version": self.tool_version,
+            "split": self.split,
+            "encrypted": self.encrypted,
+            "key_fingerprint": self.key_fingerprint,
+            "block_size": self.block_size,
+            "transforms": list(self.transforms),
+            "image_shape": list(self.image_shape),
+            "classes": list(self.classes),
+            "source_digest": self.source_digest,
+            "options": self.options,
+            "total_samples": self.total_samples,
+            "total_bytes": self.total_bytes,
+            "shards": [s.to_dict() for s in self.shards],
+            "rejects": self.rejects,
+        }
+        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<manifest>") -> Manifest:
+        try:
+            data = json.loads(text)
+            if data.get("version") != MANIFEST_VERSION:
+                raise ManifestError(
+                    f"{source}: manifest version {data.get('version')!r} is not supported "
+                    f"(this tool reads {MANIFEST_VERSION})"
+                )
+            shards = [ShardRecord(**s) for s in data["shards"]]
+            manifest = cls(
+                split=data["split"],
+                encrypted=bool(data["encrypted"]),
+                key_fingerprint=data["key_fingerprint"],
+                block_size=data["block_size"],
+                transforms=list(data["transforms"]),
+                image_shape=list(data["image_shape"]),
+                classes=list(data["classes"]),
+                source_digest=data["source_digest"],
+                options=dict(data["options"]),
+                tool_version=data["tool_version"],
+                shards=shards,
+                rejects=list(data["rejects"]),
+            )
+        except ManifestError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ManifestError(
+                f"{source}: not a valid manifest ({type(exc).__name__}: {exc}); "
+                "re-run tools/make_shards.py to rebuild it"
+            ) from None
+        if manifest.total_samples != data.get("total_samples"):
+            raise ManifestError(f"{source}: total_samples disagrees with its shard list")
+        return manifest
+
+
+def load_manifest(storage: Storage, split: str) -> Manifest:
+    name = manifest_name(split)
+    try:
+        text = storage.read_bytes(name).decode("utf-8")
+    except FileNotFoundError:
+        raise ManifestError(
+            f"{storage.uri(name)}: no manifest; make the shards with tools/make_shards.py "
+            "(the manifest is written last, so its absence also means an unfinished run)"
+        ) from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{storage.uri(name)}: manifest is not UTF-8 text") from None
+    return Manifest.from_json(text, source=storage.uri(name))
+
+
+def write_manifest(storage: Storage, manifest: Manifest) -> None:
+    storage.write_bytes(manifest_name(manifest.split), manifest.to_json().encode("utf-8"))

@@ -1,0 +1,429 @@
+"""The offline stage: source images -> decoded, resized, encrypted WebDataset shards + manifest.
+
+Shard ``k`` of a split always holds the selected items ``[k*S, (k+1)*S)`` minus the rejected
+ones, so every shard can be built, skipped or rebuilt on its own. That is what makes resuming
+exact: a finished shard leaves a record in ``OUT/_progress/``; a rerun with the same options skips
+recorded shards whose file is present, rebuilds the rest byte for byte, and writes the manifest
+last. Decoding (DALI or PIL threads), encryption (numpy, GIL released) and writing (a writer
+thread) overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.blockwise import encrypt
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, probe
+from pipeline.keys import Key
+from pipeline.manifest import Manifest, ManifestError, load_manifest, manifest_name, write_manifest
+from pipeline.shards import ShardRecord, ShardWriter, sample_files, shard_name
+from pipeline.sources import (
+    SPLITS,
+    SourceItem,
+    find_classes,
+    list_split,
+    listing_digest,
+    read_classes_file,
+    select_subset,
+)
+from pipeline.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_DIR = "_progress"
+TAR_OVERHEAD = 3 * 512 + 3 * 512 + 256  # three headers, padding and the JSON, per sample
+
+
+class ShardBuildError(RuntimeError):
+    """The run cannot go on (too many rejects, a mismatched existing output, ...)."""
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Everything that decides the shards' bytes, plus how to run."""
+
+    src: str
+    out: str = "shards"
+    splits: tuple[str, ...] = SPLITS
+    size: int = 224
+    per_class: int | None = None
+    fraction: float | None = None
+    seed: int = 0
+    classes_file: str | None = None
+    shard_size: str = "1000"  # samples, or bytes with a unit: "200MB"
+    decoder: str = "dali"
+    device: str = "auto"
+    plain: bool = False
+    max_reject_fraction: float = 0.01
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    batch_size: int = 64
+    num_threads: int = 2
+    overwrite: bool = False
+
+    def data_options(self, device: str) -> dict:
+        """The options that shape the shards' content (recorded; a rerun must match them)."""
+        return {
+            "size": self.size,
+            "per_class": self.per_class,
+            "fraction": self.fraction,
+            "seed": self.seed,
+            "shard_size": self.shard_size,
+            "decoder": self.decoder,
+            "decode_device": device,
+            "plain": self.plain,
+            "max_pixels": self.max_pixels,
+        }
+
+
+def samples_per_shard(shard_size: str, sample_bytes: int) -> int:
+    """``"1000"`` -> 1000 samples; ``"200MB"`` -> as many samples as fit in 200 MB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?i?[bB])?\s*", str(shard_size))
+    if not match:
+        raise ValueError(
+            f"--shard-size {shard_size!r} is neither a sample count (e.g. 1000) nor a size "
+            "(e.g. 200MB, 1GB)"
+        )
+    number, unit = float(match.group(1)), match.group(2)
+    if unit is None:
+        if number < 1 or number != int(number):
+            raise ValueError(f"--shard-size {shard_size!r} must be a whole number of samples >= 1")
+        return int(number)
+    scale = {"b": 1, "k": 1e3, "m": 1e6, "g": 1e9}[unit[0].lower()]
+    if "i" in unit.lower():
+        scale = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit[0].lower()]
+    return max(1, int(number * scale) // (sample_bytes + TAR_OVERHEAD))
+
+
+def resolve_device(device: str, decoder: str) -> str:
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"--device {device!r} must be one of auto, cpu, gpu")
+    if decoder == "pil":
+        if device == "gpu":
+            raise ValueError(
+                "--decoder pil decodes on the CPU; use --decoder dali for --device gpu"
+            )
+        return "cpu"
+    if device != "auto":
+        return device
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def make_decoder(config: ShardConfig, device: str):
+    if config.decoder == "pil":
+        from pipeline.decode import PilDecoder
+
+        return PilDecoder(config.size, num_threads=config.num_threads)
+    if config.decoder == "dali":
+        from pipeline.dali import DaliDecoder
+
+        return DaliDecoder(
+            config.size, device=device, batch_size=config.batch_size, num_threads=config.num_threads
+        )
+    raise ValueError(f"--decoder {config.decoder!r} must be dali or pil")
+
+
+class _State:
+    """Per-split progress records under ``OUT/_progress/``, and the options they were made with."""
+
+    def __init__(self, storage: Storage, split: str) -> None:
+        self.storage, self.split = storage, split
+
+    def _name(self, leaf: str) -> str:
+        return f"{PROGRESS_DIR}/{self.split}.{leaf}.json"
+
+    def read_options(self) -> dict | None:
+        name = self._name("options")
+        return json.loads(self.storage.read_bytes(name)) if self.storage.exists(name) else None
+
+    def write_options(self, options: dict) -> None:
+        self.storage.fs.makedirs(self.storage.path(PROGRESS_DIR), exist_ok=True)
+        self.storage.write_bytes(self._name("options"), _dumps(options))
+
+    def read_shard(self, index: int) -> dict | None:
+        name = self._name(f"{index:06d}")
+        return json.loads(self.storage.read_bytes(name)) if self.storage.exists(name) else None
+
+    def write_shard(self, index: int, record: ShardRecord | None, rejects: list[dict]) -> None:
+        entry = {"record": record.to_dict() if record else None, "rejects": rejects}
+        self.storage.write_bytes(self._name(f"{index:06d}"), _dumps(entry))
+
+    def clear(self) -> None:
+        for name in self.storage.list_prefix(f"{PROGRESS_DIR}/{self.split}."):
+            self.storage.remove(name)
+        self.storage.remove_folder_if_empty(PROGRESS_DIR)
+
+
+def _dumps(obj: object) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _read_all(storage_src: Path, items: Sequence[SourceItem]) -> list[bytes]:
+    return [(storage_src / it.path).read_bytes() for it in items]
+
+
+def build_split(config: ShardConfig, split: str, key: Key | None, storage: Storage) -> Manifest:
+    """Make (or finish, or confirm) the shards and manifest of one split."""
+    src = Path(config.src)
+    classes = (
+        read_classes_file(config.classes_file) if config.classes_file else find_classes(src, split)
+    )
+    items = select_subset(
+        list_split(src, split, classes),
+        per_class=config.per_class,
+        fraction=config.fraction,
+        seed=config.seed,
+    )
+    device = resolve_device(config.device, config.decoder)
+    shape = [config.size, config.size, 3]
+    per_shard = samples_per_shard(config.shard_size, int(np.prod(shape)))
+    identity = {
+        "options": config.data_options(device),
+        "classes": classes,
+        "source_digest": listing_digest(items),
+        "key_fingerprint": None if key is None else key.fingerprint,
+        "block_size": None if key is None else key.block_size,
+        "transforms": [] if key is None else list(key.transforms),
+    }
+    state = _State(storage, split)
+    if _finished_and_same(storage, split, identity, config.overwrite):
+        logger.info(
+            "%s: already complete in %s; nothing to do", split, storage.uri(manifest_name(split))
+        )
+        return load_manifest(storage, split)
+    previous = state.read_options()
+    if previous is not None and previous != identity:
+        if not config.overwrite:
+            raise ShardBuildError(
+                f"{storage.uri(PROGRESS_DIR)}: an unfinished {split} run with different options or "
+                f"key is there ({_diff(previous, identity)}); rerun with its options to resume, "
+                "or pass --overwrite to start over"
+            )
+        _remove_split(storage, split, state)
+    state.write_options(identity)
+
+    n_shards = math.ceil(len(items) / per_shard)
+    records: list[ShardRecord] = []
+    rejects: list[dict] = []
+    decoder = make_decoder(config, device)
+    started, done_images = time.perf_counter(), 0
+    progress = tqdm(total=len(items), desc=f"{split} shards", unit="img", leave=False)
+    writer_pool = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+    try:
+        for index in range(n_shards):
+            chunk = items[index * per_shard : (index + 1) * per_shard]
+            entry = _finished_shard(storage, state, index)
+            if entry is None:
+                entry = _build_shard(
+                    config,
+                    split,
+                    index,
+                    chunk,
+                    index * per_shard,
+                    key,
+                    decoder,
+                    storage,
+                    writer_pool,
+                )
+                state.write_shard(index, entry[0], entry[1])
+                done_images += len(chunk)
+            record, shard_rejects = entry
+            if record is not None:
+                records.append(record)
+            rejects.extend(shard_rejects)
+            progress.update(len(chunk))
+    finally:
+        progress.close()
+        writer_pool.shutdown()
+        decoder.close()
+
+    limit = config.max_reject_fraction * len(items)
+    if len(rejects) > limit:
+        examples = "; ".join(f"{r['source']}: {r['reason']}" for r in rejects[:5])
+        raise ShardBuildError(
+            f"{split}: {len(rejects)} of {len(items)} files rejected, more than "
+            f"--max-reject-fraction {config.max_reject_fraction} allows (e.g. {examples}). "
+            "Fix or remove the files, or raise --max-reject-fraction; finished shards are kept "
+            "and a rerun resumes"
+        )
+    manifest = Manifest(
+        split=split,
+        encrypted=key is not None,
+        key_fingerprint=identity["key_fingerprint"],
+        block_size=identity["block_size"],
+        transforms=identity["transforms"],
+        image_shape=shape,
+        classes=classes,
+        source_digest=identity["source_digest"],
+        options=identity["options"],
+        tool_version=__version__,
+        shards=records,
+        rejects=rejects,
+    )
+    write_manifest(storage, manifest)  # last: its presence means the split is complete
+    state.clear()
+    seconds = time.perf_counter() - started
+    logger.info(
+        "%s: %d images (%d made now) in %.1f s, %.0f img/s, %d rejected, %d shards, %.1f MB "
+        "written to %s",
+        split,
+        manifest.total_samples,
+        done_images,
+        seconds,
+        done_images / max(seconds, 1e-9),
+        len(rejects),
+        len(records),
+        manifest.total_bytes / 1e6,
+        storage.url,
+    )
+    return manifest
+
+
+def _finished_and_same(storage: Storage, split: str, identity: dict, overwrite: bool) -> bool:
+    if not storage.exists(manifest_name(split)):
+        return False
+    try:
+        existing = load_manifest(storage, split)
+    except ManifestError:
+        if overwrite:
+            return False
+        raise
+    current = {
+        "options": existing.options,
+        "classes": existing.classes,
+        "source_digest": existing.source_digest,
+        "key_fingerprint": existing.key_fingerprint,
+        "block_size": existing.block_size,
+        "transforms": existing.transforms,
+    }
+    if current == identity:
+        return True
+    if not overwrite:
+        raise ShardBuildError(
+            f"{storage.uri(manifest_name(split))}: finished shards made with different options "
+            f"or key are there ({_diff(current, identity)}); pass --overwrite to replace them, "
+            "or choose another --out"
+        )
+    _remove_split(storage, split, _State(storage, split))
+    return False
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = [k for k in new if old.get(k) != new.get(k)]
+    opts = old.get("options", {}), new.get("options", {})
+    if "options" in keys:
+        keys.remove("options")
+        keys += [f"options.{k}" for k in opts[1] if opts[0].get(k) != opts[1].get(k)]
+    return "differs in " + ", ".join(keys)
+
+
+def _remove_split(storage: Storage, split: str, state: _State) -> None:
+    for name in storage.list():
+        if name.startswith(f"{split}-") and name.endswith(".tar"):
+            storage.remove(name)
+    storage.remove(manifest_name(split))
+    state.clear()
+
+
+def _finished_shard(storage: Storage, state: _State, index: int):
+    entry = state.read_shard(index)
+    if entry is None:
+        return None
+    record = ShardRecord(**entry["record"]) if entry["record"] else None
+    if record is not None and (
+        not storage.exists(record.name) or storage.size(record.name) != record.bytes
+    ):
+        return None  # recorded but missing or different: rebuild it
+    return record, entry["rejects"]
+
+
+def _batches(items: Sequence[SourceItem], size: int) -> Iterator[Sequence[SourceItem]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _build_shard(
+    config: ShardConfig,
+    split: str,
+    index: int,
+    chunk: Sequence[SourceItem],
+    first: int,
+    key: Key | None,
+    decoder,
+    storage: Storage,
+    writer_pool: ThreadPoolExecutor,
+) -> tuple[ShardRecord | None, list[dict]]:
+    name = shard_name(split, index)
+    tmp = storage.staging_path(name)
+    rejects: list[dict] = []
+    src = Path(config.src)
+    writer = ShardWriter(tmp, name)
+    pending: Future | None = None
+    try:
+        position = first
+        for batch in _batches(chunk, config.batch_size):
+            blobs = _read_all(src, batch)
+            checked: list[DecodeError | None] = [probe(b, config.max_pixels) for b in blobs]
+            good = [i for i, c in enumerate(checked) if c is None]
+            decoded = decoder.decode([blobs[i] for i in good])
+            results: list = list(checked)
+            for i, out in zip(good, decoded, strict=True):
+                results[i] = out
+            images = [r for r in results if isinstance(r, np.ndarray)]
+            if images and key is not None:
+                stacked = encrypt(np.stack(images), key)
+                images = list(stacked)
+            samples, it = [], iter(images)
+            for offset, (item, result) in enumerate(zip(batch, results, strict=True)):
+                if isinstance(result, DecodeError):
+                    rejects.append({"source": item.path, "reason": result.reason})
+                    continue
+                files = sample_files(next(it), item.label, item.path, split)
+                samples.append((f"{position + offset:08d}", files))
+            position += len(batch)
+            if pending is not None:
+                pending.result()
+            pending = writer_pool.submit(_write_samples, writer, samples)
+        if pending is not None:
+            pending.result()
+        record = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    if record.samples == 0:
+        tmp.unlink(missing_ok=True)
+        return None, rejects
+    storage.put(tmp, name)
+    return record, rejects
+
+
+def _write_samples(writer: ShardWriter, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    for key, files in samples:
+        writer.write(key, files)
+
+
+def build_shards(config: ShardConfig, key: Key | None) -> dict[str, Manifest]:
+    """Make every split in ``config.splits``; ``key=None`` writes plain shards (``--plain``)."""
+    if (key is None) != config.plain:
+        raise ValueError("pass a key to encrypt, or plain=True (and no key) for plain shards")
+    if key is not None and config.size % key.block_size:
+        raise ValueError(
+            f"--size {config.size} is not a multiple of the key's block size {key.block_size}; "
+            f"use e.g. --size {config.size - config.size % key.block_size}"
+        )
+    storage = Storage(config.out)
+    logger.debug("config: %s", asdict(config))
+    return {split: build_split(config, split, key, storage) for split in config.splits}

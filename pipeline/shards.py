@@ -1,0 +1,124 @@
+"""Writing WebDataset shards reproducibly: GNU tar, fixed metadata, hashed while written.
+
+Per sample, in this order inside the tar: ``KEY.cls`` (ASCII class index), ``KEY.json``
+(``{"shape": [H, W, 3], "source": path relative to SRC, "split": ...}``) and ``KEY.u8`` (the raw
+HWC uint8 bytes of the image, encrypted unless the shards are plain). Every member has mtime 0,
+owner 0:0 with empty names and mode 0644, so the same samples give byte-identical shards.
+GNU format, never PAX (DALI cannot read PAX headers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+TAR_FORMAT = tarfile.GNU_FORMAT
+SAMPLE_EXTENSIONS = ("cls", "json", "u8")
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What the manifest says of one finished shard."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def sample_files(image: np.ndarray, label: int, source: str, split: str) -> dict[str, bytes]:
+    meta = {"shape": list(image.shape), "source": source, "split": split}
+    return {
+        "cls": str(int(label)).encode("ascii"),
+        "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+        "u8": np.ascontiguousarray(image, dtype=np.uint8).tobytes(),
+    }
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, raw: io.BufferedWriter) -> None:
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.raw.write(data)
+
+
+class ShardWriter:
+    """Write one shard to ``path`` (a local file); ``close()`` returns its ``ShardRecord``.
+
+    ``name`` is the shard's final name, recorded in the manifest; the caller moves the file
+    there once it is complete, so no partial shard ever carries a final name.
+    """
+
+    def __init__(self, path: str | os.PathLike, name: str) -> None:
+        self.path, self.name, self.samples = Path(path), name, 0
+        self._raw = open(self.path, "wb")  # noqa: SIM115 (closed by close/abort)
+        self._hashing = _HashingFile(self._raw)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=TAR_FORMAT)
+        self.record: ShardRecord | None = None
+
+    def write(self, key: str, files: dict[str, bytes]) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        for ext in sorted(files):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(files[ext]), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            self._tar.addfile(info, io.BytesIO(files[ext]))
+        self.samples += 1
+
+    def close(self) -> ShardRecord:
+        if self.record is None:
+            self._tar.close()
+            self._raw.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            self.record = ShardRecord(
+                self.name, self.samples, self._hashing.size, self._hashing.sha256.hexdigest()
+            )
+        return self.record
+
+    def abort(self) -> None:
+        """Close and delete the unfinished file."""
+        try:
+            self._tar.close()
+        finally:
+            self._raw.close()
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

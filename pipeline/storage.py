@@ -1,0 +1,109 @@
+"""Where shards go: a local folder or any fsspec URL (s3://, gs://, ...), written atomically.
+
+A file becomes visible under its final name only when complete: locally by ``os.replace`` from a
+temporary name in the same folder; on object stores by one upload (a PUT is atomic there).
+S3 credentials and endpoint come from the standard AWS environment variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), so MinIO, moto and AWS all work unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+logger = logging.getLogger(__name__)
+
+
+class Storage:
+    """A folder of named files behind fsspec, with atomic puts."""
+
+    def __init__(self, url: str | os.PathLike) -> None:
+        self.url = str(url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._staging: Path | None = None
+
+    def path(self, name: str) -> str:
+        return posixpath.join(self.root, name)
+
+    def uri(self, name: str) -> str:
+        """The full URL of ``name`` (what error messages and readers should show)."""
+        return self.path(name) if self.is_local else self.fs.unstrip_protocol(self.path(name))
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    def size(self, name: str) -> int:
+        return int(self.fs.size(self.path(name)))
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.fs.cat_file(self.path(name))
+
+    def open(self, name: str, mode: str = "rb"):
+        return self.fs.open(self.path(name), mode)
+
+    def remove(self, name: str) -> None:
+        if self.fs.exists(self.path(name)):
+            self.fs.rm_file(self.path(name))
+
+    def list(self) -> list[str]:
+        if not self.fs.exists(self.root):
+            return []
+        return sorted(posixpath.basename(p) for p in self.fs.ls(self.root, detail=False))
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        """Names (relative to the root) of the files in ``prefix``'s folder that start with it."""
+        folder = posixpath.dirname(prefix)
+        full = self.path(folder) if folder else self.root
+        if not self.fs.exists(full):
+            return []
+        names = [
+            posixpath.join(folder, posixpath.basename(p)) for p in self.fs.ls(full, detail=False)
+        ]
+        return sorted(n for n in names if n.startswith(prefix))
+
+    def remove_folder_if_empty(self, name: str) -> None:
+        full = self.path(name)
+        if self.is_local and self.fs.exists(full) and not self.fs.ls(full):
+            self.fs.rmdir(full)
+
+    def staging_dir(self) -> Path:
+        """A local folder for unfinished files: the output folder itself when local (so the
+        final rename is atomic), a private temporary folder otherwise."""
+        if self._staging is None:
+            if self.is_local:
+                self.fs.makedirs(self.root, exist_ok=True)
+                self._staging = Path(self.root)
+            else:
+                self._staging = Path(tempfile.mkdtemp(prefix="keyprotect-staging-"))
+        return self._staging
+
+    def staging_path(self, name: str) -> Path:
+        """Where ``name`` is written before ``put``: a dot-name beside it, invisible to globs."""
+        folder, leaf = posixpath.split(name)
+        path = self.staging_dir() / folder / f".{leaf}.partial"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def put(self, local: Path, name: str) -> None:
+        """Move a finished local file to ``name``; it appears there complete or not at all."""
+        if self.is_local:
+            os.replace(local, self.path(name))
+        else:
+            self.fs.put_file(str(local), self.path(name))
+            local.unlink()
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write a small file atomically."""
+        tmp = self.staging_path(name)
+        tmp.write_bytes(data)
+        if self.is_local:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        self.put(tmp, name)

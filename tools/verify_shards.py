@@ -1,0 +1,45 @@
+"""Re-read every shard under OUT (local or any fsspec URL) and check it against the manifest.
+
+    python tools/verify_shards.py shards
+    python tools/verify_shards.py s3://bucket/imagenet-10pct
+
+Checks each shard's SHA-256, byte size and sample count, and that every sample holds an image of
+the manifest's shape and a valid class. Exit 0 only if everything holds; otherwise each bad
+shard is named and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.verify import verify_shards
+
+logger = logging.getLogger("verify_shards")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out", help="shard folder or URL (as given to make_shards --out)")
+    parser.add_argument("--split", choices=["train", "val", "all"], default="all")
+    args = parser.parse_args(argv)
+    splits = ("train", "val") if args.split == "all" else (args.split,)
+    report = verify_shards(args.out, splits)
+    for problem in report.problems:
+        logger.error("BAD %s", problem)
+    logger.info(
+        "verify_shards: %d shards, %d samples checked, %d problem(s): %s",
+        report.checked_shards,
+        report.checked_samples,
+        len(report.problems),
+        "OK" if report.ok else "FAILED",
+    )
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
