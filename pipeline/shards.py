@@ -74,9 +74,9 @@ class ShardWriter:
 
     def __init__(self, path: str | os.PathLike, name: str) -> None:
         self.path, self.name, self.samples = Path(path), name, 0
-        self._raw = open(self.path, "wb")  # noqa: SIM115 (closed by close/abort)
+        self._raw = open(self.path, "wb")  # noqa: SIM115 - closed by close() or abort()
         self._hashing = _HashingFile(self._raw)
-        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=TAR_FORMAT)
+        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=TAR_FORMAT)  # noqa: SIM115
         self.record: ShardRecord | None = None
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
