@@ -43,3 +43,34 @@ def rng() -> np.random.Generator:
 
 def random_images(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def write_jpeg_tree(root, *, classes=3, train=8, val=3, size=(160, 120), seed=0):
+    """A small ImageNet-style tree of distinct JPEGs cut from scikit-learn's two photos."""
+    from pathlib import Path
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, count in (("train", train), ("val", val)):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                photo = photos[(c + i) % len(photos)]
+                w, h = size
+                scale = rng.uniform(1.0, 2.0)
+                cw, ch = int(w * scale), int(h * scale)
+                top = rng.integers(0, photo.shape[0] - ch)
+                left = rng.integers(0, photo.shape[1] - cw)
+                crop = Image.fromarray(photo[top : top + ch, left : left + cw]).resize(size)
+                crop.save(folder / f"img_{c}_{i:03d}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def jpeg_tree(tmp_path_factory):
+    return write_jpeg_tree(tmp_path_factory.mktemp("imagenet"))
