@@ -62,7 +62,8 @@ def write_jpeg_tree(root, *, classes=3, train=8, val=3, size=(160, 120), seed=0)
             for i in range(count):
                 photo = photos[(c + i) % len(photos)]
                 w, h = size
-                scale = rng.uniform(1.0, 2.0)
+                top_scale = min(2.0, (photo.shape[0] - 1) / size[1], (photo.shape[1] - 1) / size[0])
+                scale = rng.uniform(0.5 * top_scale, top_scale)
                 cw, ch = int(w * scale), int(h * scale)
                 top = rng.integers(0, photo.shape[0] - ch)
                 left = rng.integers(0, photo.shape[1] - cw)

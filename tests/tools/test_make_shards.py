@@ -1,0 +1,161 @@
+"""make_shards and verify_shards as real processes: kill -9 and resume, damage, stock readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import Key, decrypt, save_key
+from tests.conftest import FIXED_SECRET, write_jpeg_tree
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tool(name: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return write_jpeg_tree(
+        tmp_path_factory.mktemp("src"), classes=4, train=12, val=4, size=(320, 240)
+    )
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory) -> Path:
+    return save_key(Key(FIXED_SECRET), tmp_path_factory.mktemp("key") / "k.bin")
+
+
+def args(tree: Path, key_file: Path, out: Path) -> list[str]:
+    return ["--src", str(tree), "--key", str(key_file), "--out", str(out), "--size", "96",
+            "--shard-size", "4", "--batch-size", "2", "--decoder", "pil"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(tree, key_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    done = tool("make_shards.py", *args(tree, key_file, out))
+    assert done.returncode == 0, done.stderr
+    assert "make_shards: 64 images" in done.stderr and "0 rejected" in done.stderr
+    return out
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def kill_when(out: Path, ready, *cmd: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "make_shards.py"), *cmd],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not ready(out):
+        time.sleep(0.002)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize(
+    "moment",
+    ["mid_shard", "after_three_shards", "mid_val"],
+)
+def test_sigkill_then_resume_is_byte_identical(tree, key_file, reference, tmp_path, moment):
+    out = tmp_path / "out"
+    ready = {
+        "mid_shard": lambda o: any(o.glob(".train-000002.tar.partial")),
+        "after_three_shards": lambda o: (o / "_progress" / "train.000002.json").exists(),
+        "mid_val": lambda o: any(o.glob(".val-*.partial")),
+    }[moment]
+    kill_when(out, ready, *args(tree, key_file, out))
+    assert not (out / "val.manifest.json").exists()  # it really was cut short
+    for name in os.listdir(out):  # no partial shard under a final name
+        if name.endswith(".tar"):
+            assert name in files(reference)
+    resumed = tool("make_shards.py", *args(tree, key_file, out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert files(out) == files(reference)
+    assert sorted(os.listdir(out)) == sorted(files(reference))  # no leftovers either
+
+
+def test_rerun_of_finished_output_is_a_no_op(tree, key_file, reference):
+    done = tool("make_shards.py", *args(tree, key_file, reference))
+    assert done.returncode == 0 and "already complete" in done.stderr
+
+
+def test_refuses_another_key_and_a_missing_key(tree, reference, tmp_path):
+    other = save_key(Key(bytes(32)), tmp_path / "other.bin")
+    done = tool("make_shards.py", *args(tree, other, reference))
+    assert done.returncode == 2 and "--overwrite" in done.stderr and "Traceback" not in done.stderr
+    done = tool("make_shards.py", *args(tree, tmp_path / "missing.bin", tmp_path / "o"))
+    assert done.returncode == 2 and "key file not found" in done.stderr
+    done = tool(
+        "make_shards.py", "--src", str(tmp_path / "nowhere"), "--plain", "--out", str(tmp_path)
+    )
+    assert done.returncode == 2 and "source folder not found" in done.stderr
+
+
+def test_verify_passes_then_catches_a_flipped_byte_and_truncation(reference, tmp_path):
+    ok = tool("verify_shards.py", str(reference))
+    assert ok.returncode == 0 and "16 shards, 64 samples" in ok.stderr
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name, data in files(reference).items():
+        (damaged / name).write_bytes(data)
+    flip = bytearray((damaged / "train-000001.tar").read_bytes())
+    flip[3000] ^= 0x01  # inside an image: the tar still parses
+    (damaged / "train-000001.tar").write_bytes(bytes(flip))
+    whole = (damaged / "val-000002.tar").read_bytes()
+    (damaged / "val-000002.tar").write_bytes(whole[: len(whole) // 2])
+    bad = tool("verify_shards.py", str(damaged))
+    assert bad.returncode == 1
+    named = {
+        line.split()[1].rstrip(":") for line in bad.stderr.splitlines() if line.startswith("BAD")
+    }
+    assert named == {str(damaged / "train-000001.tar"), str(damaged / "val-000002.tar")}
+    assert "SHA-256 mismatch" in bad.stderr and "truncated" in bad.stderr
+
+
+def test_stock_tar_reads_the_shards(reference):
+    listing = subprocess.run(
+        ["tar", "tvf", str(reference / "train-000000.tar")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert len(listing) == 4 * 3
+    assert listing[0].split()[-1].endswith(".cls") and " 0/0 " in f" {listing[0]} "
+
+
+def test_webdataset_reads_the_shards(reference):
+    import webdataset as wds
+
+    manifest = json.loads((reference / "train.manifest.json").read_text())
+    urls = [str(reference / s["name"]) for s in manifest["shards"]]
+    key = Key(FIXED_SECRET)
+    count = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        meta = json.loads(sample["json"])
+        image = np.frombuffer(sample["u8"], np.uint8).reshape(meta["shape"])  # the only reshaping
+        label = int(sample["cls"])
+        assert meta["source"].split("/")[1] == manifest["classes"][label]
+        assert decrypt(image, key).std() > 5  # a real picture again
+        count += 1
+    assert count == manifest["total_samples"] == 48
