@@ -14,49 +14,8 @@ import numpy as np
 import pytest
 
 from pipeline import Key, decrypt, save_key
-from tests.conftest import FIXED_SECRET, write_jpeg_tree
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def tool(name: str, *args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        **kw,
-    )
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> Path:
-    return write_jpeg_tree(
-        tmp_path_factory.mktemp("src"), classes=4, train=12, val=4, size=(320, 240)
-    )
-
-
-@pytest.fixture(scope="module")
-def key_file(tmp_path_factory) -> Path:
-    return save_key(Key(FIXED_SECRET), tmp_path_factory.mktemp("key") / "k.bin")
-
-
-def args(tree: Path, key_file: Path, out: Path) -> list[str]:
-    return ["--src", str(tree), "--key", str(key_file), "--out", str(out), "--size", "96",
-            "--shard-size", "4", "--batch-size", "2", "--decoder", "pil"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def reference(tree, key_file, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reference")
-    done = tool("make_shards.py", *args(tree, key_file, out))
-    assert done.returncode == 0, done.stderr
-    assert "make_shards: 64 images" in done.stderr and "0 rejected" in done.stderr
-    return out
-
-
-def files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+from tests.conftest import FIXED_SECRET
+from tests.tools.conftest import ROOT, files, shard_args, tool
 
 
 def kill_when(out: Path, ready, *cmd: str) -> None:
@@ -84,27 +43,27 @@ def test_sigkill_then_resume_is_byte_identical(tree, key_file, reference, tmp_pa
         "after_three_shards": lambda o: (o / "_progress" / "train.000002.json").exists(),
         "mid_val": lambda o: any(o.glob(".val-*.partial")),
     }[moment]
-    kill_when(out, ready, *args(tree, key_file, out))
+    kill_when(out, ready, *shard_args(tree, key_file, out))
     assert not (out / "val.manifest.json").exists()  # it really was cut short
     for name in os.listdir(out):  # no partial shard under a final name
         if name.endswith(".tar"):
             assert name in files(reference)
-    resumed = tool("make_shards.py", *args(tree, key_file, out))
+    resumed = tool("make_shards.py", *shard_args(tree, key_file, out))
     assert resumed.returncode == 0, resumed.stderr
     assert files(out) == files(reference)
     assert sorted(os.listdir(out)) == sorted(files(reference))  # no leftovers either
 
 
 def test_rerun_of_finished_output_is_a_no_op(tree, key_file, reference):
-    done = tool("make_shards.py", *args(tree, key_file, reference))
+    done = tool("make_shards.py", *shard_args(tree, key_file, reference))
     assert done.returncode == 0 and "already complete" in done.stderr
 
 
 def test_refuses_another_key_and_a_missing_key(tree, reference, tmp_path):
     other = save_key(Key(bytes(32)), tmp_path / "other.bin")
-    done = tool("make_shards.py", *args(tree, other, reference))
+    done = tool("make_shards.py", *shard_args(tree, other, reference))
     assert done.returncode == 2 and "--overwrite" in done.stderr and "Traceback" not in done.stderr
-    done = tool("make_shards.py", *args(tree, tmp_path / "missing.bin", tmp_path / "o"))
+    done = tool("make_shards.py", *shard_args(tree, tmp_path / "missing.bin", tmp_path / "o"))
     assert done.returncode == 2 and "key file not found" in done.stderr
     done = tool(
         "make_shards.py", "--src", str(tmp_path / "nowhere"), "--plain", "--out", str(tmp_path)

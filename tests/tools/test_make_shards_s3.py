@@ -6,12 +6,12 @@ import json
 
 import fsspec
 
-from tests.tools.test_make_shards import args, files, key_file, reference, tool, tree  # noqa: F401
+from tests.tools.conftest import files, shard_args, tool
 
 
 def test_s3_round_trip_matches_local(tree, key_file, reference, s3_env):
     url = f"s3://{s3_env}/imagenet/subset"
-    made = tool("make_shards.py", *args(tree, key_file, url))  # type: ignore[arg-type]
+    made = tool("make_shards.py", *shard_args(tree, key_file, url))
     assert made.returncode == 0, made.stderr
     fs = fsspec.filesystem("s3")
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_env}/imagenet/subset"))
@@ -20,7 +20,7 @@ def test_s3_round_trip_matches_local(tree, key_file, reference, s3_env):
         assert fs.cat_file(f"{s3_env}/imagenet/subset/{name}") == data
     ok = tool("verify_shards.py", url)
     assert ok.returncode == 0 and "16 shards, 64 samples" in ok.stderr, ok.stderr
-    again = tool("make_shards.py", *args(tree, key_file, url))  # type: ignore[arg-type]
+    again = tool("make_shards.py", *shard_args(tree, key_file, url))
     assert again.returncode == 0 and "already complete" in again.stderr
 
     manifest = json.loads(fs.cat_file(f"{s3_env}/imagenet/subset/val.manifest.json"))
