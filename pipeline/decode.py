@@ -51,10 +51,11 @@ def probe(data: bytes, max_pixels: int) -> DecodeError | None:
 
 
 def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) after resizing the shorter side to ``size`` (rounding the longer)."""
+    """(width, height) after resizing the shorter side to ``size``; the longer side is rounded
+    half up, as DALI does (Python's ``round`` would round half to even)."""
     if width <= height:
-        return size, max(size, round(height * size / width))
-    return max(size, round(width * size / height)), size
+        return size, max(size, int(height * size / width + 0.5))
+    return max(size, int(width * size / height + 0.5)), size
 
 
 def crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:

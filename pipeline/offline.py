@@ -28,7 +28,7 @@ from pipeline.blockwise import encrypt
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, probe
 from pipeline.keys import Key
 from pipeline.manifest import Manifest, ManifestError, load_manifest, manifest_name, write_manifest
-from pipeline.shards import ShardRecord, ShardWriter, sample_files, shard_name
+from pipeline.shards import ShardRecord, ShardWriter, index_name, sample_files, shard_name
 from pipeline.sources import (
     SPLITS,
     SourceItem,
@@ -332,7 +332,7 @@ def _diff(old: dict, new: dict) -> str:
 
 def _remove_split(storage: Storage, split: str, state: _State) -> None:
     for name in storage.list():
-        if name.startswith(f"{split}-") and name.endswith(".tar"):
+        if name.startswith(f"{split}-") and name.endswith((".tar", ".idx")):
             storage.remove(name)
     storage.remove(manifest_name(split))
     state.clear()
@@ -382,10 +382,7 @@ def _build_shard(
             results: list = list(checked)
             for i, out in zip(good, decoded, strict=True):
                 results[i] = out
-            images = [r for r in results if isinstance(r, np.ndarray)]
-            if images and key is not None:
-                stacked = encrypt(np.stack(images), key)
-                images = list(stacked)
+            images = _encrypt_batch([r for r in results if not isinstance(r, DecodeError)], key)
             samples, it = [], iter(images)
             for offset, (item, result) in enumerate(zip(batch, results, strict=True)):
                 if isinstance(result, DecodeError):
@@ -406,8 +403,25 @@ def _build_shard(
     if record.samples == 0:
         tmp.unlink(missing_ok=True)
         return None, rejects
+    storage.write_bytes(index_name(name), writer.index_text().encode())  # before its shard
     storage.put(tmp, name)
     return record, rejects
+
+
+def _encrypt_batch(images: list, key: Key | None) -> list[np.ndarray]:
+    """Encrypt decoded images as one batch where they are (numpy, or CUDA tensors from the
+    GPU decoder), then hand numpy arrays to the writer."""
+    if not images:
+        return []
+    if isinstance(images[0], np.ndarray):
+        batch = np.stack(images)
+        return list(encrypt(batch, key) if key is not None else batch)
+    import torch
+
+    batch = torch.stack(images)
+    if key is not None:
+        batch = encrypt(batch, key)  # on the GPU, no host round trip
+    return list(batch.cpu().numpy())
 
 
 def _write_samples(writer: ShardWriter, samples: list[tuple[str, dict[str, bytes]]]) -> None:

@@ -4,7 +4,9 @@ Per sample, in this order inside the tar: ``KEY.cls`` (ASCII class index), ``KEY
 (``{"shape": [H, W, 3], "source": path relative to SRC, "split": ...}``) and ``KEY.u8`` (the raw
 HWC uint8 bytes of the image, encrypted unless the shards are plain). Every member has mtime 0,
 owner 0:0 with empty names and mode 0644, so the same samples give byte-identical shards.
-GNU format, never PAX (DALI cannot read PAX headers).
+GNU format, never PAX (DALI cannot read PAX headers). Each shard also gets a DALI index
+(``NAME.idx``, the ``wds2idx`` v1.2 format: a line per sample listing each file's extension,
+data offset, size and name) so DALI's reader can seek in remote shards without a scan.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 
 TAR_FORMAT = tarfile.GNU_FORMAT
 SAMPLE_EXTENSIONS = ("cls", "json", "u8")
+BLOCK = tarfile.BLOCKSIZE
+MAX_NAME = 99  # longer names need GNU long-name headers, which break the offsets below
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class ShardRecord:
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
+
+
+def index_name(name: str) -> str:
+    """The DALI index file of shard ``name`` (``train-000000.tar`` -> ``train-000000.idx``)."""
+    return name[: -len(".tar")] + ".idx" if name.endswith(".tar") else name + ".idx"
 
 
 def sample_files(image: np.ndarray, label: int, source: str, split: str) -> dict[str, bytes]:
@@ -78,17 +87,30 @@ class ShardWriter:
         self._hashing = _HashingFile(self._raw)
         self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=TAR_FORMAT)  # noqa: SIM115
         self.record: ShardRecord | None = None
+        self._offset = 0  # where the next header goes
+        self._index: list[str] = []
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        entries = []
         for ext in sorted(files):
-            info = tarfile.TarInfo(f"{key}.{ext}")
+            name = f"{key}.{ext}"
+            if len(name) > MAX_NAME:
+                raise ValueError(f"member name {name!r} is over {MAX_NAME} characters")
+            info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(files[ext]), 0, 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             self._tar.addfile(info, io.BytesIO(files[ext]))
+            entries.append(f"{ext} {self._offset + BLOCK} {info.size} {name}")
+            self._offset += BLOCK + -(-info.size // BLOCK) * BLOCK  # header + padded data
+        self._index.append(" ".join(entries))
         self.samples += 1
+
+    def index_text(self) -> str:
+        """This shard's DALI index (wds2idx v1.2 format)."""
+        return f"v1.2 {len(self._index)}\n" + "".join(line + "\n" for line in self._index)
 
     def close(self) -> ShardRecord:
         if self.record is None:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pipeline.manifest import Manifest, ManifestError, load_manifest, manifest_name
-from pipeline.shards import SAMPLE_EXTENSIONS, ShardRecord
+from pipeline.shards import SAMPLE_EXTENSIONS, ShardRecord, index_name
 from pipeline.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -44,12 +44,14 @@ class _Hasher:
             pass
 
 
-def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _samples(tar: tarfile.TarFile, seen: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples in tar order; ``seen`` collects each member's "ext offset size name" entry."""
     current, files = None, {}
     for member in tar:
         if not member.isfile():
             raise ValueError(f"unexpected tar member {member.name!r} (type {member.type!r})")
         key, _, ext = member.name.partition(".")
+        seen.append(f"{ext} {member.offset_data} {member.size} {member.name}")
         if key != current:
             if current is not None:
                 yield current, files
@@ -88,12 +90,12 @@ def verify_shard(
     uri = storage.uri(record.name)
     if not storage.exists(record.name):
         return [f"{uri}: missing"], 0
-    problems, count = [], 0
+    problems, count, members = [], 0, []
     with storage.open(record.name, "rb") as f:
         hasher = _Hasher(f)
         try:
             with tarfile.open(fileobj=hasher, mode="r|") as tar:
-                for key, files in _samples(tar):
+                for key, files in _samples(tar, members):
                     count += 1
                     issue = _check_sample(key, files, manifest)
                     if issue:
@@ -108,7 +110,22 @@ def verify_shard(
         problems.append(f"{uri}: SHA-256 mismatch (the file was changed or damaged)")
     if count != record.samples:
         problems.append(f"{uri}: {count} samples, manifest says {record.samples}")
+    if not problems:
+        problems.extend(_check_index(storage, record, members))
     return problems, count
+
+
+def _check_index(storage: Storage, record: ShardRecord, members: list[str]) -> list[str]:
+    """The DALI index must list exactly the tar's members, at their offsets."""
+    uri = storage.uri(index_name(record.name))
+    if not storage.exists(index_name(record.name)):
+        return [f"{uri}: missing DALI index of {record.name}"]
+    lines = storage.read_bytes(index_name(record.name)).decode().splitlines()
+    tokens = [line.split() for line in lines[1:]]
+    listed = [" ".join(t[i : i + 4]) for t in tokens for i in range(0, len(t), 4)]
+    if lines[:1] != [f"v1.2 {record.samples}"] or sorted(listed) != sorted(members):
+        return [f"{uri}: DALI index does not match {record.name}; rerun make_shards"]
+    return []
 
 
 def verify_shards(url: str, splits: tuple[str, ...] = ("train", "val")) -> VerifyReport:

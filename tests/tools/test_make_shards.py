@@ -118,3 +118,17 @@ def test_webdataset_reads_the_shards(reference):
         assert decrypt(image, key).std() > 5  # a real picture again
         count += 1
     assert count == manifest["total_samples"] == 48
+
+
+def test_verify_catches_a_wrong_or_missing_dali_index(reference, tmp_path):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name, data in files(reference).items():
+        (damaged / name).write_bytes(data)
+    index = (damaged / "train-000000.idx").read_text().replace(" 512 ", " 1024 ", 1)
+    (damaged / "train-000000.idx").write_text(index)
+    (damaged / "val-000000.idx").unlink()
+    bad = tool("verify_shards.py", str(damaged))
+    assert bad.returncode == 1
+    assert "train-000000.idx: DALI index does not match" in bad.stderr
+    assert "val-000000.idx: missing DALI index" in bad.stderr
