@@ -21,6 +21,9 @@ $(KEY): | $(STAMP)
 	$(PY) tools/make_key.py $(KEY)
 
 demo: $(STAMP) $(KEY)
+	$(PY) tools/make_shards.py --key $(KEY) --out $(DEMO)/shards
+	$(PY) tools/make_shards.py --plain --out $(DEMO)/shards-plain
+	$(PY) tools/verify_shards.py $(DEMO)/shards
 	$(PY) tools/encryption_grid.py --key $(KEY) --out $(DEMO)/encryption_grid.png
 
 test: $(STAMP)
@@ -28,6 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_encrypt.py --out bench/results.json
+	$(PY) bench/bench_make_shards.py --out bench/results.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

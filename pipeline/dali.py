@@ -28,11 +28,15 @@ INSTALL_HINT = (
 )
 
 
+class DaliUnavailableError(RuntimeError):
+    """DALI is not installed (or cannot load) on this machine."""
+
+
 def _dali():
     try:
         from nvidia.dali import fn, pipeline_def, types
     except ImportError as exc:
-        raise RuntimeError(INSTALL_HINT) from exc
+        raise DaliUnavailableError(f"{INSTALL_HINT} ({exc})") from None
     return fn, pipeline_def, types
 
 

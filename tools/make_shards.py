@@ -15,18 +15,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 
+from pipeline.dali import DaliUnavailableError
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.digits import write_digits_tree
 from pipeline.keys import KeyFileError, load_key
 from pipeline.manifest import ManifestError
-from pipeline.offline import ShardBuildError, ShardConfig, build_shards
+from pipeline.offline import BuildStats, ShardBuildError, ShardConfig, build_shards
 from pipeline.sources import SPLITS, SourceError
 
 logger = logging.getLogger("make_shards")
 
 EMBEDDED_SIZE = 64  # the digits' stored size: fine-tuning on a CPU takes minutes
+EMBEDDED_SHARD_SIZE = "256"  # several shards per split, so ranks x workers all get some
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, help="keep this fraction of each class (0..1]")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset choice and order")
     p.add_argument("--classes", help="file listing class folder names in label order")
-    p.add_argument("--shard-size", default="1000", help="samples per shard, or bytes: 200MB")
+    p.add_argument(
+        "--shard-size", help="samples per shard, or bytes: 200MB (default 1000; 256 for digits)"
+    )
     p.add_argument("--decoder", choices=["dali", "pil"], default="dali")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--max-reject-fraction", type=float, default=0.01)
@@ -55,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ShardConfig:
-    src = args.src
-    size = args.size
+    src, size, shard_size = args.src, args.size, args.shard_size
     if src is None:
         src = str(write_digits_tree(size=EMBEDDED_SIZE))
         size = size or EMBEDDED_SIZE
+        shard_size = shard_size or EMBEDDED_SHARD_SIZE
     return ShardConfig(
         src=src,
         out=args.out,
@@ -69,7 +72,7 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         fraction=args.fraction,
         seed=args.seed,
         classes_file=args.classes,
-        shard_size=args.shard_size,
+        shard_size=shard_size or "1000",
         decoder=args.decoder,
         device=args.device,
         plain=args.plain,
@@ -87,24 +90,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.plain == bool(args.key):
         parser.error("pass --key FILE to encrypt, or --plain for unencrypted shards (not both)")
-    started = time.perf_counter()
+    stats = BuildStats()
     try:
         key = None if args.plain else load_key(args.key)
-        manifests = build_shards(config_from_args(args), key)
-    except (KeyFileError, SourceError, ShardBuildError, ManifestError, ValueError) as exc:
+        manifests = build_shards(config_from_args(args), key, stats=stats)
+    except (
+        KeyFileError,
+        SourceError,
+        ShardBuildError,
+        ManifestError,
+        DaliUnavailableError,
+        ValueError,
+    ) as exc:
         logger.error("make_shards: error: %s", exc)
         return 2
-    images = sum(m.total_samples for m in manifests.values())
-    rejects = sum(len(m.rejects) for m in manifests.values())
-    size = sum(m.total_bytes for m in manifests.values())
-    seconds = time.perf_counter() - started
     logger.info(
-        "make_shards: %d images, %.0f img/s, %d rejected, %.1f MB in %d shards at %s (%s)",
-        images,
-        images / max(seconds, 1e-9),
-        rejects,
-        size / 1e6,
+        "make_shards: %d images in %d shards (%d made now, %.0f img/s), %d rejected, "
+        "%.1f MB at %s (%s)",
+        sum(m.total_samples for m in manifests.values()),
         sum(len(m.shards) for m in manifests.values()),
+        stats.images,
+        stats.images / max(stats.seconds, 1e-9),
+        sum(len(m.rejects) for m in manifests.values()),
+        sum(m.total_bytes for m in manifests.values()) / 1e6,
         args.out,
         "plain" if key is None else f"key {key.fingerprint}",
     )

@@ -132,3 +132,18 @@ def test_verify_catches_a_wrong_or_missing_dali_index(reference, tmp_path):
     assert bad.returncode == 1
     assert "train-000000.idx: DALI index does not match" in bad.stderr
     assert "val-000000.idx: missing DALI index" in bad.stderr
+
+
+def test_without_dali_the_error_says_what_to_do(tree, tmp_path):
+    script = (
+        "import sys, runpy; sys.modules['nvidia.dali'] = None; "
+        f"sys.argv = ['make_shards.py', '--src', {str(tree)!r}, '--plain', '--out', "
+        f"{str(tmp_path)!r}, '--decoder', 'dali', '--device', 'cpu']; "
+        f"runpy.run_path({str(ROOT / 'tools' / 'make_shards.py')!r}, run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert "pip install nvidia-dali-cuda130" in done.stderr and "--decoder pil" in done.stderr
+    assert "Traceback" not in done.stderr

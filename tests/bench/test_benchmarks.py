@@ -35,3 +35,17 @@ def test_bench_encrypt_writes_results(tmp_path):
     assert results["from_another_bench"] == 1.0  # merged, not replaced
     for name in ("encrypt_img_s", "copy_img_s", "encrypt_vs_copy_ratio"):
         assert results[name] > 0
+
+
+def test_bench_make_shards_writes_results(tmp_path):
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_make_shards.py"), "--images", "12",
+         "--size", "32", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    for name in ("make_shards_img_s", "naive_img_s", "make_shards_vs_naive_ratio"):
+        assert results[name] > 0
+    assert 0 < results["encrypt_time_fraction"] < 1
