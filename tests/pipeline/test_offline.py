@@ -126,17 +126,21 @@ def add_bad_files(root: Path) -> dict[str, str]:
     }
 
 
-def test_real_world_files_are_converted_or_rejected(tmp_path):
+@pytest.mark.parametrize("decoder", ["pil", "dali"])
+def test_real_world_files_are_converted_or_rejected(tmp_path, decoder):
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is installed on Linux x86_64 only")
     src = write_jpeg_tree(tmp_path / "src", classes=2, train=6, val=2)
     fates = add_bad_files(src)
-    cfg = config(src, tmp_path / "out", plain=True, splits=("train",), max_pixels=5_000_000)
+    cfg = config(src, tmp_path / "out", plain=True, splits=("train",), max_pixels=5_000_000,
+                 decoder=decoder, device="cpu")  # fmt: skip
     with pytest.raises(ShardBuildError, match="4 of 19 files rejected.*--max-reject-fraction"):
         build_shards(cfg, None)
     assert not (tmp_path / "out" / "train.manifest.json").exists()
 
     manifest = build_shards(
         config(src, tmp_path / "out", plain=True, splits=("train",), max_pixels=5_000_000,
-               max_reject_fraction=0.25),
+               max_reject_fraction=0.25, decoder=decoder, device="cpu"),
         None,
     )["train"]  # fmt: skip
     rejected = {Path(r["source"]).name: r["reason"] for r in manifest.rejects}
