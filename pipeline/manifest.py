@@ -25,6 +25,33 @@ def manifest_name(split: str) -> str:
     return f"{split}.manifest.json"
 
 
+def samples_table_name(split: str) -> str:
+    return f"{split}.samples.parquet"
+
+
+SAMPLES_SCHEMA_FIELDS = (
+    ("key", "string"),
+    ("shard", "string"),
+    ("label", "int32"),
+    ("source", "string"),
+)
+
+
+def samples_table_bytes(rows: list[list]) -> bytes:
+    """Parquet bytes of one row per sample: key, shard, label, source (path under SRC)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in SAMPLES_SCHEMA_FIELDS])
+    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in SAMPLES_SCHEMA_FIELDS]
+    table = pa.Table.from_arrays(
+        [pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)], schema=schema
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
 @dataclass(frozen=True)
 class Manifest:
     split: str
@@ -39,6 +66,7 @@ class Manifest:
     tool_version: str
     shards: list[ShardRecord] = field(default_factory=list)
     rejects: list[dict] = field(default_factory=list)
+    samples_table: str | None = None  # Parquet: key, shard, label, source per sample
     version: int = MANIFEST_VERSION
 
     @property
@@ -66,6 +94,7 @@ class Manifest:
             "total_bytes": self.total_bytes,
             "shards": [s.to_dict() for s in self.shards],
             "rejects": self.rejects,
+            "samples_table": self.samples_table,
         }
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
@@ -92,6 +121,7 @@ class Manifest:
                 tool_version=data["tool_version"],
                 shards=shards,
                 rejects=list(data["rejects"]),
+                samples_table=data.get("samples_table"),
             )
         except ManifestError:
             raise

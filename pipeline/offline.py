@@ -29,7 +29,15 @@ from pipeline import __version__
 from pipeline.blockwise import encrypt
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, probe
 from pipeline.keys import Key
-from pipeline.manifest import Manifest, ManifestError, load_manifest, manifest_name, write_manifest
+from pipeline.manifest import (
+    Manifest,
+    ManifestError,
+    load_manifest,
+    manifest_name,
+    samples_table_bytes,
+    samples_table_name,
+    write_manifest,
+)
 from pipeline.shards import ShardRecord, ShardWriter, index_name, sample_files, shard_name
 from pipeline.sources import (
     SPLITS,
@@ -57,6 +65,16 @@ class BuildStats:
     encrypt_cpu_seconds: float = 0.0  # CPU seconds of the encrypting thread while encrypting
     seconds: float = 0.0  # wall-clock seconds of the whole run
     cpu_seconds: float = 0.0  # CPU seconds of the whole process, every thread
+
+
+@dataclass
+class ShardResult:
+    """One shard's outcome: its record (None if every file was rejected), rejects, and rows
+    ``[key, label, source]`` for the per-sample table."""
+
+    record: ShardRecord | None
+    rejects: list[dict]
+    rows: list[list]
 
 
 class ShardBuildError(RuntimeError):
@@ -170,8 +188,12 @@ class _State:
         name = self._name(f"{index:06d}")
         return json.loads(self.storage.read_bytes(name)) if self.storage.exists(name) else None
 
-    def write_shard(self, index: int, record: ShardRecord | None, rejects: list[dict]) -> None:
-        entry = {"record": record.to_dict() if record else None, "rejects": rejects}
+    def write_shard(self, index: int, result: ShardResult) -> None:
+        entry = {
+            "record": result.record.to_dict() if result.record else None,
+            "rejects": result.rejects,
+            "rows": result.rows,
+        }
         self.storage.write_bytes(self._name(f"{index:06d}"), _dumps(entry))
 
     def clear(self) -> None:
@@ -229,6 +251,7 @@ def build_split(
     n_shards = math.ceil(len(items) / per_shard)
     records: list[ShardRecord] = []
     rejects: list[dict] = []
+    rows: list[list] = []
     decoder = make_decoder(config, device)
     started, done_images = time.perf_counter(), 0
     progress = tqdm(total=len(items), desc=f"{split} shards", unit="img", leave=False)
@@ -239,9 +262,9 @@ def build_split(
     try:
         for index in range(n_shards):
             chunk = items[index * per_shard : (index + 1) * per_shard]
-            entry = _finished_shard(storage, state, index)
-            if entry is None:
-                entry = _build_shard(
+            result = _finished_shard(storage, state, index)
+            if result is None:
+                result = _build_shard(
                     config,
                     split,
                     index,
@@ -253,12 +276,12 @@ def build_split(
                     pools,
                     stats,
                 )
-                state.write_shard(index, entry[0], entry[1])
+                state.write_shard(index, result)
                 done_images += len(chunk)
-            record, shard_rejects = entry
-            if record is not None:
-                records.append(record)
-            rejects.extend(shard_rejects)
+            if result.record is not None:
+                records.append(result.record)
+                rows.extend([row[0], result.record.name, *row[1:]] for row in result.rows)
+            rejects.extend(result.rejects)
             progress.update(len(chunk))
     finally:
         progress.close()
@@ -288,7 +311,9 @@ def build_split(
         tool_version=__version__,
         shards=records,
         rejects=rejects,
+        samples_table=samples_table_name(split),
     )
+    storage.write_bytes(samples_table_name(split), samples_table_bytes(rows))
     write_manifest(storage, manifest)  # last: its presence means the split is complete
     state.clear()
     seconds = time.perf_counter() - started
@@ -351,10 +376,11 @@ def _remove_split(storage: Storage, split: str, state: _State) -> None:
         if name.startswith(f"{split}-") and name.endswith((".tar", ".idx")):
             storage.remove(name)
     storage.remove(manifest_name(split))
+    storage.remove(samples_table_name(split))
     state.clear()
 
 
-def _finished_shard(storage: Storage, state: _State, index: int):
+def _finished_shard(storage: Storage, state: _State, index: int) -> ShardResult | None:
     entry = state.read_shard(index)
     if entry is None:
         return None
@@ -363,7 +389,7 @@ def _finished_shard(storage: Storage, state: _State, index: int):
         not storage.exists(record.name) or storage.size(record.name) != record.bytes
     ):
         return None  # recorded but missing or different: rebuild it
-    return record, entry["rejects"]
+    return ShardResult(record, entry["rejects"], entry["rows"])
 
 
 def _batches(items: Sequence[SourceItem], size: int) -> Iterator[Sequence[SourceItem]]:
@@ -392,13 +418,14 @@ def _build_shard(
     storage: Storage,
     pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor],
     stats: BuildStats,
-) -> tuple[ShardRecord | None, list[dict]]:
+) -> ShardResult:
     """One shard, in three overlapping stages: decode batch k+1 (a thread, plus the decoder's
     own threads) while batch k is encrypted here and batch k-1 is written (another thread)."""
     name = shard_name(split, index)
     tmp = storage.staging_path(name)
     decode_pool, write_pool = pools
     rejects: list[dict] = []
+    rows: list[list] = []
     batches = list(_batches(chunk, config.batch_size))
     writer = ShardWriter(tmp, name)
     decoding: Future | None = None
@@ -428,6 +455,7 @@ def _build_shard(
                     continue
                 files = sample_files(next(images), item.label, item.path, split)
                 samples.append((f"{position + offset:08d}", files))
+                rows.append([f"{position + offset:08d}", item.label, item.path])
             position += len(batch)
             if writing is not None:
                 writing.result()
@@ -445,10 +473,10 @@ def _build_shard(
     stats.images += len(chunk)
     if record.samples == 0:
         tmp.unlink(missing_ok=True)
-        return None, rejects
+        return ShardResult(None, rejects, [])
     storage.write_bytes(index_name(name), writer.index_text().encode())  # before its shard
     storage.put(tmp, name)
-    return record, rejects
+    return ShardResult(record, rejects, rows)
 
 
 def _encrypt_batch(images: list, key: Key | None) -> list[np.ndarray]:

@@ -61,6 +61,22 @@ def test_shards_manifest_and_exact_decryption(jpeg_tree, tmp_path):
     assert sorted(set(labels[:10])) != [labels[0]]  # shards mix the classes
 
 
+def test_samples_table_lists_every_sample(jpeg_tree, tmp_path):
+    import pyarrow.parquet as pq
+
+    manifest = build_shards(config(jpeg_tree, tmp_path, plain=True, splits=("train",)), None)
+    manifest = manifest["train"]
+    table = pq.read_table(tmp_path / manifest.samples_table).to_pylist()
+    assert len(table) == manifest.total_samples == 24
+    for record in manifest.shards:
+        in_tar = [
+            (int(s["cls"]), json.loads(s["json"])["source"])
+            for s in read_samples(tmp_path / record.name)
+        ]
+        listed = [(r["label"], r["source"]) for r in table if r["shard"] == record.name]
+        assert listed == in_tar
+
+
 def test_plain_shards(jpeg_tree, tmp_path):
     manifest = build_shards(config(jpeg_tree, tmp_path, plain=True, splits=("val",)), None)["val"]
     assert not manifest.encrypted and manifest.key_fingerprint is None
