@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported; bars would interleave
+
 from pipeline import Key, encrypt
 from pipeline.decode import decode_pil
 from pipeline.offline import BuildStats, ShardConfig, build_shards
@@ -91,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    os.environ["TQDM_DISABLE"] = "1"  # progress bars would interleave with the figures
     work = Path(tempfile.mkdtemp(prefix="bench-make-shards-"))
     try:
         src = make_source(work / "src", args.images)
