@@ -397,14 +397,27 @@ def _batches(items: Sequence[SourceItem], size: int) -> Iterator[Sequence[Source
         yield items[start : start + size]
 
 
-def _decode_stage(src: Path, batch: Sequence[SourceItem], max_pixels: int, decoder) -> list[Any]:
-    """Read, check and decode one batch: an image or a ``DecodeError`` per item."""
+def _decode_stage(
+    src: Path, batch: Sequence[SourceItem], max_pixels: int, decoder
+) -> tuple[list[DecodeError | None], Any]:
+    """Read, check and decode one batch. Returns a ``DecodeError`` or None per item, and the
+    decoded images stacked into one array (numpy, or a CUDA tensor from the GPU decoder)."""
     blobs = [(src / it.path).read_bytes() for it in batch]
-    results: list[Any] = [probe(b, max_pixels) for b in blobs]
-    good = [i for i, r in enumerate(results) if r is None]
+    errors: list[DecodeError | None] = [probe(b, max_pixels) for b in blobs]
+    good = [i for i, e in enumerate(errors) if e is None]
+    images = []
     for i, image in zip(good, decoder.decode([blobs[i] for i in good]), strict=True):
-        results[i] = image
-    return results
+        if isinstance(image, DecodeError):
+            errors[i] = image
+        else:
+            images.append(image)
+    if not images:
+        return errors, None
+    if isinstance(images[0], np.ndarray):
+        return errors, np.stack(images)
+    import torch
+
+    return errors, torch.stack(images)
 
 
 def _build_shard(
@@ -436,22 +449,20 @@ def _build_shard(
         )
         position = first
         for k, batch in enumerate(batches):
-            results = decoding.result()
+            errors, decoded = decoding.result()
             decoding = None
             if k + 1 < len(batches):
                 decoding = decode_pool.submit(
                     _decode_stage, Path(config.src), batches[k + 1], config.max_pixels, decoder
                 )
             started, cpu = time.perf_counter(), time.thread_time()
-            images = iter(
-                _encrypt_batch([r for r in results if not isinstance(r, DecodeError)], key)
-            )
+            images = iter(_encrypt_batch(decoded, key))
             stats.encrypt_seconds += time.perf_counter() - started
             stats.encrypt_cpu_seconds += time.thread_time() - cpu
             samples = []
-            for offset, (item, result) in enumerate(zip(batch, results, strict=True)):
-                if isinstance(result, DecodeError):
-                    rejects.append({"source": item.path, "reason": result.reason})
+            for offset, (item, error) in enumerate(zip(batch, errors, strict=True)):
+                if error is not None:
+                    rejects.append({"source": item.path, "reason": error.reason})
                     continue
                 files = sample_files(next(images), item.label, item.path, split)
                 samples.append((f"{position + offset:08d}", files))
@@ -479,20 +490,14 @@ def _build_shard(
     return ShardResult(record, rejects, rows)
 
 
-def _encrypt_batch(images: list, key: Key | None) -> list[np.ndarray]:
-    """Encrypt decoded images as one batch where they are (numpy, or CUDA tensors from the
-    GPU decoder), then hand numpy arrays to the writer."""
-    if not images:
+def _encrypt_batch(batch: Any, key: Key | None) -> list[np.ndarray]:
+    """Encrypt a decoded batch where it is (numpy, or a CUDA tensor: no host round trip),
+    then hand numpy images to the writer."""
+    if batch is None:
         return []
-    if isinstance(images[0], np.ndarray):
-        batch = np.stack(images)
-        return list(encrypt(batch, key) if key is not None else batch)
-    import torch
-
-    batch = torch.stack(images)
     if key is not None:
-        batch = encrypt(batch, key)  # on the GPU, no host round trip
-    return list(batch.cpu().numpy())
+        batch = encrypt(batch, key)
+    return list(batch if isinstance(batch, np.ndarray) else batch.cpu().numpy())
 
 
 def _write_samples(writer: ShardWriter, samples: list[tuple[str, dict[str, bytes]]]) -> None:
