@@ -1,0 +1,291 @@
+"""Streaming shards into training: DDP-safe, seeded, resumable mid-epoch, local or any fsspec URL.
+
+Built on webdataset's tar readers. Each epoch, the shard order is shuffled by (seed, epoch) and
+the samples, numbered in that order, are cut into equal contiguous ranges: first one per rank,
+then one per DataLoader worker. A range one sample short is padded by repeating its first
+samples (flagged ``valid=False``, so evaluation never counts them twice), so every rank and
+every worker yields exactly the same number of samples: no rank waits for another at the end
+of an epoch, whatever the shard count. Within a worker, samples go through a shuffle buffer
+seeded by (seed, epoch, rank, worker). Everything is a pure function of (seed, epoch, rank,
+worker), so resuming at step k replays the streams and drops the first k batches: the rest
+is exactly what an uninterrupted run would have seen.
+
+Workers yield uint8 HWC images (no float work there); ``to_model_input`` converts on the
+device, after the transfer. Crops respect the key: offsets are multiples of the block size, so
+cropping an encrypted image equals encrypting the crop of the plain one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.gopen import gopen, gopen_schemes
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipeline.manifest import Manifest, load_manifest
+from pipeline.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+
+class ResumableFile(io.RawIOBase):
+    """A read-only fsspec file that survives dropped connections: on an I/O error it reopens
+    the object and continues from the byte where it broke, with backoff, ``retries`` times."""
+
+    def __init__(self, url: str, *, retries: int = 5, backoff: float = 0.5) -> None:
+        import fsspec
+
+        self.url, self.retries, self.backoff = url, retries, backoff
+        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self.position = 0
+        self.reopened = 0
+        self._file = self._open()
+
+    def _open(self):
+        f = self.fs.open(self.path, "rb", block_size=8 << 20, cache_type="readahead")
+        if self.position:
+            f.seek(self.position)
+        return f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        for attempt in range(self.retries + 1):
+            try:
+                data = self._file.read(len(buffer))
+                break
+            except Exception as exc:  # the transports raise many types; all mean "try again"
+                if attempt == self.retries:
+                    raise OSError(
+                        f"{self.url}: read failed at byte {self.position}: {exc}"
+                    ) from exc
+                logger.warning("%s: %s at byte %d; reopening", self.url, exc, self.position)
+                time.sleep(self.backoff * 2**attempt)
+                with contextlib.suppress(Exception):  # the connection is gone anyway
+                    self._file.close()
+                self.fs.invalidate_cache()
+                self._file = self._open()
+                self.reopened += 1
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
+    if mode != "rb":
+        raise ValueError(f"{url}: shards are opened for reading only")
+    return io.BufferedReader(ResumableFile(url), buffer_size=1 << 20)
+
+
+def register_fsspec_schemes(schemes: tuple[str, ...] = ("s3", "gs", "gcs", "az", "abfs")) -> None:
+    """webdataset 1.0.2 has no s3:// handler; open these URLs through fsspec, with retries."""
+    for scheme in schemes:
+        gopen_schemes[scheme] = _gopen_fsspec
+
+
+register_fsspec_schemes()
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    batch_size: int = 64
+    train: bool = True  # shuffle + random block-aligned crops; False: fixed order, centre crop
+    crop_size: int | None = None  # None: the stored size
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+
+
+def epoch_ranges(
+    manifest: Manifest, *, epoch: int, seed: int, shuffle: bool, parts: int, part: int
+) -> tuple[list[tuple[str, int, int]], int]:
+    """The pieces ``(shard, start, stop)`` of part ``part`` of ``parts``, and the padded length
+    every part has (``ceil(total / parts)``)."""
+    shards = [(s.name, s.samples) for s in manifest.shards]
+    if shuffle:
+        random.Random(f"{seed}/{epoch}/shards").shuffle(shards)
+    total = sum(n for _, n in shards)
+    length = math.ceil(total / parts)
+    lo, hi = part * total // parts, (part + 1) * total // parts
+    pieces, offset = [], 0
+    for name, n in shards:
+        start, stop = max(lo, offset), min(hi, offset + n)
+        if start < stop:
+            pieces.append((name, start - offset, stop - offset))
+        offset += n
+    return pieces, length
+
+
+def _split(pieces: list[tuple[str, int, int]], parts: int, part: int):
+    """Cut a list of pieces into ``parts`` equal ranges (as ``epoch_ranges`` does for shards)."""
+    flat = [(name, start, stop - start) for name, start, stop in pieces]
+    total = sum(n for *_, n in flat)
+    lo, hi = part * total // parts, (part + 1) * total // parts
+    out, offset = [], 0
+    for name, start, n in flat:
+        a, b = max(lo, offset), min(hi, offset + n)
+        if a < b:
+            out.append((name, start + a - offset, start + b - offset))
+        offset += n
+    return out, math.ceil(total / parts)
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Samples ``(image uint8 HWC, label, valid)`` of one rank, for a DataLoader with workers.
+
+    ``set_epoch`` before each epoch; ``skip_batches`` to resume mid-epoch (set before the
+    DataLoader iterator is created).
+    """
+
+    def __init__(
+        self,
+        data: str,
+        split: str,
+        *,
+        config: LoaderConfig,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.storage = Storage(data)
+        self.manifest = load_manifest(self.storage, split)
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.epoch, self.skip_batches = 0, 0
+        self.workers = max(1, config.num_workers)
+        height, width, _ = self.manifest.image_shape
+        self.block = self.manifest.block_size or 1
+        self.crop = config.crop_size or height
+        if self.crop > min(height, width) or self.crop % self.block:
+            raise ValueError(
+                f"crop size {self.crop} must be at most the stored size {height} and a multiple "
+                f"of the block size {self.block} (so crops commute with the encryption)"
+            )
+        _, rank_length = epoch_ranges(
+            self.manifest, epoch=0, seed=0, shuffle=False, parts=world_size, part=rank
+        )
+        self.worker_length = math.ceil(rank_length / self.workers)
+        self.batches_per_worker = math.ceil(self.worker_length / config.batch_size)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (the same on every rank)."""
+        return self.batches_per_worker * self.workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def worker_pieces(self, worker: int) -> tuple[list[tuple[str, int, int]], int]:
+        cfg = self.config
+        pieces, _ = epoch_ranges(
+            self.manifest,
+            epoch=self.epoch,
+            seed=cfg.seed,
+            shuffle=cfg.train,
+            parts=self.world_size,
+            part=self.rank,
+        )
+        return _split(pieces, self.workers, worker)
+
+    def _read(self, name: str, start: int, stop: int) -> Iterator[dict]:
+        url = self.storage.uri(name)
+        stream = gopen(url)
+        try:
+            files = tar_file_expander([{"url": url, "stream": stream}])
+            for index, sample in enumerate(group_by_keys(files)):
+                if index >= stop:
+                    break
+                if index >= start:
+                    yield sample
+        finally:
+            stream.close()
+
+    def _samples(self, worker: int) -> Iterator[tuple[dict, bool]]:
+        pieces, _ = self.worker_pieces(worker)
+        count, length = 0, self.worker_length
+        for name, start, stop in pieces:
+            for sample in self._read(name, start, stop):
+                yield sample, True
+                count += 1
+        # padding: repeat this worker's first samples (or the first shard's, if it has none)
+        source = pieces or [(self.manifest.shards[0].name, 0, self.manifest.shards[0].samples)]
+        while count < length:
+            for name, start, stop in source:
+                for sample in self._read(name, start, stop):
+                    if count >= length:
+                        return
+                    yield sample, False
+                    count += 1
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, bool]]:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        if info is not None and info.num_workers != self.workers:
+            raise RuntimeError(
+                f"ShardDataset was built for {self.workers} workers but the DataLoader has "
+                f"{info.num_workers}; pass the same num_workers to both"
+            )
+        cfg = self.config
+        rng = random.Random(f"{cfg.seed}/{self.epoch}/{self.rank}/{worker}")
+        stream: Iterator = self._samples(worker)
+        if cfg.train and cfg.shuffle_buffer > 1:
+            stream = wds.filters._shuffle(stream, bufsize=cfg.shuffle_buffer, rng=rng)
+        # resuming: this worker's share of the first skip_batches batches (round-robin order)
+        skip = max(0, -(-(self.skip_batches - worker) // self.workers)) * cfg.batch_size
+        for position, (sample, valid) in enumerate(stream):
+            image = self._image(sample, rng)  # draw crops even when skipping: same RNG stream
+            if position >= skip:
+                yield torch.from_numpy(image), int(sample["cls"]), valid
+
+    def _image(self, sample: dict, rng: random.Random) -> np.ndarray:
+        height, width, channels = self.manifest.image_shape
+        image = np.frombuffer(sample["u8"], np.uint8).reshape(height, width, channels)
+        if self.crop == height == width:
+            return image.copy()
+        if self.config.train:
+            top = rng.randrange(0, (height - self.crop) // self.block + 1) * self.block
+            left = rng.randrange(0, (width - self.crop) // self.block + 1) * self.block
+        else:  # the centre, on the block grid
+            top = (height - self.crop) // 2 // self.block * self.block
+            left = (width - self.crop) // 2 // self.block * self.block
+        return image[top : top + self.crop, left : left + self.crop].copy()
+
+
+def make_loader(dataset: ShardDataset, *, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader whose workers match the dataset's split of the samples."""
+    workers = dataset.config.num_workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=dataset.config.batch_size,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def to_model_input(
+    images: torch.Tensor,
+    device: torch.device,
+    *,
+    dtype: torch.dtype = torch.float32,
+    mean: float = 0.5,
+    std: float = 0.5,
+) -> torch.Tensor:
+    """uint8 NHWC (pinned, on the host) -> normalised NCHW in channels_last on ``device``."""
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)  # a channels_last view
+    return x.to(dtype).div_(255.0).sub_(mean).div_(std)
