@@ -20,11 +20,30 @@ $(STAMP): pyproject.toml constraints.txt
 $(KEY): | $(STAMP)
 	$(PY) tools/make_key.py $(KEY)
 
-demo: $(STAMP) $(KEY)
+SHARDS := $(DEMO)/shards/val.manifest.json
+PLAIN := $(DEMO)/shards-plain/val.manifest.json
+TORCHRUN := $(PY) -m torch.distributed.run --standalone --nproc_per_node=2
+
+$(SHARDS): $(KEY)
 	$(PY) tools/make_shards.py --key $(KEY) --out $(DEMO)/shards
-	$(PY) tools/make_shards.py --plain --out $(DEMO)/shards-plain
 	$(PY) tools/verify_shards.py $(DEMO)/shards
+
+$(PLAIN): | $(STAMP)
+	$(PY) tools/make_shards.py --plain --out $(DEMO)/shards-plain
+
+$(DEMO)/protected/summary.json: $(SHARDS)
+	rm -f $(DEMO)/protected/metrics.jsonl
+	$(TORCHRUN) train/ddp.py --data $(DEMO)/shards --out $(DEMO)/protected
+
+$(DEMO)/baseline/summary.json: $(PLAIN)
+	rm -f $(DEMO)/baseline/metrics.jsonl
+	$(TORCHRUN) train/ddp.py --data $(DEMO)/shards-plain --out $(DEMO)/baseline
+
+demo: $(STAMP) $(DEMO)/protected/summary.json $(DEMO)/baseline/summary.json
 	$(PY) tools/encryption_grid.py --key $(KEY) --out $(DEMO)/encryption_grid.png
+	$(PY) tools/compare_keys.py --checkpoint $(DEMO)/protected/checkpoint.pt \
+		--baseline $(DEMO)/baseline/checkpoint.pt --data $(DEMO)/shards \
+		--plain-data $(DEMO)/shards-plain --wrong-keys 10 --out $(DEMO)/summary.json
 
 test: $(STAMP)
 	$(PY) -m pytest

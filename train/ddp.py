@@ -368,6 +368,11 @@ def train(config: TrainConfig, env: Dist) -> dict:
         if config.max_steps and done_steps >= config.max_steps:
             break
         checkpoint(epoch + 1, 0)
+    finished = not config.max_steps or done_steps < config.max_steps
+    if env.primary and finished:  # a complete run: what `make` and the demo look for
+        summary = {**metrics, "train_seconds": time.perf_counter() - started,
+                   "world_size": env.world_size, "key_fingerprint": fingerprint}  # fmt: skip
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     if env.primary:
         logger.info("train: %d steps per rank on %d rank(s) in %.0f s; val top1 %.4f; wrote %s",
                     done_steps, env.world_size, time.perf_counter() - started,

@@ -1,0 +1,86 @@
+"""Evaluating a trained model on shards, as they are or re-encrypted with other keys.
+
+Plain shards decrypt nothing and hold the source images, so any scenario is one transform of
+them away: the correct key, no key (plain), or a wrong key of the same scheme.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.loader import LoaderConfig, ShardDataset, to_model_input
+from pipeline.models import create_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """All images and labels of one split, in shard order, as uint8 NHWC numpy."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    key_fingerprint: str | None
+    block_size: int | None
+
+
+def load_split(data: str, split: str = "val", *, crop_size: int | None = None) -> EvalSet:
+    dataset = ShardDataset(
+        data, split, config=LoaderConfig(batch_size=256, train=False, crop_size=crop_size,
+                                         num_workers=0),
+    )  # fmt: skip
+    images, labels = [], []
+    for image, label, valid in dataset:
+        if valid:
+            images.append(image.numpy())
+            labels.append(label)
+    m = dataset.manifest
+    return EvalSet(np.stack(images), np.array(labels), m.classes, m.key_fingerprint, m.block_size)
+
+
+def load_model(checkpoint: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The trained model of a checkpoint (eval mode), and the checkpoint's metadata."""
+    state = load_checkpoint(checkpoint)
+    model = create_model(state["model_name"], num_classes=len(state["classes"]), pretrained="none")
+    model.load_state_dict(state["model"])
+    model.to(device, memory_format=torch.channels_last).eval()
+    meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng", "scheduler")}
+    return model, meta
+
+
+def _batches(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(images), size):
+        yield images[start : start + size]
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, images: np.ndarray, *, batch_size: int = 256, device: str = "cpu"
+) -> np.ndarray:
+    """Logits for uint8 NHWC images."""
+    out = []
+    for batch in _batches(images, batch_size):
+        out.append(
+            model(to_model_input(torch.from_numpy(batch), torch.device(device))).float().cpu()
+        )
+    return torch.cat(out).numpy()
+
+
+def top1(
+    model: torch.nn.Module,
+    data: EvalSet,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    *,
+    device: str = "cpu",
+) -> float:
+    """Top-1 accuracy on ``data``, its images first passed through ``transform``."""
+    images = data.images if transform is None else transform(data.images)
+    logits = predict(model, images, device=device)
+    return float((logits.argmax(1) == data.labels).mean())
