@@ -110,6 +110,7 @@ class LoaderConfig:
     seed: int = 0
     shuffle_buffer: int = 1000
     num_workers: int = 2
+    crop_grid: int | None = None  # crop offsets are multiples of this; None: the block size
 
 
 def epoch_ranges(
@@ -169,7 +170,12 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.epoch, self.skip_batches = 0, 0
         self.workers = max(1, config.num_workers)
         height, width, _ = self.manifest.image_shape
-        self.block = self.manifest.block_size or 1
+        self.block = config.crop_grid or self.manifest.block_size or 1
+        if self.manifest.block_size and self.block % self.manifest.block_size:
+            raise ValueError(
+                f"crop grid {self.block} is not a multiple of the key's block size "
+                f"{self.manifest.block_size}; crops would not commute with the encryption"
+            )
         self.crop = config.crop_size or height
         if self.crop > min(height, width) or self.crop % self.block:
             raise ValueError(
@@ -240,12 +246,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 f"{info.num_workers}; pass the same num_workers to both"
             )
         cfg = self.config
-        rng = random.Random(f"{cfg.seed}/{self.epoch}/{self.rank}/{worker}")
-        stream: Iterator = self._samples(worker)
+        # The DataLoader takes batch i from worker i % workers. Resuming at batch s, its worker
+        # j must play stream (j + s) % workers, whose first batches went into the first s.
+        stream_id = (worker + self.skip_batches) % self.workers
+        rng = random.Random(f"{cfg.seed}/{self.epoch}/{self.rank}/{stream_id}")
+        stream: Iterator = self._samples(stream_id)
         if cfg.train and cfg.shuffle_buffer > 1:
             stream = wds.filters._shuffle(stream, bufsize=cfg.shuffle_buffer, rng=rng)
-        # resuming: this worker's share of the first skip_batches batches (round-robin order)
-        skip = max(0, -(-(self.skip_batches - worker) // self.workers)) * cfg.batch_size
+        skip = max(0, -(-(self.skip_batches - stream_id) // self.workers)) * cfg.batch_size
         for position, (sample, valid) in enumerate(stream):
             image = self._image(sample, rng)  # draw crops even when skipping: same RNG stream
             if position >= skip:
@@ -288,4 +296,5 @@ def to_model_input(
 ) -> torch.Tensor:
     """uint8 NHWC (pinned, on the host) -> normalised NCHW in channels_last on ``device``."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)  # a channels_last view
-    return x.to(dtype).div_(255.0).sub_(mean).div_(std)
+    x = x.to(dtype, memory_format=torch.channels_last)
+    return x.div_(255.0).sub_(mean).div_(std)

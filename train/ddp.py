@@ -328,6 +328,7 @@ def train(config: TrainConfig, env: Dist) -> dict:
         bar = tqdm(total=steps_per_epoch, initial=train_set.skip_batches, desc=f"epoch {epoch}",
                    disable=not env.primary, leave=False)  # fmt: skip
         sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, seen
+        epoch_steps = 0
         for step, (images, labels, _valid) in enumerate(loader, start=train_set.skip_batches):
             x = to_model_input(images, env.device)
             labels = labels.to(env.device, non_blocking=True)
@@ -343,6 +344,7 @@ def train(config: TrainConfig, env: Dist) -> dict:
                                  torch.tensor(float(len(labels)), device=env.device)])  # fmt: skip
             bar.update(1)
             done_steps += 1
+            epoch_steps += 1
             if (
                 config.ckpt_every
                 and (step + 1) % config.ckpt_every == 0
@@ -352,13 +354,16 @@ def train(config: TrainConfig, env: Dist) -> dict:
             if config.max_steps and done_steps >= config.max_steps:
                 break
         bar.close()
+        steps_by_rank = [epoch_steps]
         if env.world_size > 1:
             dist.all_reduce(sums)
+            steps_by_rank = [None] * env.world_size
+            dist.all_gather_object(steps_by_rank, epoch_steps)
         metrics = {"epoch": epoch, "train_loss": sums[0].item() / max(1.0, sums[2].item()),
                    "train_top1": sums[1].item() / max(1.0, sums[2].item()),
                    **evaluate(model, make_loader(val_set, pin_memory=cuda), env, autocast),
                    "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
-                   "steps_per_rank": steps_per_epoch}  # fmt: skip
+                   "steps_per_rank": steps_per_epoch, "steps_by_rank": steps_by_rank}  # fmt: skip
         if env.primary:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
