@@ -117,4 +117,4 @@ def test_to_model_input_normalises_on_the_device():
     x = to_model_input(images, torch.device("cpu"))
     assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(x[0, :, 0, 0], torch.tensor([-1.0, 1.0, 128 / 127.5 - 1.0]))
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor([-1.0, 1.0, 128 / 127.5 - 1.0]), atol=1e-6)
