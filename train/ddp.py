@@ -41,6 +41,7 @@ logger = logging.getLogger("train")
 # 1x1 convolutions in channels_last have two valid stride layouts; DDP warns that its bucket
 # picked the other one. Harmless (one extra copy of a few small tensors), so keep logs clean.
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+tqdm.monitor_interval = 0  # no monitor thread: DataLoader workers are forked from this process
 
 EMBEDDED_SHARDS = "runs/demo/shards"
 
@@ -370,9 +371,13 @@ def train(config: TrainConfig, env: Dist) -> dict:
             logger.info("epoch %d: train loss %.3f top1 %.3f | val top1 %.4f top5 %.4f | %.0f s",
                         epoch, metrics["train_loss"], metrics["train_top1"], metrics["val_top1"],
                         metrics["val_top5"], metrics["seconds"])  # fmt: skip
+        position = train_set.skip_batches + epoch_steps
+        if position >= steps_per_epoch:
+            checkpoint(epoch + 1, 0)
+        else:  # stopped by --max-steps: a resumable mid-epoch checkpoint
+            checkpoint(epoch, position)
         if config.max_steps and done_steps >= config.max_steps:
             break
-        checkpoint(epoch + 1, 0)
     finished = not config.max_steps or done_steps < config.max_steps
     if env.primary and finished:  # a complete run: what `make` and the demo look for
         summary = {**metrics, "train_seconds": time.perf_counter() - started,

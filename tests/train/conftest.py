@@ -1,0 +1,57 @@
+"""Fixtures for training tests: small encrypted digit shards, and running train/ddp.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import Key, save_key
+from pipeline.digits import write_digits_tree
+from pipeline.offline import ShardConfig, build_shards
+from tests.conftest import FIXED_SECRET
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--model", "test_efficientnet", "--pretrained", "none", "--batch-size", "32",
+        "--warmup-epochs", "0.5", "--workers", "2"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(
+    *args: str, nproc: int = 2, timeout: int = 300, extra: tuple = ()
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *extra]
+    if not extra:
+        cmd += ["--standalone"]
+    cmd += [f"--nproc_per_node={nproc}", str(ROOT / "train" / "ddp.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def make_digit_shards(out: Path, key: Key | None, *, shard_size: str, size: int = 32) -> Path:
+    src = write_digits_tree(out.parent / "digits-tree", size=64)
+    config = ShardConfig(src=str(src), out=str(out), size=size, decoder="pil",
+                         shard_size=shard_size, plain=key is None)  # fmt: skip
+    build_shards(config, key)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digit_shards(tmp_path_factory) -> Path:
+    """Digits at 32x32, encrypted with the fixed test key, 6 train and 2 val shards."""
+    return make_digit_shards(tmp_path_factory.mktemp("digits") / "shards", Key(FIXED_SECRET),
+                             shard_size="250")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def test_key_file(tmp_path_factory) -> Path:
+    return save_key(Key(FIXED_SECRET), tmp_path_factory.mktemp("trainkey") / "k.bin")

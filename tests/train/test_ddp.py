@@ -1,0 +1,137 @@
+"""train/ddp.py as torchrun runs it: 2 gloo ranks, two "nodes", kill and resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import Key
+from tests.train.conftest import FAST, ROOT, free_port, make_digit_shards, torchrun
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_ranks_learn_and_stay_in_step(digit_shards, tmp_path):
+    done = torchrun("--data", str(digit_shards), "--out", str(tmp_path), "--epochs", "2", *FAST)
+    assert done.returncode == 0, done.stderr[-3000:]
+    epochs = metrics(tmp_path)
+    assert len(epochs) == 2
+    assert epochs[1]["train_loss"] < epochs[0]["train_loss"]
+    assert epochs[1]["val_top1"] > 0.5  # chance is 0.1
+    assert epochs[1]["val_samples"] == 355  # the whole val split, padding not double-counted
+    for e in epochs:
+        assert e["steps_by_rank"] == [e["steps_per_rank"]] * 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (
+        summary["world_size"] == 2
+        and summary["key_fingerprint"] == Key(bytes(range(32))).fingerprint
+    )
+    state = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2 and state["key_fingerprint"] == summary["key_fingerprint"]
+    assert bytes(range(32)).hex() not in (tmp_path / "checkpoint.pt").read_bytes().hex()
+
+
+def test_three_shards_over_two_ranks_and_two_workers_do_not_hang(tmp_path):
+    shards = make_digit_shards(tmp_path / "shards", Key(bytes(range(32))), shard_size="500")
+    names = sorted(p.name for p in shards.glob("train-*.tar"))
+    assert len(names) == 3
+    done = torchrun("--data", str(shards), "--out", str(tmp_path / "run"), "--epochs", "1", *FAST,
+                    timeout=240)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (epoch,) = metrics(tmp_path / "run")
+    assert epoch["steps_by_rank"][0] == epoch["steps_by_rank"][1] > 0
+
+
+def test_two_nodes_with_c10d_rendezvous(digit_shards, tmp_path):
+    port = free_port()
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+               "--rdzv_id=test", str(ROOT / "train" / "ddp.py"), "--data", str(digit_shards),
+               "--out", str(tmp_path), "--epochs", "1", *FAST]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, env=env))  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    (epoch,) = metrics(tmp_path)
+    assert len(epoch["steps_by_rank"]) == 2
+
+
+def test_kill_mid_epoch_then_resume_matches_an_uninterrupted_run(digit_shards, tmp_path):
+    args = ["--data", str(digit_shards), "--epochs", "2", "--ckpt-every", "4", *FAST]
+    whole = torchrun("--out", str(tmp_path / "whole"), *args)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train" / "ddp.py"), "--out", str(out), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "checkpoint.pt").exists():
+            state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+            if state["epoch"] == 1 and state["step_in_epoch"] > 0:  # mid-way through epoch 1
+                break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()  # it really was cut short
+    resumed = torchrun("--out", str(out), "--resume", str(out / "checkpoint.pt"), *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    b = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    for name, tensor in a["model"].items():
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor, b["model"][name], rtol=1e-4, atol=1e-5), name
+    assert metrics(out)[-1]["val_top1"] == pytest.approx(
+        metrics(tmp_path / "whole")[-1]["val_top1"], abs=0.01
+    )
+
+
+def test_mismatched_keys_are_refused(digit_shards, tmp_path):
+    other = make_digit_shards(tmp_path / "other", Key(bytes(32)), shard_size="250")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for source, split in ((digit_shards, "train"), (other, "val")):
+        for path in source.glob(f"{split}*"):
+            shutil.copy(path, mixed / path.name)
+    done = torchrun("--data", str(mixed), "--out", str(tmp_path / "run"), "--epochs", "1", *FAST)
+    assert done.returncode != 0 and "make both with the same key" in done.stderr
+    plain = python_ddp("--data", str(mixed), "--out", str(tmp_path / "run"), *FAST)
+    assert plain.returncode == 2 and "make both with the same key" in plain.stderr
+    assert "Traceback" not in plain.stderr
+
+    first = python_ddp(
+        "--data", str(other), "--out", str(tmp_path / "a"), "--max-steps", "1", *FAST
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    wrong = python_ddp("--data", str(digit_shards), "--out", str(tmp_path / "b"), "--resume",
+                       str(tmp_path / "a" / "checkpoint.pt"), *FAST)  # fmt: skip
+    assert wrong.returncode == 2 and "trained with key" in wrong.stderr
+    missing = python_ddp("--data", str(digit_shards), "--out", str(tmp_path / "c"), "--resume",
+                         str(tmp_path / "nope.pt"), *FAST)  # fmt: skip
+    assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
+
+
+def python_ddp(*args: str) -> subprocess.CompletedProcess:
+    """train/ddp.py without torchrun: one process, its own exit code and messages."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "train" / "ddp.py"), *args],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
