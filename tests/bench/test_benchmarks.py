@@ -49,3 +49,17 @@ def test_bench_make_shards_writes_results(tmp_path):
     for name in ("make_shards_img_s", "naive_img_s", "make_shards_vs_naive_ratio"):
         assert results[name] > 0
     assert 0 < results["encrypt_time_fraction"] < 1
+
+
+def test_gpu_check_smoke_on_the_cpu(tmp_path):
+    """The GPU check's own code paths, on the CPU (the real run needs a GPU machine)."""
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--allow-cpu", "--epochs", "2",
+         "--batch", "4", "--model", "test_efficientnet", "--pretrained", "none", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert results["encrypt_equals_numpy"] and results["decrypt_exact"] and results["train_ok"]
+    assert results["loader_to_device_img_s"] > 0
