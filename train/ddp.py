@@ -15,6 +15,7 @@ run from its last checkpoint, mid-epoch included.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, manifest_digest, save_checkpoint
+from pipeline.dali import DaliUnavailableError
 from pipeline.loader import LoaderConfig, ShardDataset, make_loader, to_model_input
 from pipeline.manifest import ManifestError, manifest_name
 from pipeline.models import create_model
@@ -65,6 +67,7 @@ class TrainConfig:
     resume: str | None = None
     compile: bool = False
     max_steps: int = 0  # stop after this many steps in all (0: no limit); for smoke runs
+    loader: str = "webdataset"  # or "dali"
 
 
 class TrainError(RuntimeError):
@@ -97,6 +100,12 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p.add_argument("--resume", help="checkpoint to continue from (must exist)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (smoke runs)")
+    p.add_argument(
+        "--loader",
+        choices=["webdataset", "dali"],
+        default=d.loader,
+        help="webdataset (exact resume) or DALI's webdataset reader (GPU when present)",
+    )
     a = p.parse_args(argv)
     return TrainConfig(**{k: v for k, v in vars(a).items()})
 
@@ -214,35 +223,40 @@ def manifest_digests(data: ShardDataset, val: ShardDataset) -> dict[str, str]:
     }
 
 
+def open_split(config: TrainConfig, env: Dist, split: str):
+    """A ShardDataset (``--loader webdataset``) or a DaliShardLoader (``--loader dali``)."""
+    loader_config = LoaderConfig(
+        batch_size=config.batch_size,
+        train=split == "train",
+        crop_size=config.crop_size,
+        seed=config.seed,
+        num_workers=config.workers,
+    )
+    if config.loader == "dali":
+        from pipeline.dali_loader import DaliShardLoader
+
+        device = "gpu" if env.device.type == "cuda" else "cpu"
+        return DaliShardLoader(config.data, split, config=loader_config, rank=env.rank,
+                               world_size=env.world_size, device=device)  # fmt: skip
+    return ShardDataset(
+        config.data, split, config=loader_config, rank=env.rank, world_size=env.world_size
+    )
+
+
+def epoch_batches(dataset, epoch: int, skip: int, cuda: bool):
+    """The batches of ``epoch`` from batch ``skip`` on."""
+    if isinstance(dataset, ShardDataset):
+        dataset.set_epoch(epoch)
+        dataset.skip_batches = skip
+        return make_loader(dataset, pin_memory=cuda)
+    return itertools.islice(iter(dataset), skip, None)  # DALI: same count, its own order
+
+
 def train(config: TrainConfig, env: Dist) -> dict:
     seed_everything(config.seed)
     try:
-        train_set = ShardDataset(
-            config.data,
-            "train",
-            config=LoaderConfig(
-                batch_size=config.batch_size,
-                train=True,
-                crop_size=config.crop_size,
-                seed=config.seed,
-                num_workers=config.workers,
-            ),
-            rank=env.rank,
-            world_size=env.world_size,
-        )
-        val_set = ShardDataset(
-            config.data,
-            "val",
-            config=LoaderConfig(
-                batch_size=config.batch_size,
-                train=False,
-                crop_size=config.crop_size,
-                seed=config.seed,
-                num_workers=config.workers,
-            ),
-            rank=env.rank,
-            world_size=env.world_size,
-        )
+        train_set = open_split(config, env, "train")
+        val_set = open_split(config, env, "val")
     except ManifestError:
         if config.data == EMBEDDED_SHARDS and not Path(EMBEDDED_SHARDS).exists():
             raise TrainError(
@@ -323,14 +337,13 @@ def train(config: TrainConfig, env: Dist) -> dict:
     started, done_steps, metrics = time.perf_counter(), 0, {}
     model.train()
     for epoch in range(start_epoch, config.epochs):
-        train_set.set_epoch(epoch)
-        train_set.skip_batches = start_step if epoch == start_epoch else 0
-        loader = make_loader(train_set, pin_memory=cuda)
-        bar = tqdm(total=steps_per_epoch, initial=train_set.skip_batches, desc=f"epoch {epoch}",
+        skip = start_step if epoch == start_epoch else 0
+        loader = epoch_batches(train_set, epoch, skip, cuda)
+        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}",
                    disable=not env.primary, leave=False)  # fmt: skip
         sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, seen
         epoch_steps = 0
-        for step, (images, labels, _valid) in enumerate(loader, start=train_set.skip_batches):
+        for step, (images, labels, _valid) in enumerate(loader, start=skip):
             x = to_model_input(images, env.device)
             labels = labels.to(env.device, non_blocking=True)
             with autocast:
@@ -362,7 +375,7 @@ def train(config: TrainConfig, env: Dist) -> dict:
             dist.all_gather_object(steps_by_rank, epoch_steps)
         metrics = {"epoch": epoch, "train_loss": sums[0].item() / max(1.0, sums[2].item()),
                    "train_top1": sums[1].item() / max(1.0, sums[2].item()),
-                   **evaluate(model, make_loader(val_set, pin_memory=cuda), env, autocast),
+                   **evaluate(model, epoch_batches(val_set, 0, 0, cuda), env, autocast),
                    "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
                    "steps_per_rank": steps_per_epoch, "steps_by_rank": steps_by_rank}  # fmt: skip
         if env.primary:
@@ -371,7 +384,7 @@ def train(config: TrainConfig, env: Dist) -> dict:
             logger.info("epoch %d: train loss %.3f top1 %.3f | val top1 %.4f top5 %.4f | %.0f s",
                         epoch, metrics["train_loss"], metrics["train_top1"], metrics["val_top1"],
                         metrics["val_top5"], metrics["seconds"])  # fmt: skip
-        position = train_set.skip_batches + epoch_steps
+        position = skip + epoch_steps
         if position >= steps_per_epoch:
             checkpoint(epoch + 1, 0)
         else:  # stopped by --max-steps: a resumable mid-epoch checkpoint
@@ -398,7 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         train(config, env)
-    except (TrainError, CheckpointError, ManifestError, FileNotFoundError, ValueError) as exc:
+    except (
+        TrainError,
+        CheckpointError,
+        ManifestError,
+        DaliUnavailableError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:
         logger.error("train: error: %s", exc)
         return 2
     finally:

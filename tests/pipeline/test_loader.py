@@ -15,17 +15,6 @@ from pipeline.offline import ShardConfig, build_shards
 from tests.conftest import FIXED_SECRET, write_jpeg_tree
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """40 train samples in 3 uneven shards (15, 15, 10), 64x64 stored, M=4."""
-    root = tmp_path_factory.mktemp("loader")
-    src = write_jpeg_tree(root / "src", classes=4, train=10, val=3, size=(96, 72))
-    config = ShardConfig(src=str(src), out=str(root / "shards"), size=64, decoder="pil",
-                         shard_size="15", batch_size=8)  # fmt: skip
-    build_shards(config, Key(FIXED_SECRET))
-    return str(root / "shards")
-
-
 def fingerprint(image: torch.Tensor) -> str:
     return hashlib.sha1(image.numpy().tobytes()).hexdigest()[:12]
 

@@ -135,3 +135,13 @@ def python_ddp(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "train" / "ddp.py"), *args],
                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+
+
+def test_dali_loader_backend_trains(digit_shards, tmp_path):
+    pytest.importorskip("nvidia.dali", reason="DALI is installed on Linux x86_64 only")
+    done = torchrun("--data", str(digit_shards), "--out", str(tmp_path), "--epochs", "2",
+                    "--loader", "dali", *FAST)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    epochs = metrics(tmp_path)
+    assert epochs[1]["val_top1"] > 0.5 and epochs[1]["val_samples"] == 355
+    assert epochs[1]["steps_by_rank"][0] == epochs[1]["steps_by_rank"][1]
