@@ -51,6 +51,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_encrypt.py --out bench/results.json
 	$(PY) bench/bench_make_shards.py --out bench/results.json
+	$(PY) bench/bench_loader.py --out bench/results.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -63,3 +63,17 @@ def test_gpu_check_smoke_on_the_cpu(tmp_path):
     results = json.loads(out.read_text())
     assert results["encrypt_equals_numpy"] and results["decrypt_exact"] and results["train_ok"]
     assert results["loader_to_device_img_s"] > 0
+
+
+def test_bench_loader_writes_results(tmp_path):
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_loader.py"), "--images", "40", "--size", "32",
+         "--steps", "2", "--shard-sizes", "400,100", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for name in ("loader_img_s", "jpeg_loader_img_s", "loader_vs_jpeg_ratio", "loader_peak_rss_mb"):
+        assert results[name] > 0
+    assert len(results["loader_rss_mb_by_shard_count"]) == 2
