@@ -10,7 +10,6 @@ does. Results merge into the flat JSON object in --out (other benchmarks add the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,9 @@ import numpy as np
 import torch
 
 from pipeline import Key, decrypt, encrypt
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results import merge_results  # noqa: E402
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -74,21 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     results = run(args.batch, args.size, args.block_size, args.repeats)
-    out = Path(args.out)
-    merged = json.loads(out.read_text()) if out.exists() else {}
-    merged.update(results)
-    merged["encrypt_bench_machine"] = (
+    note = (
         f"{platform.machine()}, {os.cpu_count()} cores, numpy {np.__version__}, "
         f"torch {torch.__version__}, {args.batch}x{args.size}x{args.size}x3, M={args.block_size}"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out)
-
-    width = max(map(len, results))
-    for name, value in results.items():
-        print(f"{name:<{width}}  {value:>10.2f}")
+    out = merge_results(args.out, results, note_key="encrypt_bench_machine", note=note)
     print(
         f"encrypt {results['encrypt_img_s']:.0f} img/s = {results['encrypt_vs_copy_ratio']:.1f}x "
         f"the time of a numpy copy ({results['copy_img_s']:.0f} img/s); wrote {out}"

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ from pipeline.offline import ShardConfig, build_shards  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_make_shards import make_source  # noqa: E402
+from results import merge_results  # noqa: E402
 
 
 def steady_img_s(batches) -> float:
@@ -215,18 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                 results["loader_step_overhead"] = round(statistics.median(overheads), 3)
         results["loader_peak_rss_mb"] = max(rss.values())
         results["loader_rss_mb_by_shard_count"] = rss
-    out = Path(args.out)
-    merged = json.loads(out.read_text()) if out.exists() else {}
-    merged.update(results)
-    merged["loader_bench"] = (
+    note = (
         f"{args.images} JPEGs ~500x375 at {args.size}px, 2 workers, batch 64, {os.cpu_count()} "
         f"cores; step overhead on the digits (64px, EfficientNet-Lite0, {args.steps} steps)"
     )
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    tmp_out.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_out, out)
-    for name, value in results.items():
-        print(f"{name:<30} {value}")
+    out = merge_results(args.out, results, note_key="loader_bench", note=note)
     print(
         f"loader {results['loader_img_s']:.0f} img/s = {results['loader_vs_jpeg_ratio']:.1f}x "
         f"JPEG+PIL+encrypt ({results['jpeg_loader_img_s']:.0f} img/s); step overhead "

@@ -35,6 +35,9 @@ from pipeline.decode import decode_pil
 from pipeline.offline import BuildStats, ShardConfig, build_shards
 from pipeline.sources import find_classes, list_split
 
+sys.path.insert(0, str(Path(__file__).parent))
+from results import merge_results  # noqa: E402
+
 
 def make_source(root: Path, n_images: int, n_classes: int = 10, seed: int = 0) -> Path:
     from sklearn.datasets import load_sample_images
@@ -123,19 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         "encrypt_time_fraction": round(med["cpu"], 3),
         "encrypt_wall_fraction": round(med["wall"], 3),
     }
-    out = Path(args.out)
-    merged = json.loads(out.read_text()) if out.exists() else {}
-    merged.update(results)
-    merged["make_shards_bench"] = (
+    note = (
         f"{args.images} JPEGs ~500x375 -> {args.size}x{args.size}, {os.cpu_count()} cores, "
         f"DALI CPU decoder, median of {args.repeats}"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out)
-    for name, value in results.items():
-        print(f"{name:<28} {value:>10}")
+    out = merge_results(args.out, results, note_key="make_shards_bench", note=note)
     print(
         f"make_shards {results['make_shards_img_s']:.0f} img/s = "
         f"{results['make_shards_vs_naive_ratio']:.2f}x the naive loop "

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.dali import _dali
-from pipeline.loader import LoaderConfig
+from pipeline.loader import LoaderConfig, crop_geometry
 from pipeline.manifest import load_manifest
 from pipeline.shards import index_name
 from pipeline.storage import Storage
@@ -52,13 +52,7 @@ class DaliShardLoader:
         self.manifest = load_manifest(self.storage, split)
         self.config, self.device = config, device
         height, width, channels = self.manifest.image_shape
-        block = config.crop_grid or self.manifest.block_size or 1
-        crop = config.crop_size or height
-        if crop > min(height, width) or crop % block:
-            raise ValueError(
-                f"crop size {crop} must be at most the stored size {height} and a multiple of "
-                f"the block size {block} (so crops commute with the encryption)"
-            )
+        crop, block = crop_geometry(self.manifest, config)
         total = self.manifest.total_samples
         lo, hi = rank * total // world_size, (rank + 1) * total // world_size
         self.real = hi - lo  # DALI's shard_id/num_shards split, before padding

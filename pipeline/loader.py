@@ -147,6 +147,24 @@ def _split(pieces: list[tuple[str, int, int]], parts: int, part: int):
     return out, math.ceil(total / parts)
 
 
+def crop_geometry(manifest: Manifest, config: LoaderConfig) -> tuple[int, int]:
+    """(crop size, crop grid) for these shards, checked: crops must commute with the key."""
+    height, width, _ = manifest.image_shape
+    grid = config.crop_grid or manifest.block_size or 1
+    crop = config.crop_size or height
+    if manifest.block_size and grid % manifest.block_size:
+        raise ValueError(
+            f"crop grid {grid} is not a multiple of the key's block size "
+            f"{manifest.block_size}; crops would not commute with the encryption"
+        )
+    if crop > min(height, width) or crop % grid:
+        raise ValueError(
+            f"crop size {crop} must be at most the stored size {height} and a multiple "
+            f"of the block size {grid} (so crops commute with the encryption)"
+        )
+    return crop, grid
+
+
 class ShardDataset(torch.utils.data.IterableDataset):
     """Samples ``(image uint8 HWC, label, valid)`` of one rank, for a DataLoader with workers.
 
@@ -169,19 +187,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.config, self.rank, self.world_size = config, rank, world_size
         self.epoch, self.skip_batches = 0, 0
         self.workers = max(1, config.num_workers)
-        height, width, _ = self.manifest.image_shape
-        self.block = config.crop_grid or self.manifest.block_size or 1
-        if self.manifest.block_size and self.block % self.manifest.block_size:
-            raise ValueError(
-                f"crop grid {self.block} is not a multiple of the key's block size "
-                f"{self.manifest.block_size}; crops would not commute with the encryption"
-            )
-        self.crop = config.crop_size or height
-        if self.crop > min(height, width) or self.crop % self.block:
-            raise ValueError(
-                f"crop size {self.crop} must be at most the stored size {height} and a multiple "
-                f"of the block size {self.block} (so crops commute with the encryption)"
-            )
+        self.crop, self.block = crop_geometry(self.manifest, config)
         _, rank_length = epoch_ranges(
             self.manifest, epoch=0, seed=0, shuffle=False, parts=world_size, part=rank
         )
