@@ -34,6 +34,7 @@ from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.manifest import Manifest, load_manifest
+from pipeline.shards import index_name
 from pipeline.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,12 @@ class ResumableFile(io.RawIOBase):
     """A read-only fsspec file that survives dropped connections: on an I/O error it reopens
     the object and continues from the byte where it broke, with backoff, ``retries`` times."""
 
-    def __init__(self, url: str, *, retries: int = 5, backoff: float = 0.5) -> None:
+    def __init__(self, url: str, *, start: int = 0, retries: int = 5, backoff: float = 0.5) -> None:
         import fsspec
 
         self.url, self.retries, self.backoff = url, retries, backoff
         self.fs, self.path = fsspec.core.url_to_fs(url)
-        self.position = 0
+        self.position = start
         self.reopened = 0
         self._file = self._open()
 
@@ -165,6 +166,13 @@ def crop_geometry(manifest: Manifest, config: LoaderConfig) -> tuple[int, int]:
     return crop, grid
 
 
+def _read_exactly(stream, n: int, name: str) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise OSError(f"{name}: shard ends early ({len(data)} of {n} bytes); run verify_shards")
+    return data
+
+
 class ShardDataset(torch.utils.data.IterableDataset):
     """Samples ``(image uint8 HWC, label, valid)`` of one rank, for a DataLoader with workers.
 
@@ -186,6 +194,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.manifest = load_manifest(self.storage, split)
         self.config, self.rank, self.world_size = config, rank, world_size
         self.epoch, self.skip_batches = 0, 0
+        self._indexes: dict[str, list | None] = {}
         self.workers = max(1, config.num_workers)
         self.crop, self.block = crop_geometry(self.manifest, config)
         _, rank_length = epoch_ranges(
@@ -214,6 +223,51 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return _split(pieces, self.workers, worker)
 
     def _read(self, name: str, start: int, stop: int) -> Iterator[dict]:
+        """Samples ``start..stop-1`` of shard ``name``: read at the offsets of its DALI index
+        (no tar parsing), or by walking the tar when a shard has no index."""
+        index = self._index(name)
+        if index is None:
+            yield from self._read_tar(name, start, stop)
+            return
+        if start >= stop:
+            return
+        position = min(offset for offset, _ in index[start].values())
+        stream = self._open(name, position)
+        try:
+            for entries in index[start:stop]:
+                end = max(offset + size for offset, size in entries.values())
+                chunk = _read_exactly(stream, end - position, name)
+                yield {ext: chunk[offset - position : offset - position + size]
+                       for ext, (offset, size) in entries.items()}  # fmt: skip
+                position = end
+        finally:
+            stream.close()
+
+    def _open(self, name: str, position: int):
+        if self.storage.is_local:
+            f = open(self.storage.path(name), "rb")  # noqa: SIM115 - closed by the caller
+            f.seek(position)
+            return f
+        return io.BufferedReader(ResumableFile(self.storage.uri(name), start=position), 1 << 20)
+
+    def _index(self, name: str) -> list[dict[str, tuple[int, int]]] | None:
+        """Per sample: extension -> (data offset, size), from ``NAME.idx`` (cached)."""
+        if name not in self._indexes:
+            try:
+                text = self.storage.read_bytes(index_name(name)).decode()
+            except FileNotFoundError:
+                self._indexes[name] = None
+            else:
+                samples = []
+                for line in text.splitlines()[1:]:
+                    t = line.split()
+                    samples.append(
+                        {t[i]: (int(t[i + 1]), int(t[i + 2])) for i in range(0, len(t), 4)}
+                    )
+                self._indexes[name] = samples
+        return self._indexes[name]
+
+    def _read_tar(self, name: str, start: int, stop: int) -> Iterator[dict]:
         url = self.storage.uri(name)
         stream = gopen(url)
         try:

@@ -25,9 +25,19 @@ class Storage:
 
     def __init__(self, url: str | os.PathLike) -> None:
         self.url = str(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._fs, self.root = fsspec.core.url_to_fs(self.url)
+        self._pid = os.getpid()
+        self.is_local = isinstance(self._fs, LocalFileSystem)
         self._staging: Path | None = None
+
+    @property
+    def fs(self):
+        """The fsspec filesystem, made anew in a forked process (async ones are not fork-safe,
+        and DataLoader workers are forks)."""
+        if os.getpid() != self._pid:
+            self._fs, _ = fsspec.core.url_to_fs(self.url)
+            self._pid = os.getpid()
+        return self._fs
 
     def path(self, name: str) -> str:
         return posixpath.join(self.root, name)

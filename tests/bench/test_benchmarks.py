@@ -48,7 +48,7 @@ def test_bench_make_shards_writes_results(tmp_path):
     results = json.loads(out.read_text())
     for name in ("make_shards_img_s", "naive_img_s", "make_shards_vs_naive_ratio"):
         assert results[name] > 0
-    assert 0 < results["encrypt_time_fraction"] < 1
+    assert 0 <= results["encrypt_time_fraction"] < 1  # tiny runs can measure 0 CPU seconds
 
 
 def test_gpu_check_smoke_on_the_cpu(tmp_path):

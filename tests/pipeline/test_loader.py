@@ -107,3 +107,15 @@ def test_to_model_input_normalises_on_the_device():
     assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(x[0, :, 0, 0], torch.tensor([-1.0, 1.0, 128 / 127.5 - 1.0]), atol=1e-6)
+
+
+def test_shards_without_dali_index_read_the_same(shards, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    bare = tmp_path / "bare"
+    shutil.copytree(shards, bare)
+    for index in bare.glob("*.idx"):
+        index.unlink()
+    assert run(str(bare), world=2, rank=1, epoch=2)[1] == run(shards, world=2, rank=1, epoch=2)[1]
+    assert not list(Path(bare).glob("*.idx"))
