@@ -1,4 +1,4 @@
-"""keyprotect's library: keys, block-wise encryption, and (later) shards and loaders.
+"""keyprotect's library: keys, block-wise encryption, shards, loaders, models.
 
 from pipeline import load_key, encrypt, decrypt
 key = load_key("k.bin")

@@ -166,11 +166,16 @@ def crop_geometry(manifest: Manifest, config: LoaderConfig) -> tuple[int, int]:
     return crop, grid
 
 
-def _read_exactly(stream, n: int, name: str) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise OSError(f"{name}: shard ends early ({len(data)} of {n} bytes); run verify_shards")
-    return data
+def _read_exactly(stream, n: int, name: str) -> memoryview:
+    """``n`` bytes into a fresh buffer (its slices and numpy views share it: no more copies)."""
+    data = bytearray(n)
+    view, got = memoryview(data), 0
+    while got < n:
+        count = stream.readinto(view[got:])
+        if not count:
+            raise OSError(f"{name}: shard ends early ({got} of {n} bytes); run verify_shards")
+        got += count
+    return view
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
@@ -317,13 +322,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
         for position, (sample, valid) in enumerate(stream):
             image = self._image(sample, rng)  # draw crops even when skipping: same RNG stream
             if position >= skip:
-                yield torch.from_numpy(image), int(sample["cls"]), valid
+                yield torch.from_numpy(image), int(bytes(sample["cls"])), valid
 
     def _image(self, sample: dict, rng: random.Random) -> np.ndarray:
         height, width, channels = self.manifest.image_shape
         image = np.frombuffer(sample["u8"], np.uint8).reshape(height, width, channels)
-        if self.crop == height == width:
-            return image.copy()
+        if self.crop == height == width:  # a fresh writable buffer from _read is used as is
+            return image if image.flags.writeable else image.copy()
         if self.config.train:
             top = rng.randrange(0, (height - self.crop) // self.block + 1) * self.block
             left = rng.randrange(0, (width - self.crop) // self.block + 1) * self.block
