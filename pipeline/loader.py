@@ -114,38 +114,29 @@ class LoaderConfig:
     crop_grid: int | None = None  # crop offsets are multiples of this; None: the block size
 
 
-def epoch_ranges(
-    manifest: Manifest, *, epoch: int, seed: int, shuffle: bool, parts: int, part: int
-) -> tuple[list[tuple[str, int, int]], int]:
-    """The pieces ``(shard, start, stop)`` of part ``part`` of ``parts``, and the padded length
-    every part has (``ceil(total / parts)``)."""
-    shards = [(s.name, s.samples) for s in manifest.shards]
-    if shuffle:
-        random.Random(f"{seed}/{epoch}/shards").shuffle(shards)
-    total = sum(n for _, n in shards)
-    length = math.ceil(total / parts)
-    lo, hi = part * total // parts, (part + 1) * total // parts
-    pieces, offset = [], 0
-    for name, n in shards:
-        start, stop = max(lo, offset), min(hi, offset + n)
-        if start < stop:
-            pieces.append((name, start - offset, stop - offset))
-        offset += n
-    return pieces, length
+Piece = tuple[str, int, int]  # (shard name, first sample, end sample)
 
 
-def _split(pieces: list[tuple[str, int, int]], parts: int, part: int):
-    """Cut a list of pieces into ``parts`` equal ranges (as ``epoch_ranges`` does for shards)."""
-    flat = [(name, start, stop - start) for name, start, stop in pieces]
-    total = sum(n for *_, n in flat)
+def cut(pieces: list[Piece], parts: int, part: int) -> list[Piece]:
+    """Part ``part`` of ``parts`` equal contiguous ranges over the samples of ``pieces``
+    (sizes differ by one at most; ``ceil(total / parts)`` is the padded length)."""
+    total = sum(stop - start for _, start, stop in pieces)
     lo, hi = part * total // parts, (part + 1) * total // parts
     out, offset = [], 0
-    for name, start, n in flat:
-        a, b = max(lo, offset), min(hi, offset + n)
+    for name, start, stop in pieces:
+        a, b = max(lo, offset), min(hi, offset + stop - start)
         if a < b:
             out.append((name, start + a - offset, start + b - offset))
-        offset += n
-    return out, math.ceil(total / parts)
+        offset += stop - start
+    return out
+
+
+def epoch_pieces(manifest: Manifest, *, epoch: int, seed: int, shuffle: bool) -> list[Piece]:
+    """Every shard, whole, in this epoch's order (shuffled by (seed, epoch))."""
+    pieces = [(s.name, 0, s.samples) for s in manifest.shards]
+    if shuffle:
+        random.Random(f"{seed}/{epoch}/shards").shuffle(pieces)
+    return pieces
 
 
 def crop_geometry(manifest: Manifest, config: LoaderConfig) -> tuple[int, int]:
@@ -202,9 +193,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self._indexes: dict[str, list | None] = {}
         self.workers = max(1, config.num_workers)
         self.crop, self.block = crop_geometry(self.manifest, config)
-        _, rank_length = epoch_ranges(
-            self.manifest, epoch=0, seed=0, shuffle=False, parts=world_size, part=rank
-        )
+        rank_length = math.ceil(self.manifest.total_samples / world_size)
         self.worker_length = math.ceil(rank_length / self.workers)
         self.batches_per_worker = math.ceil(self.worker_length / config.batch_size)
 
@@ -215,17 +204,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def worker_pieces(self, worker: int) -> tuple[list[tuple[str, int, int]], int]:
+    def worker_pieces(self, worker: int) -> list[Piece]:
+        """This worker's samples this epoch: the rank's cut of all shards, cut again."""
         cfg = self.config
-        pieces, _ = epoch_ranges(
-            self.manifest,
-            epoch=self.epoch,
-            seed=cfg.seed,
-            shuffle=cfg.train,
-            parts=self.world_size,
-            part=self.rank,
-        )
-        return _split(pieces, self.workers, worker)
+        shards = epoch_pieces(self.manifest, epoch=self.epoch, seed=cfg.seed, shuffle=cfg.train)
+        return cut(cut(shards, self.world_size, self.rank), self.workers, worker)
 
     def _read(self, name: str, start: int, stop: int) -> Iterator[dict]:
         """Samples ``start..stop-1`` of shard ``name``: read at the offsets of its DALI index
@@ -286,7 +269,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
             stream.close()
 
     def _samples(self, worker: int) -> Iterator[tuple[dict, bool]]:
-        pieces, _ = self.worker_pieces(worker)
+        pieces = self.worker_pieces(worker)
         count, length = 0, self.worker_length
         for name, start, stop in pieces:
             for sample in self._read(name, start, stop):
