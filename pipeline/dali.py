@@ -47,8 +47,6 @@ class DaliDecoder:
     on ``"cpu"`` they are numpy arrays.
     """
 
-    name = "dali"
-
     def __init__(
         self, size: int, *, device: str = "cpu", batch_size: int = 64, num_threads: int = 2
     ) -> None:

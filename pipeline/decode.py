@@ -79,9 +79,6 @@ def decode_pil(data: bytes, size: int) -> np.ndarray:
 class PilDecoder:
     """Decodes a batch with PIL in a thread pool (PIL releases the GIL while decoding)."""
 
-    name = "pil"
-    device = "cpu"
-
     def __init__(self, size: int, *, num_threads: int = 2) -> None:
         self.size = size
         self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="pil-decode")

@@ -29,6 +29,7 @@ class EvalSet:
     classes: list[str]
     key_fingerprint: str | None
     block_size: int | None
+    transforms: list[str]
 
 
 def load_split(data: str, split: str = "val", *, crop_size: int | None = None) -> EvalSet:
@@ -42,7 +43,10 @@ def load_split(data: str, split: str = "val", *, crop_size: int | None = None) -
             images.append(image.numpy())
             labels.append(label)
     m = dataset.manifest
-    return EvalSet(np.stack(images), np.array(labels), m.classes, m.key_fingerprint, m.block_size)
+    return EvalSet(
+        np.stack(images), np.array(labels), m.classes, m.key_fingerprint, m.block_size,
+        list(m.transforms),
+    )  # fmt: skip
 
 
 def load_model(checkpoint: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:

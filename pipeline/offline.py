@@ -253,7 +253,7 @@ def build_split(
     rejects: list[dict] = []
     rows: list[list] = []
     decoder = make_decoder(config, device)
-    started, done_images = time.perf_counter(), 0
+    started, made_before = time.perf_counter(), stats.images
     progress = tqdm(total=len(items), desc=f"{split} shards", unit="img", leave=False)
     pools = (
         ThreadPoolExecutor(1, thread_name_prefix="shard-decode"),
@@ -277,7 +277,6 @@ def build_split(
                     stats,
                 )
                 state.write_shard(index, result)
-                done_images += len(chunk)
             if result.record is not None:
                 records.append(result.record)
                 rows.extend([row[0], result.record.name, *row[1:]] for row in result.rows)
@@ -322,9 +321,9 @@ def build_split(
         "written to %s",
         split,
         manifest.total_samples,
-        done_images,
+        stats.images - made_before,
         seconds,
-        done_images / max(seconds, 1e-9),
+        (stats.images - made_before) / max(seconds, 1e-9),
         len(rejects),
         len(records),
         manifest.total_bytes / 1e6,

@@ -22,8 +22,7 @@ from pathlib import Path
 from pipeline import Key, encrypt
 from pipeline.checkpoint import CheckpointError
 from pipeline.evaluation import load_model, load_split, top1
-from pipeline.manifest import ManifestError, load_manifest
-from pipeline.storage import Storage
+from pipeline.manifest import ManifestError
 
 logger = logging.getLogger("compare_keys")
 
@@ -39,9 +38,8 @@ def compare(args: argparse.Namespace) -> dict:
         )
     if plain.key_fingerprint is not None:
         raise ManifestError(f"{args.plain_data}: --plain-data must hold plain (unencrypted) shards")
-    manifest = load_manifest(Storage(args.data), "val")  # the scheme: block size, transforms
-    block_size = manifest.block_size
-    wrong = [Key.generate(block_size, tuple(manifest.transforms)) for _ in range(args.wrong_keys)]
+    scheme = (encrypted.block_size, tuple(encrypted.transforms))  # wrong keys of the same scheme
+    wrong = [Key.generate(*scheme) for _ in range(args.wrong_keys)]
     wrong_top1 = [top1(model, plain, lambda x, k=k: encrypt(x, k)) for k in wrong]
     summary = {
         "protected_correct_key_top1": top1(model, encrypted),
@@ -52,8 +50,8 @@ def compare(args: argparse.Namespace) -> dict:
         "wrong_keys": len(wrong),
         "val_samples": len(plain.labels),
         "key_fingerprint": meta["key_fingerprint"],
-        "block_size": block_size,
-        "transforms": list(manifest.transforms),
+        "block_size": encrypted.block_size,
+        "transforms": encrypted.transforms,
     }
     if args.baseline:
         baseline, _ = load_model(args.baseline)
