@@ -139,3 +139,31 @@ def s3_env(s3_server, monkeypatch):
     bucket = f"test-{os.urandom(4).hex()}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture(scope="session")
+def digit_shards(tmp_path_factory):
+    """Digits at 32x32, encrypted with the fixed test key, 6 train and 2 val shards."""
+    from tests.train.conftest import make_digit_shards
+
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    return make_digit_shards(out, Key(FIXED_SECRET), shard_size="250")
+
+
+@pytest.fixture(scope="session")
+def test_key_file(tmp_path_factory):
+    from pipeline import save_key
+
+    return save_key(Key(FIXED_SECRET), tmp_path_factory.mktemp("trainkey") / "k.bin")
+
+
+@pytest.fixture(scope="session")
+def protected_run(digit_shards, tmp_path_factory):
+    """A tiny protected model trained here on ``digit_shards`` (1 rank): its run folder."""
+    from tests.train.conftest import FAST, torchrun
+
+    run = tmp_path_factory.mktemp("protected") / "run"
+    done = torchrun("--data", str(digit_shards), "--out", str(run), "--epochs", "3", *FAST,
+                    nproc=1)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return run

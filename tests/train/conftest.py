@@ -8,12 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from pipeline import Key, save_key
+from pipeline import Key
 from pipeline.digits import write_digits_tree
 from pipeline.offline import ShardConfig, build_shards
-from tests.conftest import FIXED_SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--model", "test_efficientnet", "--pretrained", "none", "--batch-size", "32",
@@ -43,15 +40,3 @@ def make_digit_shards(out: Path, key: Key | None, *, shard_size: str, size: int 
                          shard_size=shard_size, plain=key is None)  # fmt: skip
     build_shards(config, key)
     return out
-
-
-@pytest.fixture(scope="session")
-def digit_shards(tmp_path_factory) -> Path:
-    """Digits at 32x32, encrypted with the fixed test key, 6 train and 2 val shards."""
-    return make_digit_shards(tmp_path_factory.mktemp("digits") / "shards", Key(FIXED_SECRET),
-                             shard_size="250")  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def test_key_file(tmp_path_factory) -> Path:
-    return save_key(Key(FIXED_SECRET), tmp_path_factory.mktemp("trainkey") / "k.bin")

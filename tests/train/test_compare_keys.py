@@ -6,18 +6,15 @@ import json
 import subprocess
 import sys
 
-from tests.train.conftest import FAST, ROOT, make_digit_shards, torchrun
+from tests.train.conftest import ROOT, make_digit_shards
 
 
-def test_compare_keys_writes_the_summary(digit_shards, tmp_path):
+def test_compare_keys_writes_the_summary(digit_shards, protected_run, tmp_path):
     plain = make_digit_shards(tmp_path / "plain", None, shard_size="250")
-    trained = torchrun("--data", str(digit_shards), "--out", str(tmp_path / "run"), "--epochs", "3",
-                       *FAST, nproc=1)  # fmt: skip
-    assert trained.returncode == 0, trained.stderr[-2000:]
     out = tmp_path / "summary.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "compare_keys.py"), "--checkpoint",
-         str(tmp_path / "run" / "checkpoint.pt"), "--data", str(digit_shards), "--plain-data",
+         str(protected_run / "checkpoint.pt"), "--data", str(digit_shards), "--plain-data",
          str(plain), "--wrong-keys", "3", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -33,7 +30,7 @@ def test_compare_keys_writes_the_summary(digit_shards, tmp_path):
 
     swapped = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "compare_keys.py"), "--checkpoint",
-         str(tmp_path / "run" / "checkpoint.pt"), "--data", str(digit_shards), "--plain-data",
+         str(protected_run / "checkpoint.pt"), "--data", str(digit_shards), "--plain-data",
          str(digit_shards), "--out", str(tmp_path / "x.json")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
