@@ -23,7 +23,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,13 +141,30 @@ def epoch_pieces(manifest: Manifest, *, epoch: int, seed: int, shuffle: bool) ->
 
 def crop_geometry(manifest: Manifest, config: LoaderConfig) -> tuple[int, int]:
     """(crop size, crop grid) for these shards, checked: crops must commute with the key."""
-    height, width, _ = manifest.image_shape
-    grid = config.crop_grid or manifest.block_size or 1
-    crop = config.crop_size or height
-    if manifest.block_size and grid % manifest.block_size:
+    return check_crop(
+        manifest.image_shape,
+        manifest.block_size,
+        crop_size=config.crop_size,
+        crop_grid=config.crop_grid,
+    )
+
+
+def check_crop(
+    image_shape: Sequence[int],
+    block_size: int | None,
+    *,
+    crop_size: int | None = None,
+    crop_grid: int | None = None,
+) -> tuple[int, int]:
+    """(crop size, crop grid) for images of ``image_shape`` (HWC) encrypted with blocks of
+    ``block_size`` (None: plain), checked: crops must commute with the key."""
+    height, width, _ = image_shape
+    grid = crop_grid or block_size or 1
+    crop = crop_size or height
+    if block_size and grid % block_size:
         raise ValueError(
             f"crop grid {grid} is not a multiple of the key's block size "
-            f"{manifest.block_size}; crops would not commute with the encryption"
+            f"{block_size}; crops would not commute with the encryption"
         )
     if crop > min(height, width) or crop % grid:
         raise ValueError(
@@ -155,6 +172,15 @@ def crop_geometry(manifest: Manifest, config: LoaderConfig) -> tuple[int, int]:
             f"of the block size {grid} (so crops commute with the encryption)"
         )
     return crop, grid
+
+
+def centre_crop(images: np.ndarray, crop: int, grid: int) -> np.ndarray:
+    """The evaluation crop of HWC or NHWC images: ``crop x crop`` at the centre, its offsets
+    rounded down to the grid (a view; the images themselves when nothing is cut)."""
+    height, width = images.shape[-3:-1]
+    top = (height - crop) // 2 // grid * grid
+    left = (width - crop) // 2 // grid * grid
+    return images[..., top : top + crop, left : left + crop, :]
 
 
 def _read_exactly(stream, n: int, name: str) -> memoryview:
@@ -312,12 +338,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
         image = np.frombuffer(sample["u8"], np.uint8).reshape(height, width, channels)
         if self.crop == height == width:  # a fresh writable buffer from _read is used as is
             return image if image.flags.writeable else image.copy()
-        if self.config.train:
-            top = rng.randrange(0, (height - self.crop) // self.block + 1) * self.block
-            left = rng.randrange(0, (width - self.crop) // self.block + 1) * self.block
-        else:  # the centre, on the block grid
-            top = (height - self.crop) // 2 // self.block * self.block
-            left = (width - self.crop) // 2 // self.block * self.block
+        if not self.config.train:
+            return centre_crop(image, self.crop, self.block).copy()
+        top = rng.randrange(0, (height - self.crop) // self.block + 1) * self.block
+        left = rng.randrange(0, (width - self.crop) // self.block + 1) * self.block
         return image[top : top + self.crop, left : left + self.crop].copy()
 
 
