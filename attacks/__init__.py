@@ -1,1 +1,29 @@
-"""Wrong-key and key-estimation attacks on protected models (issue: attacks and evaluation)."""
+"""Attacks on a protected model, and the owner's audit that runs them all.
+
+    python -m attacks --checkpoint runs/demo/protected/checkpoint.pt --key runs/demo/k.bin \\
+        --data runs/demo/shards --out report
+
+- ``keyspace``: random keys of a scheme, keys as byte maps, how much of a key an estimate
+  recovers.
+- ``key_search``: random and heuristic key search with the model as an oracle.
+- ``ciphertext_only``: the key estimated from leaked encrypted shards and image statistics.
+- ``finetune``: fine-tuning a stolen model on a few plain images.
+- ``audit``: every scenario on one model, written as ``report/`` (Markdown, JSON, PNGs).
+"""
+
+from attacks.audit import SCENARIOS, AuditConfig, AuditError, run_audit
+from attacks.ciphertext_only import estimate_key
+from attacks.key_search import heuristic_key_search, random_key_search
+from attacks.keyspace import key_recovery, random_material
+
+__all__ = [
+    "SCENARIOS",
+    "AuditConfig",
+    "AuditError",
+    "estimate_key",
+    "heuristic_key_search",
+    "key_recovery",
+    "random_key_search",
+    "random_material",
+    "run_audit",
+]

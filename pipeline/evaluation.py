@@ -32,13 +32,19 @@ class EvalSet:
     transforms: list[str]
 
 
-def load_split(data: str, split: str = "val", *, crop_size: int | None = None) -> EvalSet:
+def load_split(
+    data: str, split: str = "val", *, crop_size: int | None = None, limit: int | None = None
+) -> EvalSet:
+    """The split's images in shard order (centre crops of ``crop_size``); the first ``limit``
+    when given, so that large splits need not fit in memory."""
     dataset = ShardDataset(
         data, split, config=LoaderConfig(batch_size=256, train=False, crop_size=crop_size,
                                          num_workers=0),
     )  # fmt: skip
     images, labels = [], []
     for image, label, valid in dataset:
+        if limit is not None and len(labels) >= limit:
+            break
         if valid:
             images.append(image.numpy())
             labels.append(label)
@@ -64,11 +70,11 @@ def _batches(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
         yield images[start : start + size]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(
-    model: torch.nn.Module, images: np.ndarray, *, batch_size: int = 256, device: str = "cpu"
+    model: torch.nn.Module, images: np.ndarray, *, batch_size: int = 64, device: str = "cpu"
 ) -> np.ndarray:
-    """Logits for uint8 NHWC images."""
+    """Logits for uint8 NHWC images (batches of 64: the fastest on CPU, measured)."""
     out = []
     for batch in _batches(images, batch_size):
         out.append(

@@ -1,0 +1,5 @@
+import sys
+
+from attacks.audit import main
+
+sys.exit(main())

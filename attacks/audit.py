@@ -1,0 +1,469 @@
+"""The model owner's audit: every scenario of the threat model, one row each.
+
+    python -m attacks --checkpoint runs/demo/protected/checkpoint.pt --key runs/demo/k.bin \\
+        --data runs/demo/shards --baseline runs/demo/baseline/checkpoint.pt --out report
+
+The encrypted shards are reused: the val shards are decrypted with the owner's key (exactly)
+and re-encrypted as each scenario needs; accuracy is always measured on those held-out val
+images. The attackers' plain images come from the decrypted train split, and the encrypted
+train shards are the "leaked data" of the ciphertext-only attack. Budgets are options; the
+defaults finish on the embedded demo on a 2-core CPU in a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from attacks import report
+from attacks.ciphertext_only import estimate_key
+from attacks.finetune import finetune, stratified_subset
+from attacks.key_search import heuristic_key_search, random_key_search
+from attacks.keyspace import key_recovery, random_material, to_blocks
+from pipeline import BlockOp, KeyFileError, apply_op, decrypt, load_key
+from pipeline.checkpoint import CheckpointError
+from pipeline.evaluation import EvalSet, load_model, load_split, predict, top1
+from pipeline.manifest import ManifestError, load_manifest
+from pipeline.models import create_model
+from pipeline.storage import Storage
+
+logger = logging.getLogger("attacks")
+
+SCENARIOS = (
+    "correct_key",
+    "no_key",
+    "wrong_keys",
+    "random_key_search",
+    "heuristic_key_search",
+    "ciphertext_only",
+    "finetune",
+)
+
+
+class AuditError(ValueError):
+    """An audit that cannot run: wrong key for the checkpoint, shards of another key, ..."""
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    checkpoint: str
+    key: str
+    data: str
+    out: str = "report"
+    baseline: str | None = None
+    scenarios: tuple[str, ...] = SCENARIOS
+    wrong_keys: int = 100
+    attacker_images: int = 100  # the attacker's labelled plain set (key searches)
+    search_keys: int = 200  # random key search: keys tried
+    search_steps: int = 300  # heuristic key search: moves evaluated
+    leaked_images: int = 2000  # ciphertext-only: encrypted train images used
+    finetune_fractions: tuple[float, ...] = (0.01, 0.10)
+    finetune_steps: int = 100
+    finetune_lr: float = 1e-3
+    pretrained: str | None = None  # the public model; default: what the checkpoint started from
+    eval_images: int | None = None  # cap on held-out val images (default: all)
+    seed: int = 0
+    device: str = "auto"
+    readme: str | None = None
+
+
+@dataclass
+class Audit:
+    """What the scenarios share: the model, the key, plain val and the attacker's data."""
+
+    config: AuditConfig
+    model: torch.nn.Module
+    meta: dict
+    val: EvalSet  # plain val images (decrypted with the owner's key)
+    encrypted_val: EvalSet
+    train_plain: EvalSet  # the attacker's pool of plain images
+    train_encrypted: np.ndarray  # the leaked shards' images
+    train_total: int
+    true_op: BlockOp
+    scheme: tuple[int, tuple[str, ...]]
+    device: str
+    estimated: dict[str, BlockOp]
+
+    def rng(self, name: str) -> np.random.Generator:
+        """An independent, reproducible stream per scenario."""
+        return np.random.default_rng([self.config.seed, *name.encode()])
+
+    def accuracy(self, op: BlockOp | None) -> float:
+        """Top-1 on held-out val, encrypted with ``op`` (plain when None)."""
+        transform = None if op is None else (lambda x: apply_op(x, op))
+        return top1(self.model, self.val, transform, device=self.device)
+
+    def attacker_set(self) -> tuple[np.ndarray, np.ndarray]:
+        n = self.config.attacker_images
+        return self.train_plain.images[:n], self.train_plain.labels[:n]
+
+    def recovery(self, op: BlockOp) -> dict:
+        return key_recovery(op, self.true_op, self.scheme[1])
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def prepare(config: AuditConfig) -> Audit:
+    key = load_key(config.key)
+    device = _device(config.device)
+    model, meta = load_model(config.checkpoint, device)
+    if meta["key_fingerprint"] is None:
+        raise AuditError(f"{config.checkpoint}: a model trained on plain data has no key to audit")
+    if meta["key_fingerprint"] != key.fingerprint:
+        raise AuditError(
+            f"{config.checkpoint}: trained with key {meta['key_fingerprint']}, but {config.key} "
+            f"is key {key.fingerprint}; audit a model with its own key"
+        )
+    crop = meta["config"].get("crop_size")
+    encrypted_val = load_split(config.data, "val", crop_size=crop, limit=config.eval_images)
+    if encrypted_val.key_fingerprint != key.fingerprint:
+        raise AuditError(
+            f"{config.data}: shards are encrypted with {encrypted_val.key_fingerprint}, not with "
+            f"{config.key} ({key.fingerprint}); pass the shards this model was trained on"
+        )
+    train_total = load_manifest(Storage(config.data), "train").total_samples
+    needed = max(
+        config.attacker_images,
+        config.leaked_images,
+        math.ceil(max(config.finetune_fractions, default=0) * train_total),
+    )
+    train = load_split(config.data, "train", crop_size=crop, limit=needed)
+    plain_val = replace(encrypted_val, images=decrypt(encrypted_val.images, key))
+    train_plain = replace(train, images=decrypt(train.images, key))
+    logger.info(
+        "audit: %d val and %d train images, key %s (block size %d, %s), device %s",
+        len(plain_val.labels),
+        len(train.labels),
+        key.fingerprint,
+        key.block_size,
+        "+".join(key.transforms),
+        device,
+    )
+    return Audit(
+        config,
+        model,
+        meta,
+        plain_val,
+        encrypted_val,
+        train_plain,
+        train.images,
+        train_total,
+        key.material.encrypt_op,
+        (key.block_size, key.transforms),
+        device,
+        {},
+    )
+
+
+def _row(scenario: str, top1_: float, key_recovered: float | None = None, **budget) -> dict:
+    return {"scenario": scenario, "top1": top1_, "key_recovered": key_recovered, "budget": budget}
+
+
+def correct_key(a: Audit) -> list[dict]:
+    rows = [_row("correct_key", top1(a.model, a.encrypted_val, device=a.device), 1.0)]
+    if a.config.baseline:
+        baseline, meta = load_model(a.config.baseline, a.device)
+        if meta["key_fingerprint"] is not None:
+            raise AuditError(f"{a.config.baseline}: --baseline must be a model of plain data")
+        rows.append(_row("baseline", top1(baseline, a.val, device=a.device)))
+    return rows
+
+
+def no_key(a: Audit) -> list[dict]:
+    return [_row("no_key", a.accuracy(None))]
+
+
+def wrong_keys(a: Audit) -> list[dict]:
+    rng = a.rng("wrong_keys")
+    accuracies = []
+    for i in tqdm(range(a.config.wrong_keys), desc="wrong keys", leave=False):
+        op = random_material(*a.scheme, rng).encrypt_op
+        if i == 0:
+            a.estimated["wrong key"] = op
+        accuracies.append(a.accuracy(op))
+    row = _row("wrong_keys", statistics.fmean(accuracies), keys=len(accuracies))
+    row.update(top1_max=max(accuracies), top1_min=min(accuracies), top1_all=accuracies)
+    correct = a.accuracy(a.true_op)
+    report.wrong_keys_chart(accuracies, correct, Path(a.config.out) / "wrong_keys.png")
+    return [row]
+
+
+def key_searches(a: Audit) -> list[dict]:
+    images, labels = a.attacker_set()
+    rows = []
+    if "random_key_search" in a.config.scenarios:
+        found = random_key_search(
+            a.model,
+            images,
+            labels,
+            a.scheme,
+            keys=a.config.search_keys,
+            rng=a.rng("random_key_search"),
+        )
+        op = found.material.encrypt_op
+        a.estimated["random key search"] = op
+        rec = a.recovery(op)
+        rows.append(
+            _row(
+                "random_key_search",
+                a.accuracy(op),
+                rec["key_recovered"],
+                keys_tried=found.tried,
+                attacker_images=len(labels),
+            )
+        )
+        rows[-1].update(parts=rec["parts"], attacker_top1=found.accuracy)
+    if "heuristic_key_search" in a.config.scenarios:
+        found = heuristic_key_search(
+            a.model,
+            images,
+            labels,
+            a.scheme,
+            steps=a.config.search_steps,
+            rng=a.rng("heuristic_key_search"),
+        )
+        op = found.material.encrypt_op
+        a.estimated["heuristic key search"] = op
+        rec = a.recovery(op)
+        rows.append(
+            _row(
+                "heuristic_key_search",
+                a.accuracy(op),
+                rec["key_recovered"],
+                steps=a.config.search_steps,
+                attacker_images=len(labels),
+            )
+        )
+        rows[-1].update(
+            parts=rec["parts"], attacker_top1=found.accuracy, accepted_moves=found.accepted
+        )
+    return rows
+
+
+def ciphertext_only(a: Audit) -> list[dict]:
+    block_size, transforms = a.scheme
+    leaked = a.train_encrypted[: a.config.leaked_images]
+    natural = a.attacker_set()[0]  # natural-image statistics: plain images, no labels
+
+    def confidence(op: BlockOp) -> float:
+        logits = torch.from_numpy(predict(a.model, apply_op(natural, op), device=a.device))
+        return float(logits.softmax(1).max(1).values.mean())
+
+    estimate = estimate_key(
+        to_blocks(leaked, block_size),
+        to_blocks(natural, block_size),
+        block_size,
+        transforms,
+        rng=a.rng("ciphertext_only"),
+        scorer=confidence,
+    )
+    a.estimated["ciphertext-only"] = estimate.op
+    rec = a.recovery(estimate.op)
+    row = _row(
+        "ciphertext_only",
+        a.accuracy(estimate.op),
+        rec["key_recovered"],
+        leaked_images=len(leaked),
+        statistics_images=len(natural),
+        symmetry_candidates=estimate.candidates,
+    )
+    row.update(parts=rec["parts"])
+    return [row]
+
+
+def finetune_attacks(a: Audit) -> list[dict]:
+    pool = a.train_plain
+    state_config = a.meta["config"]
+    pretrained = a.config.pretrained or state_config.get("pretrained", "package")
+    public = create_model(
+        a.meta["model_name"], num_classes=len(a.meta["classes"]), pretrained=pretrained
+    ).to(a.device)
+    rows, stolen = [], []
+    for fraction in a.config.finetune_fractions:
+        share = min(1.0, fraction * a.train_total / len(pool.labels))
+        chosen = stratified_subset(pool.labels, share, a.rng(f"finetune{fraction}"))
+        images, labels = pool.images[chosen], pool.labels[chosen]
+        budget = {
+            "images": len(chosen),
+            "steps": a.config.finetune_steps,
+            "lr": a.config.finetune_lr,
+        }
+        tag = f"{round(100 * fraction)}pct"
+        for name, start in (("finetune_attack", a.model), ("finetune_pretrained", public)):
+            tuned = finetune(
+                start,
+                images,
+                labels,
+                steps=a.config.finetune_steps,
+                lr=a.config.finetune_lr,
+                seed=a.config.seed,
+                device=a.device,
+            )
+            acc = top1(tuned, a.val, device=a.device)
+            (stolen if name == "finetune_attack" else rows).append(
+                _row(f"{name}_{tag}", acc, **budget)
+            )
+    return stolen + rows
+
+
+def run_audit(config: AuditConfig) -> list[dict]:
+    started = time.perf_counter()
+    audit = prepare(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps: list[tuple[str, Callable[[Audit], list[dict]]]] = [
+        ("correct_key", correct_key),
+        ("no_key", no_key),
+        ("wrong_keys", wrong_keys),
+        ("key_search", key_searches),
+        ("ciphertext_only", ciphertext_only),
+        ("finetune", finetune_attacks),
+    ]
+    rows: list[dict] = []
+    for name, step in steps:
+        wanted = config.scenarios
+        if name == "key_search":
+            if not {"random_key_search", "heuristic_key_search"} & set(wanted):
+                continue
+        elif name not in wanted:
+            continue
+        t0 = time.perf_counter()
+        new = step(audit)
+        rows += new
+        for row in new:
+            logger.info(
+                "audit: %-26s top-1 %5.1f%% (%.0f s)",
+                row["scenario"],
+                100 * row["top1"],
+                time.perf_counter() - t0,
+            )
+    meta = {
+        "checkpoint": config.checkpoint,
+        "data": config.data,
+        "seed": config.seed,
+        "key_fingerprint": audit.meta["key_fingerprint"],
+        "block_size": audit.scheme[0],
+        "transforms": list(audit.scheme[1]),
+        "val_images": len(audit.val.labels),
+    }
+    report.accuracy_chart(rows, out / "accuracy.png")
+    _samples(audit, out / "samples.png")
+    table = report.write_report(out, rows, meta)
+    if config.readme:
+        report.update_readme(Path(config.readme), rows, meta)
+    print(table, end="", flush=True)
+    best = max(
+        (r for r in rows if r["scenario"] not in ("correct_key", "baseline")),
+        key=lambda r: r.get("top1_max", r["top1"]),
+        default=None,
+    )
+    logger.info(
+        "attacks: %d scenarios in %.0f s; correct key %.1f%%, best attack %s %.1f%%; wrote %s",
+        len(rows),
+        time.perf_counter() - started,
+        100 * rows[0]["top1"] if rows else float("nan"),
+        best["scenario"] if best else "-",
+        100 * best.get("top1_max", best["top1"]) if best else 0,
+        out / "report.md",
+    )
+    return rows
+
+
+def _samples(a: Audit, path: Path) -> None:
+    plain = a.val.images[:6]
+    encrypted = apply_op(plain, a.true_op)
+    columns = {"plain": plain, "encrypted": encrypted}
+    for name, op in a.estimated.items():  # what each key makes of the true ciphertext
+        columns[f"decrypted: {name}"] = apply_op(encrypted, op.inverse())
+    report.sample_grid(columns, path)
+
+
+def parse_args(argv: list[str] | None) -> AuditConfig:
+    d = {f.name: f.default for f in fields(AuditConfig) if f.default is not f.default_factory}
+    p = argparse.ArgumentParser(
+        prog="python -m attacks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="the protected model's checkpoint")
+    p.add_argument("--key", required=True, help="the owner's key file")
+    p.add_argument("--data", required=True, help="the encrypted shards it was trained on")
+    p.add_argument("--out", default=d["out"], help="report folder")
+    p.add_argument("--baseline", help="checkpoint of a non-protected model, for reference")
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)}",
+    )
+    p.add_argument("--wrong-keys", type=int, default=d["wrong_keys"])
+    p.add_argument(
+        "--attacker-images",
+        type=int,
+        default=d["attacker_images"],
+        help="labelled plain images the key searches use",
+    )
+    p.add_argument(
+        "--search-keys", type=int, default=d["search_keys"], help="random key search: keys tried"
+    )
+    p.add_argument(
+        "--search-steps",
+        type=int,
+        default=d["search_steps"],
+        help="heuristic key search: moves evaluated",
+    )
+    p.add_argument(
+        "--leaked-images",
+        type=int,
+        default=d["leaked_images"],
+        help="ciphertext-only: encrypted train images used",
+    )
+    p.add_argument(
+        "--finetune-fractions",
+        default="0.01,0.1",
+        help="fractions of the train set the fine-tuning attacks get",
+    )
+    p.add_argument("--finetune-steps", type=int, default=d["finetune_steps"])
+    p.add_argument("--finetune-lr", type=float, default=d["finetune_lr"])
+    p.add_argument(
+        "--pretrained",
+        help="the public pre-trained weights (default: the checkpoint's own starting point)",
+    )
+    p.add_argument("--eval-images", type=int, help="use the first N val images (default: all)")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--device", default=d["device"], help="auto, cpu or cuda")
+    p.add_argument("--readme", help="also update the generated block in this README")
+    a = p.parse_args(argv)
+    scenarios = tuple(s for s in a.scenarios.split(",") if s)
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenario(s) {sorted(unknown)}; choose from {','.join(SCENARIOS)}")
+    fractions = tuple(float(f) for f in a.finetune_fractions.split(",") if f)
+    if any(not 0 < f <= 1 for f in fractions):
+        p.error("--finetune-fractions must be in (0, 1]")
+    values = {**vars(a), "scenarios": scenarios, "finetune_fractions": fractions}
+    return AuditConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = parse_args(argv)
+    try:
+        run_audit(config)
+    except (AuditError, CheckpointError, ManifestError, KeyFileError, FileNotFoundError) as exc:
+        logger.error("attacks: error: %s", exc)
+        return 2
+    return 0

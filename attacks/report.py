@@ -1,0 +1,196 @@
+"""The audit's outputs: results.json, report.md, and the figures people look at.
+
+``results.json`` is a list of rows ``{"scenario", "top1", "key_recovered", "budget", ...}``;
+``report.md`` shows the same rows as a table, with the threat model of each scenario and the
+figures: ``accuracy.png`` (a bar per scenario), ``wrong_keys.png`` (the wrong-key distribution)
+and ``samples.png`` (plain, encrypted, and decrypted with a wrong key and each estimated key).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.viz import save_image_grid
+
+README_BEGIN = "<!-- attacks-report:begin -->"
+README_END = "<!-- attacks-report:end -->"
+
+# What the attacker (or user) has in each scenario; shown under the table.
+THREATS = {
+    "correct_key": "the authorized user: model and key",
+    "baseline": "a non-protected model trained the same way on plain images (reference)",
+    "no_key": "the model only; plain images go in as they are",
+    "wrong_keys": "the model and random keys of the same scheme (no search)",
+    "random_key_search": "the model, the algorithm and a small labelled plain set; keeps the "
+    "best of many random keys",
+    "heuristic_key_search": "as random search, then hill-climbs on the key",
+    "ciphertext_only": "leaked encrypted train shards, the algorithm and natural-image "
+    "statistics; the model only to pick among block symmetries (no labels)",
+    "finetune_attack": "the model and a few plain labelled images, to fine-tune it",
+    "finetune_pretrained": "the public pre-trained model and the same images (reference for "
+    "the fine-tuning attack)",
+}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _budget_text(budget: dict) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in budget.items()) or "-"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def table(rows: Sequence[dict]) -> str:
+    lines = [
+        "| scenario | top-1 | key recovered | budget |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        top1 = _percent(row["top1"])
+        if "top1_max" in row:
+            top1 += f" (max {_percent(row['top1_max'])})"
+        lines.append(
+            f"| {row['scenario']} | {top1} | {_percent(row['key_recovered'])} | "
+            f"{_budget_text(row['budget'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def markdown(rows: Sequence[dict], meta: dict) -> str:
+    threats = []
+    for row in rows:
+        base = re.sub(r"_\d+pct$", "", row["scenario"])
+        if base in THREATS and base not in [t[0] for t in threats]:
+            threats.append((base, THREATS[base]))
+    parts = [
+        "# Robustness report\n",
+        f"Model `{meta['checkpoint']}` (key fingerprint `{meta['key_fingerprint']}`, block size "
+        f"{meta['block_size']}, transforms {', '.join(meta['transforms'])}); shards "
+        f"`{meta['data']}`. Accuracy is top-1 on {meta['val_images']} held-out val images; the "
+        f"attackers' plain images come from the train split. Seed {meta['seed']}.\n",
+        table(rows),
+        "Key recovered: the fraction of (block position, byte value) pairs that the attack's "
+        "key encrypts exactly as the true key. An attack can reach high accuracy with a key that "
+        "differs from the true one where the images cannot tell them apart.\n",
+    ]
+    details = [
+        f"- {row['scenario']}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in row["parts"].items())
+        for row in rows
+        if row.get("parts")
+    ]
+    if details:
+        parts.append("Key recovered, by part:\n\n" + "\n".join(details) + "\n")
+    parts.append("## Threat model\n\n" + "\n".join(f"- {k}: {v}" for k, v in threats) + "\n")
+    parts.append(
+        "## Figures\n\n![accuracy](accuracy.png)\n\n![wrong keys](wrong_keys.png)\n\n"
+        "![samples](samples.png)\n"
+    )
+    return "\n".join(parts)
+
+
+def accuracy_chart(rows: Sequence[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["scenario"] for row in rows]
+    values = [100 * row["top1"] for row in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
+    bars = ax.barh(names[::-1], values[::-1], color="tab:blue")
+    for bar, value in zip(bars, values[::-1], strict=True):
+        ax.text(
+            bar.get_width() + 1,
+            bar.get_y() + bar.get_height() / 2,
+            f"{value:.1f}%",
+            va="center",
+            fontsize=8,
+        )
+    for row in rows:
+        if "top1_max" in row:
+            ax.plot(
+                100 * row["top1_max"],
+                len(rows) - 1 - names.index(row["scenario"]),
+                "k|",
+                markersize=12,
+                label="wrong keys: max",
+            )
+            ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(0, 110)
+    ax.set_xlabel("top-1 accuracy on held-out val (%)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def wrong_keys_chart(accuracies: Sequence[float], correct: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(
+        100 * np.asarray(accuracies),
+        bins=20,
+        range=(0, 100),
+        color="tab:red",
+        label=f"{len(accuracies)} wrong keys",
+    )
+    ax.axvline(100 * correct, color="tab:green", label="correct key")
+    ax.set_xlabel("top-1 accuracy (%)")
+    ax.set_ylabel("keys")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def sample_grid(columns: dict[str, np.ndarray], path: Path) -> None:
+    """One row per image, one column per named NHWC uint8 array."""
+    names = list(columns)
+    n = len(next(iter(columns.values())))
+    rows = [[columns[name][i] for name in names] for i in range(n)]
+    save_image_grid(rows, path, col_titles=names, cell_inches=1.6)
+
+
+def write_report(out: Path, rows: Sequence[dict], meta: dict) -> str:
+    """Write results.json and report.md (atomically); returns the Markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "results.json", json.dumps(list(rows), indent=1) + "\n")
+    _atomic_write(out / "report.md", markdown(rows, meta))
+    return table(rows)
+
+
+def update_readme(readme: Path, rows: Sequence[dict], meta: dict) -> None:
+    """Replace the generated block between the README's markers with the latest table."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme}: no {README_BEGIN} ... {README_END} block to update")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    block = (
+        f"{README_BEGIN}\n_Generated by `python -m attacks` (`make demo`) on "
+        f"{meta['val_images']} held-out val images; do not edit by hand._\n\n"
+        f"{table(rows)}{README_END}"
+    )
+    _atomic_write(readme, head + block + tail)
