@@ -44,6 +44,9 @@ demo: $(STAMP) $(DEMO)/protected/summary.json $(DEMO)/baseline/summary.json
 	$(PY) tools/compare_keys.py --checkpoint $(DEMO)/protected/checkpoint.pt \
 		--baseline $(DEMO)/baseline/checkpoint.pt --data $(DEMO)/shards \
 		--plain-data $(DEMO)/shards-plain --wrong-keys 10 --out $(DEMO)/summary.json
+	$(PY) -m attacks --checkpoint $(DEMO)/protected/checkpoint.pt --key $(KEY) \
+		--data $(DEMO)/shards --baseline $(DEMO)/baseline/checkpoint.pt --out report \
+		--readme README.md
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -62,4 +65,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs report .pytest_cache

@@ -1,0 +1,97 @@
+"""python -m attacks on a model trained in the test: every scenario runs and the numbers hang
+together; refusals are clear and the key never leaks into the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from pipeline import Key, save_key
+from tests.conftest import FIXED_SECRET
+from tests.train.conftest import ROOT
+
+SMALL = ["--wrong-keys", "8", "--search-keys", "6", "--search-steps", "6", "--attacker-images",
+         "48", "--leaked-images", "300", "--finetune-steps", "4"]  # fmt: skip
+NAMES = ["correct_key", "no_key", "wrong_keys", "random_key_search", "heuristic_key_search",
+         "ciphertext_only", "finetune_attack_1pct", "finetune_attack_10pct",
+         "finetune_pretrained_1pct", "finetune_pretrained_10pct"]  # fmt: skip
+
+
+def attacks(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", "attacks", *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, env=env)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def audit(protected_run, digit_shards, test_key_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    readme = out.parent / "README.md"
+    readme.write_text("# x\n<!-- attacks-report:begin -->\nold\n<!-- attacks-report:end -->\nend\n")
+    done = attacks("--checkpoint", str(protected_run / "checkpoint.pt"), "--key",
+                   str(test_key_file), "--data", str(digit_shards), "--out", str(out),
+                   "--readme", str(readme), *SMALL)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done, readme
+
+
+def test_every_scenario_is_a_row(audit):
+    out, done, _ = audit
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["scenario"] for r in rows] == NAMES
+    for row in rows:
+        assert set(row) >= {"scenario", "top1", "key_recovered", "budget"}
+        assert 0 <= row["top1"] <= 1
+        assert row["key_recovered"] is None or 0 <= row["key_recovered"] <= 1
+    by = {r["scenario"]: r for r in rows}
+    assert by["wrong_keys"]["budget"] == {"keys": 8} and len(by["wrong_keys"]["top1_all"]) == 8
+    assert by["random_key_search"]["budget"]["keys_tried"] == 6
+    assert (
+        by["finetune_attack_10pct"]["budget"]["images"]
+        > by["finetune_attack_1pct"]["budget"]["images"]
+    )
+    assert "| ciphertext_only |" in done.stdout  # the table is printed
+
+
+def test_the_numbers_are_consistent(audit):
+    rows = {r["scenario"]: r for r in json.loads((audit[0] / "results.json").read_text())}
+    correct = rows["correct_key"]["top1"]
+    assert correct > 0.8 and rows["correct_key"]["key_recovered"] == 1.0
+    assert correct > rows["wrong_keys"]["top1"] + 0.3
+    assert correct > rows["no_key"]["top1"] + 0.3
+    assert rows["wrong_keys"]["top1_max"] >= rows["wrong_keys"]["top1"]
+    assert rows["random_key_search"]["key_recovered"] < 0.5  # 6 random keys find nothing
+
+
+def test_report_and_figures(audit):
+    out, _, readme = audit
+    report = (out / "report.md").read_text()
+    assert "| scenario | top-1 | key recovered | budget |" in report and "Threat model" in report
+    for name in ("accuracy.png", "wrong_keys.png", "samples.png"):
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.width > 200
+    text = readme.read_text()
+    assert text.startswith("# x\n") and text.endswith("end\n") and "old" not in text
+    assert "| correct_key |" in text
+
+
+def test_the_key_never_appears(audit):
+    out, done, _ = audit
+    secret = FIXED_SECRET.hex()
+    assert secret not in done.stdout + done.stderr
+    for path in out.iterdir():
+        assert secret.encode() not in path.read_bytes() and FIXED_SECRET not in path.read_bytes()
+
+
+def test_a_wrong_key_is_refused(protected_run, digit_shards, tmp_path):
+    other = save_key(Key(bytes(32 * [7])), tmp_path / "other.bin")
+    done = attacks("--checkpoint", str(protected_run / "checkpoint.pt"), "--key", str(other),
+                   "--data", str(digit_shards), "--out", str(tmp_path / "r"))  # fmt: skip
+    assert done.returncode == 2
+    assert "attacks: error:" in done.stderr and Key(FIXED_SECRET).fingerprint in done.stderr
+    assert Key(bytes(32 * [7])).fingerprint in done.stderr and not (tmp_path / "r").exists()
