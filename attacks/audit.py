@@ -289,6 +289,7 @@ def finetune_attacks(a: Audit) -> list[dict]:
     pool = a.train_plain
     state_config = a.meta["config"]
     pretrained = a.config.pretrained or state_config.get("pretrained", "package")
+    torch.manual_seed(a.config.seed)  # the new classifier head: the same on every run
     public = create_model(
         a.meta["model_name"], num_classes=len(a.meta["classes"]), pretrained=pretrained
     ).to(a.device)
@@ -388,7 +389,7 @@ def _samples(a: Audit, path: Path) -> None:
     encrypted = apply_op(plain, a.true_op)
     columns = {"plain": plain, "encrypted": encrypted}
     for name, op in a.estimated.items():  # what each key makes of the true ciphertext
-        columns[f"decrypted: {name}"] = apply_op(encrypted, op.inverse())
+        columns[f"decrypted:\n{name}"] = apply_op(encrypted, op.inverse())
     report.sample_grid(columns, path)
 
 

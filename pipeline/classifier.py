@@ -27,7 +27,8 @@ import torch
 
 from pipeline.blockwise import encrypt
 from pipeline.checkpoint import CheckpointError
-from pipeline.decode import DEFAULT_MAX_PIXELS, decode_pil, probe
+from pipeline.dali import DaliUnavailableError
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_pil, probe
 from pipeline.evaluation import load_model, predict
 from pipeline.keys import Key, load_key
 from pipeline.loader import centre_crop, check_crop
@@ -58,6 +59,11 @@ def check_key(meta: dict, key: Key | None, checkpoint: str) -> None:
             f"{checkpoint}: the model was trained with key {expected}, but the key given has "
             f"fingerprint {key.fingerprint}; pass the key the model was trained with"
         )
+    if meta.get("transforms") and tuple(meta["transforms"]) != key.transforms:
+        raise CheckpointError(
+            f"{checkpoint}: the model was trained with transforms {'+'.join(meta['transforms'])}"
+            f", but the key file says {'+'.join(key.transforms)}"
+        )
     if meta.get("block_size") not in (None, key.block_size):
         raise CheckpointError(
             f"{checkpoint}: the model was trained with block size {meta['block_size']}, but the "
@@ -65,10 +71,8 @@ def check_key(meta: dict, key: Key | None, checkpoint: str) -> None:
         )
 
 
-def read_image(
-    path: str | os.PathLike, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> np.ndarray:
-    """``size x size x 3`` uint8 RGB, decoded as ``make_shards.py --decoder pil`` does."""
+def read_bytes(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """The file's bytes, after the header checks make_shards.py applies."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -80,12 +84,38 @@ def read_image(
     error = probe(data, max_pixels)
     if error is not None:
         raise ImageFileError(f"{path}: cannot be classified: {error.reason}")
+    return data
+
+
+def read_image(
+    path: str | os.PathLike, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """``size x size x 3`` uint8 RGB, decoded as ``make_shards.py --decoder pil`` does."""
+    data = read_bytes(path, max_pixels=max_pixels)
     try:
         return decode_pil(data, size)
     except Exception as exc:  # PIL raises many types on damaged data
         raise ImageFileError(
             f"{path}: cannot be classified: PIL could not decode it ({type(exc).__name__}: {exc})"
         ) from None
+
+
+def read_images_dali(
+    paths: Sequence[str | os.PathLike], size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """As :func:`read_image`, with DALI's CPU decoder (what ``--decoder dali`` stored)."""
+    from pipeline.dali import DaliDecoder
+
+    blobs = [read_bytes(p, max_pixels=max_pixels) for p in paths]
+    decoder = DaliDecoder(size, device="cpu", batch_size=max(1, min(64, len(blobs))))
+    try:
+        decoded = decoder.decode(blobs)
+    finally:
+        decoder.close()
+    for path, image in zip(paths, decoded, strict=True):
+        if isinstance(image, DecodeError):
+            raise ImageFileError(f"{path}: cannot be classified: {image.reason}")
+    return np.stack(decoded)
 
 
 class ProtectedClassifier:
@@ -105,6 +135,9 @@ class ProtectedClassifier:
         self.device = torch.device(device)
         self.classes: list[str] = list(meta["classes"])
         self.image_shape: tuple[int, int, int] = tuple(meta["image_shape"])
+        # decode as the shards were (checkpoints before this field: PIL, which matches DALI's
+        # CPU decoder to within a grey level on average)
+        self.decoder: str = meta.get("decoder") or "pil"
         crop_size = (meta.get("config") or {}).get("crop_size")
         self.crop, self.grid = check_crop(self.image_shape, meta.get("block_size"),
                                           crop_size=crop_size)  # fmt: skip
@@ -139,6 +172,12 @@ class ProtectedClassifier:
         size = self.stored_size
         if not paths:
             return np.empty((0, *self.image_shape), np.uint8)
+        if self.decoder == "dali":
+            try:
+                return read_images_dali(paths, size, max_pixels=max_pixels)
+            except DaliUnavailableError:
+                logger.warning("DALI is not installed; decoding with PIL instead (within about "
+                               "a grey level of DALI's output)")  # fmt: skip
         return np.stack([read_image(p, size, max_pixels=max_pixels) for p in paths])
 
     def logits(self, images: np.ndarray | torch.Tensor, *, batch_size: int = 64) -> np.ndarray:

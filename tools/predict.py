@@ -4,11 +4,12 @@
         --checkpoint runs/demo/protected/checkpoint.pt a.jpg b.png     # top-5 table per image
     python tools/predict.py --key k.bin --checkpoint CKPT --topk 3 --json *.png
 
-Each image is decoded, resized and cropped as make_shards.py (--decoder pil) stored the training
-images, cropped as the loader evaluates, encrypted with the key and classified. The key must be
-the one the model was trained with (its fingerprint is checked against the checkpoint's); a
-model trained on plain shards is run without --key. Errors (wrong key, missing or undecodable
-file, missing checkpoint) print one line starting "predict: error:" and exit with code 2.
+Each image is decoded, resized and cropped as make_shards.py stored the training images (with
+the same decoder, DALI or PIL, when the checkpoint records it), cropped as the loader
+evaluates, encrypted with the key and classified. The key must be the one the model was trained
+with (its fingerprint is checked against the checkpoint's); a model trained on plain shards is
+run without --key. Errors (wrong key, missing or undecodable file, missing checkpoint) print
+one line starting "predict: error:" and exit with code 2.
 """
 
 from __future__ import annotations

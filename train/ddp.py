@@ -332,6 +332,8 @@ def train(config: TrainConfig, env: Dist) -> dict:
                 "key_fingerprint": fingerprint, "classes": classes,
                 "model_name": config.model, "image_shape": train_set.manifest.image_shape,
                 "block_size": train_set.manifest.block_size,
+                "transforms": list(train_set.manifest.transforms),
+                "decoder": train_set.manifest.options.get("decoder"),
             }, out / "checkpoint.pt")  # fmt: skip
 
     started, done_steps, metrics = time.perf_counter(), 0, {}

@@ -15,12 +15,13 @@ from tests.conftest import FIXED_SECRET
 SAMPLES = 24  # val samples compared (several of each class)
 
 
-def val_sources(digit_shards) -> list:
+def val_sources(digit_shards, tree=None) -> list:
     """The source PNG of each val sample, in shard order (the order ``load_split`` yields)."""
+    tree = tree or digit_shards.parent / "digits-tree"
     rows = sorted(pq.read_table(digit_shards / "val.samples.parquet").to_pylist(),
                   key=lambda r: r["key"])  # fmt: skip
     assert [int(r["key"]) for r in rows] == list(range(len(rows)))  # key = index in the split
-    return [digit_shards.parent / "digits-tree" / r["source"] for r in rows]
+    return [tree / r["source"] for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +91,25 @@ def test_unreadable_files_are_named_with_the_reason(tmp_path, content, reason):
     with pytest.raises(ImageFileError, match=reason) as error:
         read_image(path, 32)
     assert str(path) in str(error.value)
+
+
+def test_dali_made_shards_are_matched_with_dali(clf, digit_shards, tmp_path):
+    """Shards decoded by DALI: a checkpoint that records it decodes files with DALI too."""
+    pytest.importorskip("nvidia.dali")
+    from pipeline.offline import ShardConfig, build_shards
+
+    src = digit_shards.parent / "digits-tree"
+    config = ShardConfig(src=str(src), out=str(tmp_path / "dali"), size=32, decoder="dali",
+                         splits=("val",), shard_size="500")  # fmt: skip
+    build_shards(config, Key(FIXED_SECRET))
+    split = load_split(str(tmp_path / "dali"))
+    assert split.key_fingerprint == clf.key_fingerprint
+    meta = {"classes": clf.classes, "image_shape": list(clf.image_shape), "block_size": 4,
+            "key_fingerprint": clf.key_fingerprint, "decoder": "dali",
+            "transforms": list(clf.key.transforms)}  # fmt: skip
+    dali = ProtectedClassifier(clf.model, meta, clf.key)
+    paths = val_sources(tmp_path / "dali", src)[:SAMPLES]
+    assert (dali.read_files(paths) == decrypt(split.images[:SAMPLES], clf.key)).all()
+    wrong_scheme = {**meta, "transforms": ["np"]}
+    with pytest.raises(CheckpointError, match="transforms np, but the key file says shuffle"):
+        ProtectedClassifier(clf.model, wrong_scheme, clf.key)
