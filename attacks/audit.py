@@ -202,56 +202,34 @@ def wrong_keys(a: Audit) -> list[dict]:
     return [row]
 
 
-def key_searches(a: Audit) -> list[dict]:
+def random_search(a: Audit) -> list[dict]:
     images, labels = a.attacker_set()
-    rows = []
-    if "random_key_search" in a.config.scenarios:
-        found = random_key_search(
-            a.model,
-            images,
-            labels,
-            a.scheme,
-            keys=a.config.search_keys,
-            rng=a.rng("random_key_search"),
-        )
-        op = found.material.encrypt_op
-        a.estimated["random key search"] = op
-        rec = a.recovery(op)
-        rows.append(
-            _row(
-                "random_key_search",
-                a.accuracy(op),
-                rec["key_recovered"],
-                keys_tried=found.tried,
-                attacker_images=len(labels),
-            )
-        )
-        rows[-1].update(parts=rec["parts"], attacker_top1=found.accuracy)
-    if "heuristic_key_search" in a.config.scenarios:
-        found = heuristic_key_search(
-            a.model,
-            images,
-            labels,
-            a.scheme,
-            steps=a.config.search_steps,
-            rng=a.rng("heuristic_key_search"),
-        )
-        op = found.material.encrypt_op
-        a.estimated["heuristic key search"] = op
-        rec = a.recovery(op)
-        rows.append(
-            _row(
-                "heuristic_key_search",
-                a.accuracy(op),
-                rec["key_recovered"],
-                steps=a.config.search_steps,
-                attacker_images=len(labels),
-            )
-        )
-        rows[-1].update(
-            parts=rec["parts"], attacker_top1=found.accuracy, accepted_moves=found.accepted
-        )
-    return rows
+    found = random_key_search(
+        a.model, images, labels, a.scheme, keys=a.config.search_keys,
+        rng=a.rng("random_key_search"),
+    )  # fmt: skip
+    op = found.material.encrypt_op
+    a.estimated["random key search"] = op
+    rec = a.recovery(op)
+    row = _row("random_key_search", a.accuracy(op), rec["key_recovered"],
+               keys_tried=found.tried, attacker_images=len(labels))  # fmt: skip
+    row.update(parts=rec["parts"], attacker_top1=found.accuracy)
+    return [row]
+
+
+def heuristic_search(a: Audit) -> list[dict]:
+    images, labels = a.attacker_set()
+    found = heuristic_key_search(
+        a.model, images, labels, a.scheme, steps=a.config.search_steps,
+        rng=a.rng("heuristic_key_search"),
+    )  # fmt: skip
+    op = found.material.encrypt_op
+    a.estimated["heuristic key search"] = op
+    rec = a.recovery(op)
+    row = _row("heuristic_key_search", a.accuracy(op), rec["key_recovered"],
+               steps=a.config.search_steps, attacker_images=len(labels))  # fmt: skip
+    row.update(parts=rec["parts"], attacker_top1=found.accuracy, accepted_moves=found.accepted)
+    return [row]
 
 
 def ciphertext_only(a: Audit) -> list[dict]:
@@ -326,32 +304,21 @@ def run_audit(config: AuditConfig) -> list[dict]:
     audit = prepare(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps: list[tuple[str, Callable[[Audit], list[dict]]]] = [
-        ("correct_key", correct_key),
-        ("no_key", no_key),
-        ("wrong_keys", wrong_keys),
-        ("key_search", key_searches),
-        ("ciphertext_only", ciphertext_only),
-        ("finetune", finetune_attacks),
-    ]
+    steps: dict[str, Callable[[Audit], list[dict]]] = {
+        "correct_key": correct_key, "no_key": no_key, "wrong_keys": wrong_keys,
+        "random_key_search": random_search, "heuristic_key_search": heuristic_search,
+        "ciphertext_only": ciphertext_only, "finetune": finetune_attacks,
+    }  # fmt: skip
     rows: list[dict] = []
-    for name, step in steps:
-        wanted = config.scenarios
-        if name == "key_search":
-            if not {"random_key_search", "heuristic_key_search"} & set(wanted):
-                continue
-        elif name not in wanted:
+    for name, step in steps.items():
+        if name not in config.scenarios:
             continue
         t0 = time.perf_counter()
         new = step(audit)
         rows += new
         for row in new:
-            logger.info(
-                "audit: %-26s top-1 %5.1f%% (%.0f s)",
-                row["scenario"],
-                100 * row["top1"],
-                time.perf_counter() - t0,
-            )
+            logger.info("audit: %-26s top-1 %5.1f%%", row["scenario"], 100 * row["top1"])
+        logger.info("audit: %s took %.0f s", name, time.perf_counter() - t0)
     meta = {
         "checkpoint": config.checkpoint,
         "data": config.data,

@@ -290,11 +290,19 @@ def estimate_key(
     scorer: Callable[[BlockOp], float] | None = None,
     rounds: int = 8,
     restarts: int = 4,
+    max_values: int = 50_000_000,
 ) -> Estimate:
-    """Estimate the encryption from (n, L) cipher blocks and (m, L) natural plain blocks."""
+    """Estimate the encryption from (n, L) cipher blocks and (m, L) natural plain blocks.
+
+    At most ``max_values`` cipher bytes are used (a random subset of the blocks), which bounds
+    the memory of the regression and the time of the mutual information at large block sizes.
+    """
     n_pos = block_length(block_size)
     if cipher_blocks.shape[1] != n_pos or plain_blocks.shape[1] != n_pos:
         raise ValueError(f"blocks must have {n_pos} bytes for block size {block_size}")
+    if len(cipher_blocks) * n_pos > max_values:
+        keep = rng.choice(len(cipher_blocks), size=max_values // n_pos, replace=False)
+        cipher_blocks = cipher_blocks[np.sort(keep)]
     if "shuffle" in transforms:
         index = match_structure(
             mutual_information(cipher_blocks),
