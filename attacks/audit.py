@@ -154,19 +154,11 @@ def prepare(config: AuditConfig) -> Audit:
         device,
     )
     return Audit(
-        config,
-        model,
-        meta,
-        plain_val,
-        encrypted_val,
-        train_plain,
-        train.images,
-        train_total,
-        key.material.encrypt_op,
-        (key.block_size, key.transforms),
-        device,
-        {},
-    )
+        config=config, model=model, meta=meta, val=plain_val, encrypted_val=encrypted_val,
+        train_plain=train_plain, train_encrypted=train.images, train_total=train_total,
+        true_op=key.material.encrypt_op, scheme=(key.block_size, key.transforms), device=device,
+        estimated={},
+    )  # fmt: skip
 
 
 def _row(scenario: str, top1_: float, key_recovered: float | None = None, **budget) -> dict:
