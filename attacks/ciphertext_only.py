@@ -20,8 +20,10 @@ function of a natural block. The estimate proceeds in three steps:
    negation, or the FFX table with its NP bit; one shared table is fitted to all table
    positions (a 256 x 256 assignment).
 
-Natural-image statistics cannot tell a block from its mirror images or rotations, nor the
-colour channels apart when images are grey; when a scorer is given (the protected model's mean
+Correlations cannot tell the colour channels apart; once the maps have settled, the channels
+are named by the value distributions of the linear positions (red, green and blue differ in
+photos). Natural-image statistics cannot tell a block from its mirror images or rotations, nor
+the channels apart when images are grey; when a scorer is given (the protected model's mean
 confidence on unlabelled plain images) it chooses among those symmetric candidates.
 """
 
@@ -42,7 +44,7 @@ from pipeline.blockwise import block_length
 logger = logging.getLogger(__name__)
 
 _VALUES = np.arange(256)
-LINEAR_TOLERANCE = 16.0  # mean |map - identity| (grey levels) under which a map is linear
+LINEAR_TOLERANCE = 16.0  # mean |map - identity| (grey levels) under which a map is always linear
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,22 @@ def _w1(hist_a: np.ndarray, hist_b: np.ndarray) -> float:
     return float(np.abs(_cdf(hist_a) - _cdf(hist_b)).sum())
 
 
+def _split_point(values: np.ndarray) -> float:
+    """Threshold between the linear positions (maps near the identity or a negation) and the
+    table positions: the split of the sorted values with the largest between-class variance
+    (Otsu). Where all values are small, everything is linear."""
+    ordered = np.sort(values)
+    if ordered[-1] <= LINEAR_TOLERANCE:
+        return LINEAR_TOLERANCE
+    best, threshold = -1.0, LINEAR_TOLERANCE
+    for k in range(1, len(ordered)):
+        low, high = ordered[:k], ordered[k:]
+        between = k * (len(ordered) - k) * (high.mean() - low.mean()) ** 2
+        if between > best:
+            best, threshold = between, (ordered[k - 1] + ordered[k]) / 2
+    return max(threshold, LINEAR_TOLERANCE)
+
+
 def _np_first(transforms: tuple[str, ...]) -> bool:
     """Whether the NP bits act before the FFX table (inside it) or after it."""
     return transforms.index("np") < transforms.index("ffx")
@@ -185,21 +203,43 @@ class _ByteMapFit:
         transforms: tuple[str, ...],
         neighbours: int = 6,
     ) -> None:
-        self.cipher, self.index, self.transforms = cipher, index, transforms
-        self.block_size = block_size
+        self.cipher, self.transforms, self.block_size = cipher, transforms, block_size
+        self.n_neighbours = neighbours
         n_pos = cipher.shape[1]
         self.counts = np.stack([np.bincount(cipher[:, i], minlength=256) for i in range(n_pos)])
-        plain_hist = np.stack([np.bincount(plain[:, q], minlength=256) for q in range(n_pos)])
-        self.target_hist = plain_hist[index]  # the plain distribution each position reads
+        self.plain_hist = np.stack([np.bincount(plain[:, q], minlength=256) for q in range(n_pos)])
+        self.corr = np.nan_to_num(np.corrcoef(plain.T.astype(np.float64)))
+        np.fill_diagonal(self.corr, -np.inf)
+        self.set_index(index)
+
+    def set_index(self, index: np.ndarray) -> None:
+        """Take ``index`` as the source positions: each position's target distribution, and
+        its neighbours (the positions reading the plain positions most correlated with its own
+        source position in natural images)."""
+        self.index = index
+        self.target_hist = self.plain_hist[index]
         self.target_cdf = np.stack([_cdf(h) for h in self.target_hist])
-        # neighbours of each cipher position: those reading the plain positions most
-        # correlated with its own source position in natural images
-        corr = np.nan_to_num(np.corrcoef(plain.T.astype(np.float64)))
-        np.fill_diagonal(corr, -np.inf)
         source_of = np.argsort(index)  # cipher position reading each plain position
-        near = np.argsort(-corr, axis=1)[:, :neighbours]
+        near = np.argsort(-self.corr, axis=1)[:, : self.n_neighbours]
         self.neighbours = source_of[near[index]]
-        self.weights = np.clip(corr[index[:, None], near[index]], 0.05, None)
+        self.weights = np.clip(self.corr[index[:, None], near[index]], 0.05, None)
+
+    def channel_order(self, op: BlockOp) -> np.ndarray:
+        """The source positions with the colour channels renamed as the linear positions'
+        value distributions say. Correlations cannot tell the channels apart; their value
+        distributions can (in photos red, green and blue differ)."""
+        maps = byte_maps(op)
+        linear = ~op.table_mask
+        flipped = maps[:, 0] == 255  # a linear map sending 0 to 255 is a negation
+        hists = np.where(flipped[:, None], self.counts[:, ::-1], self.counts)
+        pixel = self.index // 3 * 3
+        best, best_cost = self.index, np.inf
+        for order in itertools.permutations(range(3)):
+            candidate = pixel + np.array(order)[self.index % 3]
+            cost = sum(_w1(hists[i], self.plain_hist[candidate[i]]) for i in np.flatnonzero(linear))
+            if cost < best_cost:
+                best, best_cost = candidate, cost
+        return best
 
     def initial(self) -> np.ndarray:
         """Identity or negation per position, whichever fits the plain histogram better."""
@@ -235,9 +275,8 @@ class _ByteMapFit:
         flip = (off_neg < off_id) if "np" in self.transforms else np.zeros(n_pos, bool)
         table_pos = np.zeros(n_pos, bool)
         if "ffx" in self.transforms:
-            table_pos = np.minimum(off_id, off_neg if "np" in self.transforms else np.inf) > (
-                LINEAR_TOLERANCE
-            )
+            off = np.minimum(off_id, off_neg) if "np" in self.transforms else off_id
+            table_pos = off > _split_point(off)
         xor_in = np.zeros(n_pos, np.uint8)
         xor_out = np.where(flip & ~table_pos, 0xFF, 0).astype(np.uint8)
         table = np.arange(256, dtype=np.uint8)
@@ -315,9 +354,12 @@ def estimate_key(
     fit = _ByteMapFit(cipher_blocks, plain_blocks, index, block_size, transforms)
     inv = fit.initial()
     op = None
-    for _ in range(rounds):
+    for step in range(rounds):
         inv = fit.refine(inv)
         op = fit.project(inv)
+        if "shuffle" in transforms and step == rounds // 2:  # once the maps have settled
+            fit.set_index(fit.channel_order(op))
+            op = _with_index(op, fit.index)
         inv = _inverse_maps(op)  # refine from the structured estimate
     assert op is not None
     candidates = 1

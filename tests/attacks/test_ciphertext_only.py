@@ -7,7 +7,7 @@ import pytest
 
 from attacks.ciphertext_only import _descend, block_symmetries, estimate_key, match_structure
 from attacks.keyspace import key_recovery, to_blocks
-from pipeline import Key, decrypt
+from pipeline import Key, decrypt, encrypt
 from pipeline.evaluation import load_split
 from tests.train.conftest import make_digit_shards
 
@@ -82,3 +82,23 @@ def test_full_scheme_estimate_beats_random_keys_on_byte_maps(digit_shards, rng):
     ]
     assert found["ffx_mask"] > max(c["parts"]["ffx_mask"] for c in chance)
     assert found["byte_maps"] > max(c["parts"]["byte_maps"] for c in chance)
+
+
+def test_natural_photos_give_up_the_whole_scheme_without_the_model():
+    """scikit-learn's two sample photos: left halves leaked encrypted, right halves as the
+    natural statistics. No model is used, so every symmetry must be settled by statistics."""
+    from sklearn.datasets import load_sample_images
+
+    key = Key(bytes(range(32)), 4, ("shuffle", "np", "ffx"))
+    halves = []
+    for image in load_sample_images().images:
+        image = image[: image.shape[0] // 4 * 4, : image.shape[1] // 4 * 4]
+        middle = image.shape[1] // 8 * 4
+        halves.append((image[None, :, :middle], image[None, :, middle:]))
+    leaked = np.concatenate([to_blocks(encrypt(left, key), 4) for left, _ in halves])
+    natural = np.concatenate([to_blocks(right, 4) for _, right in halves])
+    estimate = estimate_key(leaked, natural, 4, key.transforms, rng=np.random.default_rng(0))
+    parts = key_recovery(estimate.op, key.material.encrypt_op, key.transforms)["parts"]
+    assert parts["permutation"] >= 0.9  # chance: 1/48
+    assert parts["np_mask"] >= 0.9 and parts["ffx_mask"] >= 0.9  # chance: 0.5
+    assert parts["ffx_table"] >= 0.1  # exact table entries; chance: 1/256
