@@ -414,6 +414,12 @@ def parse_args(argv: list[str] | None) -> AuditConfig:
     fractions = tuple(float(f) for f in a.finetune_fractions.split(",") if f)
     if any(not 0 < f <= 1 for f in fractions):
         p.error("--finetune-fractions must be in (0, 1]")
+    for name in ("wrong_keys", "attacker_images", "search_keys", "search_steps",
+                 "leaked_images", "finetune_steps"):  # fmt: skip
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.wrong_keys < 100:
+        logger.warning("attacks: %d wrong keys; the audit calls for at least 100", a.wrong_keys)
     values = {**vars(a), "scenarios": scenarios, "finetune_fractions": fractions}
     return AuditConfig(**values)
 
