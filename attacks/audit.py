@@ -319,6 +319,7 @@ def run_audit(config: AuditConfig) -> list[dict]:
         "block_size": audit.scheme[0],
         "transforms": list(audit.scheme[1]),
         "val_images": len(audit.val.labels),
+        "key_space_bits": load_key(config.key).key_space_bits(),
     }
     report.accuracy_chart(rows, out / "accuracy.png")
     _samples(audit, out / "samples.png")
@@ -344,7 +345,8 @@ def run_audit(config: AuditConfig) -> list[dict]:
 
 
 def _samples(a: Audit, path: Path) -> None:
-    plain = a.val.images[:6]
+    _, first = np.unique(a.val.labels, return_index=True)  # one image per class, up to 6
+    plain = a.val.images[np.sort(first)[:6]]
     encrypted = apply_op(plain, a.true_op)
     columns = {"plain": plain, "encrypted": encrypted}
     for name, op in a.estimated.items():  # what each key makes of the true ciphertext

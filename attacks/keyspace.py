@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import BlockOp, KeyMaterial
-from pipeline.blockwise import block_length
+from pipeline.keys import derive_material
 
 _VALUES = np.arange(256, dtype=np.uint8)
 
@@ -21,16 +21,9 @@ _VALUES = np.arange(256, dtype=np.uint8)
 def random_material(
     block_size: int, transforms: tuple[str, ...], rng: np.random.Generator
 ) -> KeyMaterial:
-    """A uniformly random key of the scheme (what an attacker who knows the algorithm draws)."""
-    n = block_length(block_size)
-    return KeyMaterial(
-        block_size,
-        transforms,
-        permutation=rng.permutation(n),
-        np_mask=rng.integers(0, 2, n, dtype=np.uint8),
-        ffx_mask=rng.integers(0, 2, n, dtype=np.uint8),
-        ffx_table=rng.permutation(256).astype(np.uint8),
-    )
+    """A random key of the scheme: a random secret through the real derivation, so that the
+    FFX table comes from the same Feistel family as the owner's."""
+    return derive_material(rng.bytes(32), block_size, transforms)
 
 
 def byte_maps(op: BlockOp) -> np.ndarray:

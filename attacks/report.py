@@ -127,6 +127,15 @@ def markdown(rows: Sequence[dict], meta: dict) -> str:
         f"{meta['block_size']}, transforms {', '.join(meta['transforms'])}); shards "
         f"`{meta['data']}`. Accuracy is top-1 on {meta['val_images']} held-out val images; the "
         f"attackers' plain images come from the train split. Seed {meta['seed']}.\n",
+        *(
+            [
+                "Key space, in bits: "
+                + ", ".join(f"{k} {v:g}" for k, v in meta["key_space_bits"].items())
+                + ". Only a brute-force search is bounded by it.\n"
+            ]
+            if "key_space_bits" in meta
+            else []
+        ),
         table(rows),
         "".join(f"- {line}\n" for line in findings(rows)),
         "Key recovered: the fraction of (block position, byte value) pairs that the attack's "

@@ -72,6 +72,7 @@ def test_report_and_figures(audit):
     out, _, readme = audit
     report = (out / "report.md").read_text()
     assert "| scenario | top-1 | key recovered | budget |" in report and "Threat model" in report
+    assert "Key space, in bits: shuffle 202.95, np 48, ffx 688" in report
     for name in ("accuracy.png", "wrong_keys.png", "samples.png"):
         with Image.open(out / name) as img:
             assert img.format == "PNG" and img.width > 200
