@@ -293,6 +293,13 @@ def finetune_attacks(a: Audit) -> list[dict]:
 
 def run_audit(config: AuditConfig) -> list[dict]:
     started = time.perf_counter()
+    if config.readme:  # fail before minutes of work, not after
+        text = Path(config.readme).read_text() if Path(config.readme).is_file() else ""
+        if report.README_BEGIN not in text or report.README_END not in text:
+            raise AuditError(
+                f"{config.readme}: --readme needs a file with a {report.README_BEGIN} ... "
+                f"{report.README_END} block to replace"
+            )
     audit = prepare(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -96,3 +96,17 @@ def test_a_wrong_key_is_refused(protected_run, digit_shards, tmp_path):
     assert done.returncode == 2
     assert "attacks: error:" in done.stderr and Key(FIXED_SECRET).fingerprint in done.stderr
     assert Key(bytes(32 * [7])).fingerprint in done.stderr and not (tmp_path / "r").exists()
+
+
+def test_bad_options_fail_before_any_work(protected_run, digit_shards, test_key_file, tmp_path):
+    base = ["--checkpoint", str(protected_run / "checkpoint.pt"), "--key", str(test_key_file),
+            "--data", str(digit_shards), "--out", str(tmp_path / "r")]  # fmt: skip
+    no_block = tmp_path / "README.md"
+    no_block.write_text("# no generated block\n")
+    done = attacks(*base, "--readme", str(no_block))
+    assert (
+        done.returncode == 2 and "needs a file with a <!-- attacks-report:begin -->" in done.stderr
+    )
+    assert not (tmp_path / "r").exists()
+    done = attacks(*base, "--scenarios", "correct_key,guessing")
+    assert done.returncode == 2 and "unknown scenario(s) ['guessing']" in done.stderr
