@@ -41,8 +41,8 @@ def finetune(
     seed: int = 0,
     device: str = "cpu",
 ) -> torch.nn.Module:
-    """A fine-tuned copy of ``model`` (AdamW, cosine schedule, random flips are not used: they
-    would not commute with the block grid for the protected model either)."""
+    """A fine-tuned copy of ``model``: AdamW with a cosine schedule and no augmentation, the
+    same recipe for the stolen and the public model."""
     model = copy.deepcopy(model).to(device).train()
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
