@@ -249,7 +249,7 @@ def ciphertext_only(a: Audit) -> list[dict]:
         rec["key_recovered"],
         leaked_images=len(leaked),
         statistics_images=len(natural),
-        symmetry_candidates=estimate.candidates,
+        model_ranked_candidates=estimate.candidates,
     )
     row.update(parts=rec["parts"])
     return [row]

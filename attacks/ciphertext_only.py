@@ -23,8 +23,10 @@ function of a natural block. The estimate proceeds in three steps:
 Correlations cannot tell the colour channels apart; once the maps have settled, the channels
 are named by the value distributions of the linear positions (red, green and blue differ in
 photos). Natural-image statistics cannot tell a block from its mirror images or rotations, nor
-the channels apart when images are grey; when a scorer is given (the protected model's mean
-confidence on unlabelled plain images) it chooses among those symmetric candidates.
+the channels apart when images are grey, and only the value distribution tells an image from
+its negative (every NP bit flipped); when a scorer is given (the protected model's mean
+confidence on unlabelled plain images) it chooses among those candidates: the 48 block
+symmetries, each also negated.
 """
 
 from __future__ import annotations
@@ -363,8 +365,17 @@ def estimate_key(
         inv = _inverse_maps(op)  # refine from the structured estimate
     assert op is not None
     candidates = 1
-    if scorer is not None and "shuffle" in transforms:
-        options = [_with_index(op, sigma[op.index]) for sigma in block_symmetries(block_size)]
+    if scorer is not None and ("shuffle" in transforms or "np" in transforms):
+        indices = [op.index]
+        if "shuffle" in transforms:
+            indices = [sigma[op.index] for sigma in block_symmetries(block_size)]
+        negatives = (0, 0xFF) if "np" in transforms else (0,)
+        options = [
+            BlockOp(block_size, index, op.xor_in ^ np.uint8(neg), op.table_mask, op.table,
+                    op.xor_out)
+            for index in indices
+            for neg in negatives
+        ]  # fmt: skip
         scores = [scorer(o) for o in options]
         op, candidates = options[int(np.argmax(scores))], len(options)
     return Estimate(op, candidates, int(op.table_mask.sum()))

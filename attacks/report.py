@@ -31,7 +31,7 @@ THREATS = {
     "best of many random keys",
     "heuristic_key_search": "as random search, then hill-climbs on the key",
     "ciphertext_only": "leaked encrypted train shards, the algorithm and natural-image "
-    "statistics; the model only to pick among block symmetries (no labels)",
+    "statistics; the model (no labels) only to pick among block symmetries and the negative",
     "finetune_attack": "the model and a few plain labelled images, to fine-tune it",
     "finetune_pretrained": "the public pre-trained model and the same images (reference for "
     "the fine-tuning attack)",
