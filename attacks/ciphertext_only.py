@@ -53,7 +53,6 @@ LINEAR_TOLERANCE = 16.0  # mean |map - identity| (grey levels) under which a map
 class Estimate:
     op: BlockOp  # the estimated encryption
     candidates: int  # symmetric candidates the scorer chose among (1: no scorer)
-    table_positions: int
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -378,7 +377,7 @@ def estimate_key(
         ]  # fmt: skip
         scores = [scorer(o) for o in options]
         op, candidates = options[int(np.argmax(scores))], len(options)
-    return Estimate(op, candidates, int(op.table_mask.sum()))
+    return Estimate(op, candidates)
 
 
 def _inverse_maps(op: BlockOp) -> np.ndarray:
