@@ -97,6 +97,14 @@ class KeyMaterial:
             raise ValueError("ffx_table must be a bijection of 0..255 (256 distinct values)")
         set_(self, "ffx_table", table.astype(np.uint8))
 
+    def __repr__(self) -> str:  # the arrays are the key: never print them
+        return (
+            f"KeyMaterial(block_size={self.block_size}, transforms={self.transforms!r}, "
+            "<permutation, masks and table redacted>)"
+        )
+
+    __str__ = __repr__
+
     @cached_property
     def encrypt_op(self) -> BlockOp:
         return BlockOp.compose(self)
@@ -117,6 +125,11 @@ class BlockOp:
     table: np.ndarray  # (256,) uint8
     xor_out: np.ndarray  # (L,) uint8
     _plans: dict = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:  # equivalent to the key material: never print it
+        return f"BlockOp(block_size={self.block_size}, <index, masks and table redacted>)"
+
+    __str__ = __repr__
 
     @classmethod
     def compose(cls, material: KeyMaterial) -> BlockOp:
@@ -176,6 +189,9 @@ class _BandPlan:
     table16: np.ndarray | None  # (65536,) uint16: the table on two bytes at once
     xor_out: np.ndarray | None  # (B,) uint8
     _torch: dict = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:  # per-byte key material: never print it
+        return "_BandPlan(<redacted>)"
 
     @classmethod
     def build(cls, op: BlockOp, width: int) -> _BandPlan:

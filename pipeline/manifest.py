@@ -9,6 +9,7 @@ tool version. It holds no timestamps, so a resumed run writes the same bytes.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from pipeline.shards import ShardRecord
@@ -132,7 +133,37 @@ class Manifest:
             ) from None
         if manifest.total_samples != data.get("total_samples"):
             raise ManifestError(f"{source}: total_samples disagrees with its shard list")
+        check_names(manifest, source)
         return manifest
+
+
+SPLIT_PATTERN = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def check_names(manifest: Manifest, source: str = "<manifest>") -> None:
+    """Refuse any name a reader would open that is not one of this split's own files.
+
+    A manifest is untrusted input (it may come from a shared bucket): a shard named
+    ``../other/x.tar`` or ``/etc/hostname`` would make the loaders and verify read outside
+    the data folder. Every name must be ``{split}-NNNNNN.tar`` exactly.
+    """
+    if not SPLIT_PATTERN.fullmatch(manifest.split):
+        raise ManifestError(
+            f"{source}: split {manifest.split!r} is not a plain name (letters, digits, _)"
+        )
+    shard = re.compile(re.escape(manifest.split) + r"-\d{6}\.tar")
+    for record in manifest.shards:
+        if not isinstance(record.name, str) or not shard.fullmatch(record.name):
+            raise ManifestError(
+                f"{source}: shard name {record.name!r} is not {manifest.split}-NNNNNN.tar "
+                "(no folders, no '..'); the manifest was edited or damaged: rebuild it "
+                "with tools/make_shards.py"
+            )
+    expected_table = samples_table_name(manifest.split)
+    if manifest.samples_table not in (None, expected_table):
+        raise ManifestError(
+            f"{source}: samples table {manifest.samples_table!r} is not {expected_table!r}"
+        )
 
 
 def load_manifest(storage: Storage, split: str) -> Manifest:
@@ -146,7 +177,11 @@ def load_manifest(storage: Storage, split: str) -> Manifest:
         ) from None
     except UnicodeDecodeError:
         raise ManifestError(f"{storage.uri(name)}: manifest is not UTF-8 text") from None
-    return Manifest.from_json(text, source=storage.uri(name))
+    manifest = Manifest.from_json(text, source=storage.uri(name))
+    if manifest.split != split:
+        uri = storage.uri(name)
+        raise ManifestError(f"{uri}: describes split {manifest.split!r}, not {split!r}")
+    return manifest
 
 
 def write_manifest(storage: Storage, manifest: Manifest) -> None:

@@ -72,12 +72,20 @@ def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest) -> str 
             f"sample {key}: {len(files['u8'])} image bytes, expected {expected} "
             f"for shape {manifest.image_shape}"
         )
-    meta = json.loads(files["json"])
-    if list(meta.get("shape", [])) != list(manifest.image_shape):
+    try:
+        meta = json.loads(files["json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"sample {key}: {key}.json is not JSON ({type(exc).__name__})"
+    if not isinstance(meta, dict):
+        return f"sample {key}: {key}.json holds a {type(meta).__name__}, expected an object"
+    if meta.get("shape") != list(manifest.image_shape):
         return (
             f"sample {key}: shape {meta.get('shape')} is not the manifest's {manifest.image_shape}"
         )
-    label = int(files["cls"])
+    try:
+        label = int(files["cls"].decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return f"sample {key}: {key}.cls is not a class index ({files['cls'][:20]!r})"
     if not 0 <= label < len(manifest.classes):
         return f"sample {key}: class {label} outside 0..{len(manifest.classes) - 1}"
     return None

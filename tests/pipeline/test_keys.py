@@ -232,3 +232,16 @@ def test_secret_never_in_repr_str_or_logs(tmp_path, caplog):
     assert key.fingerprint in repr(key)
     for form in secret_forms(key.secret):
         assert form not in text
+
+
+def test_key_material_and_ops_have_redacted_reprs(fixed_key):
+    material = fixed_key.material
+    op = material.encrypt_op
+    plan = op.plan(16)
+    texts = [repr(material), str(material), repr(op), str(op.inverse()), repr(plan), f"{op}"]
+    for text in texts:
+        assert "redacted" in text
+    # no run of the permutation or the table survives in any of them
+    numbers = [str(v) for v in material.permutation[:4]] + [str(v) for v in material.ffx_table[:4]]
+    assert not any(", ".join(numbers[:4]) in t or ", ".join(numbers[4:]) in t for t in texts)
+    assert "array" not in "".join(texts)
