@@ -218,9 +218,11 @@ def test_cuda_matches_numpy_without_host_sync(fixed_key, rng):
 def test_chunked_application_matches_whole_batch(fixed_key, rng, monkeypatch):
     import pipeline.blockwise as blockwise
 
-    images = random_images(rng, (5, 16, 24, 3))
+    images = random_images(rng, (5, 16, 24, 3))  # 20 bands of 4 x 24 x 3 = 288 bytes
     whole = encrypt(images, fixed_key)
-    monkeypatch.setattr(blockwise, "_CHUNK_BYTES", 500)  # several bands per chunk, ragged end
+    monkeypatch.setattr(blockwise, "_CHUNK_BYTES", 3 * 288 + 100)  # 3 bands a chunk, 2 left
+    step = blockwise._CHUNK_BYTES // 288
+    assert step == 3 and 20 % step == 2
     fresh = Key(fixed_key.secret, fixed_key.block_size)  # no cached plans
     assert np.array_equal(encrypt(images, fresh), whole)
     assert np.array_equal(decrypt(whole, fresh), images)

@@ -76,6 +76,19 @@ def test_eval_order_is_fixed_and_centre_cropped(shards):
     assert a == b
 
 
+def test_eval_crop_takes_the_centre_pixels_on_the_block_grid(shards):
+    def images(crop_size):
+        config = LoaderConfig(batch_size=4, num_workers=0, train=False, crop_size=crop_size)
+        dataset = ShardDataset(shards, "train", config=config)
+        return torch.cat([x for x, _, valid in make_loader(dataset)]).numpy()
+
+    full, cropped = images(None), images(44)
+    assert full.shape[1:3] == (64, 64) and cropped.shape[1:3] == (44, 44)
+    # (64 - 44) / 2 = 10, rounded down to the 4-pixel grid: rows and columns 8..51
+    assert np.array_equal(cropped, full[:, 8:52, 8:52])
+    assert not np.array_equal(cropped, full[:, 10:54, 10:54])
+
+
 def test_random_crops_are_block_aligned_and_commute_with_encryption(tmp_path):
     src = write_jpeg_tree(tmp_path / "src", classes=2, train=3, val=1, size=(96, 72))
     key = Key(FIXED_SECRET)
