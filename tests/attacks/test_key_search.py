@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from attacks.key_search import _neighbour, fitness, heuristic_key_search, random_key_search
 from attacks.keyspace import random_material
@@ -47,3 +48,44 @@ def test_a_move_changes_one_part_of_the_key():
             for part in ("permutation", "np_mask", "ffx_mask", "ffx_table")
         ]
         assert sum(changed) == 1
+
+
+class _LinearOracle(torch.nn.Module):
+    """A fixed linear classifier over the 48 inputs of one 4 x 4 block: a planted model whose
+    labels are its own outputs on images encrypted with the true key."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(
+            torch.randn(classes, 48, generator=torch.Generator().manual_seed(0))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 4 * x.permute(0, 2, 3, 1).reshape(len(x), -1) @ self.weight.T
+
+
+def test_heuristic_search_repairs_a_planted_key():
+    from pipeline.blockwise import KeyMaterial
+
+    rng = np.random.default_rng(4)
+    true = random_material(4, ("np",), rng)
+    images = rng.integers(0, 256, (256, 4, 4, 3), dtype=np.uint8)
+    model = _LinearOracle().eval()
+    labels = predict_labels(model, images, true)
+    wrong = rng.choice(48, size=6, replace=False)
+    mask = true.np_mask.copy()
+    mask[wrong] ^= 1
+    start = KeyMaterial(4, ("np",), true.permutation, mask, true.ffx_mask, true.ffx_table)
+    start_accuracy = fitness(model, images, labels, start)[0]
+    found = heuristic_key_search(model, images, labels, (4, ("np",)), steps=300,
+                                 rng=np.random.default_rng(5), start=start)  # fmt: skip
+    assert start_accuracy < 0.9 < found.accuracy
+    wrong_after = int((found.material.np_mask != true.np_mask).sum())
+    assert wrong_after < 3 and found.accepted > 0
+
+
+def predict_labels(model, images, material) -> np.ndarray:
+    from pipeline import encrypt
+    from pipeline.evaluation import predict
+
+    return predict(model, encrypt(images, material)).argmax(1)
