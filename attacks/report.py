@@ -9,13 +9,13 @@ and ``samples.png`` (plain, encrypted, and decrypted with a wrong key and each e
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_open, atomic_write
 from pipeline.viz import save_image_grid
 
 README_BEGIN = "<!-- attacks-report:begin -->"
@@ -39,9 +39,7 @@ THREATS = {
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def _budget_text(budget: dict) -> str:
@@ -216,10 +214,9 @@ def wrong_keys_chart(accuracies: Sequence[float], correct: float, path: Path) ->
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    with atomic_open(path) as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def sample_grid(columns: dict[str, np.ndarray], path: Path) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 import timm
 import torch
 
+from pipeline.atomic import atomic_open
+
 CHECKPOINT_VERSION = 1
 
 
@@ -42,24 +44,13 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "global_step": (int,),
     "rng": (list,),
 }
-OPTIONAL = {"decoder": (str, type(None))}
+OPTIONAL = {"decoder": (str, type(None)), "world_size": (int,)}
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            torch.save({**state, "version": CHECKPOINT_VERSION}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)  # an older tmp file may have kept a wider mode
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path, perm=0o600) as f:
+        torch.save({**state, "version": CHECKPOINT_VERSION}, f)
+    return Path(path)
 
 
 def check_model_name(name: object, source: str) -> str:

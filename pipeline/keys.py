@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_write
 from pipeline.blockwise import (
     TRANSFORMS,
     KeyMaterial,
@@ -274,24 +275,11 @@ def save_key(key: Key, path: str | os.PathLike, *, overwrite: bool = False) -> P
             f"{path}: a key file already exists; losing a key loses every model trained with it. "
             "Choose another path, or pass --force / overwrite=True to replace it"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)  # whatever the umask
-            f.write(key.to_bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # atomic, and fails if the name was taken meanwhile
-    except FileExistsError:
+        atomic_write(path, key.to_bytes(), perm=0o600, exclusive=not overwrite)
+    except FileExistsError:  # the name was taken meanwhile
         raise FileExistsError(
             f"{path}: a key file already exists; pass --force to replace it"
         ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     logger.debug("wrote key %s to %s", key.fingerprint, path)
     return path

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_open
+
 logger = logging.getLogger(__name__)
 
 
@@ -44,10 +46,7 @@ def save_image_grid(
             if j == 0 and i < len(row_titles):
                 ax.set_ylabel(row_titles[i], fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
+    with atomic_open(path) as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline.atomic import atomic_write
 from pipeline.checkpoint import CheckpointError, load_checkpoint, manifest_digest, save_checkpoint
 from pipeline.dali import DaliUnavailableError
 from pipeline.loader import LoaderConfig, ShardDataset, make_loader, to_model_input
@@ -72,6 +73,45 @@ class TrainConfig:
 
 class TrainError(RuntimeError):
     """A run that must not start: mismatched shards, a checkpoint from another key, ..."""
+
+
+# Settings that shape the data order or the schedule: a resumed run must keep every one of
+# them (world size too), or it would not continue the same run. The others may change.
+RESUME_FIXED = ("model", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+                "label_smoothing", "crop_size", "workers", "seed", "loader")  # fmt: skip
+RESUME_FREE = ("data (the same shards: checked by digest)", "out", "ckpt_every", "compile",
+               "max_steps", "pretrained (the weights come from the checkpoint)")  # fmt: skip
+
+
+def check_resume(state: dict, config: TrainConfig, world_size: int, source: str) -> None:
+    """Refuse a resume whose settings differ from the checkpoint's, naming every change."""
+    saved = {**state["config"], "world_size": state.get("world_size", len(state["rng"]))}
+    current = {**asdict(config), "world_size": world_size}
+    changed = [
+        f"{name} {saved.get(name)!r} -> {current[name]!r}"
+        for name in (*RESUME_FIXED, "world_size")
+        if saved.get(name) != current[name]
+    ]
+    if changed:
+        raise TrainError(
+            f"{source}: cannot resume exactly with changed settings: {'; '.join(changed)}. "
+            f"Use the checkpoint's settings (its config.json); only these may change: "
+            f"{', '.join(RESUME_FREE)}"
+        )
+
+
+def keep_metrics_before(path: Path, epoch: int) -> None:
+    """Drop the lines of ``epoch`` and later (left by a killed run) and any torn last line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] < epoch:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill
+    atomic_write(path, "".join(f"{line}\n" for line in kept))
 
 
 def parse_args(argv: list[str] | None) -> TrainConfig:
@@ -285,6 +325,7 @@ def train(config: TrainConfig, env: Dist) -> dict:
     start_epoch, start_step = 0, 0
     if config.resume:
         state = load_checkpoint(config.resume)
+        check_resume(state, config, env.world_size, config.resume)
         if state["key_fingerprint"] != fingerprint:
             raise TrainError(
                 f"{config.resume}: checkpoint was trained with key {state['key_fingerprint']}, the "
@@ -298,7 +339,7 @@ def train(config: TrainConfig, env: Dist) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, start_step = state["epoch"], state["step_in_epoch"]
-        set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else state["rng"][0])
+        set_rng_state(state["rng"][env.rank])  # same world size: checked above
         if env.primary:
             logger.info(
                 "resumed from %s at epoch %d, step %d", config.resume, start_epoch, start_step
@@ -314,8 +355,9 @@ def train(config: TrainConfig, env: Dist) -> dict:
 
     out = Path(config.out)
     if env.primary:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=1) + "\n")
+        atomic_write(out / "config.json", json.dumps(asdict(config), indent=1) + "\n")
+        keep_metrics_before(out / "metrics.jsonl", start_epoch)  # a fresh run: empty
+        (out / "summary.json").unlink(missing_ok=True)  # written again when complete
 
     def checkpoint(epoch: int, step_in_epoch: int) -> None:
         states = [None] * env.world_size
@@ -328,6 +370,7 @@ def train(config: TrainConfig, env: Dist) -> dict:
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "global_step": epoch * steps_per_epoch + step_in_epoch, "rng": states,
+                "world_size": env.world_size,
                 "config": asdict(config), "manifest_digests": digests,
                 "key_fingerprint": fingerprint, "classes": classes,
                 "model_name": config.model, "image_shape": train_set.manifest.image_shape,
@@ -337,6 +380,8 @@ def train(config: TrainConfig, env: Dist) -> dict:
             }, out / "checkpoint.pt")  # fmt: skip
 
     started, done_steps, metrics = time.perf_counter(), 0, {}
+    global_step = start_epoch * steps_per_epoch + start_step  # --max-steps counts across resumes
+    position = (start_epoch, start_step)
     model.train()
     for epoch in range(start_epoch, config.epochs):
         skip = start_step if epoch == start_epoch else 0
@@ -360,6 +405,7 @@ def train(config: TrainConfig, env: Dist) -> dict:
                                  torch.tensor(float(len(labels)), device=env.device)])  # fmt: skip
             bar.update(1)
             done_steps += 1
+            global_step += 1
             epoch_steps += 1
             if (
                 config.ckpt_every
@@ -367,7 +413,7 @@ def train(config: TrainConfig, env: Dist) -> dict:
                 and step + 1 < steps_per_epoch
             ):
                 checkpoint(epoch, step + 1)
-            if config.max_steps and done_steps >= config.max_steps:
+            if config.max_steps and global_step >= config.max_steps:
                 break
         bar.close()
         steps_by_rank = [epoch_steps]
@@ -386,18 +432,18 @@ def train(config: TrainConfig, env: Dist) -> dict:
             logger.info("epoch %d: train loss %.3f top1 %.3f | val top1 %.4f top5 %.4f | %.0f s",
                         epoch, metrics["train_loss"], metrics["train_top1"], metrics["val_top1"],
                         metrics["val_top5"], metrics["seconds"])  # fmt: skip
-        position = skip + epoch_steps
-        if position >= steps_per_epoch:
-            checkpoint(epoch + 1, 0)
-        else:  # stopped by --max-steps: a resumable mid-epoch checkpoint
-            checkpoint(epoch, position)
-        if config.max_steps and done_steps >= config.max_steps:
+        in_epoch = skip + epoch_steps
+        # a finished epoch, or one stopped by --max-steps: a resumable mid-epoch checkpoint
+        position = (epoch + 1, 0) if in_epoch >= steps_per_epoch else (epoch, in_epoch)
+        checkpoint(*position)
+        if config.max_steps and global_step >= config.max_steps:
             break
-    finished = not config.max_steps or done_steps < config.max_steps
-    if env.primary and finished:  # a complete run: what `make` and the demo look for
+    if env.primary and position == (config.epochs, 0):  # complete: what `make` looks for
+        if not metrics:  # resumed a complete run: nothing left to train
+            metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
         summary = {**metrics, "train_seconds": time.perf_counter() - started,
                    "world_size": env.world_size, "key_fingerprint": fingerprint}  # fmt: skip
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     if env.primary:
         logger.info("train: %d steps per rank on %d rank(s) in %.0f s; val top1 %.4f; wrote %s",
                     done_steps, env.world_size, time.perf_counter() - started,

@@ -103,6 +103,35 @@ def test_kill_mid_epoch_then_resume_matches_an_uninterrupted_run(digit_shards, t
     assert metrics(out)[-1]["val_top1"] == pytest.approx(
         metrics(tmp_path / "whole")[-1]["val_top1"], abs=0.01
     )
+    assert [m["epoch"] for m in metrics(out)] == [0, 1]  # no epoch twice after the kill
+    assert (out / "summary.json").exists()
+
+
+def test_resume_is_exact_or_refused_and_max_steps_counts_across_resumes(digit_shards, tmp_path):
+    from pipeline.loader import LoaderConfig, ShardDataset
+
+    out, ckpt = tmp_path / "run", str(tmp_path / "run" / "checkpoint.pt")
+    total = len(ShardDataset(str(digit_shards), "train", config=LoaderConfig(batch_size=32)))
+    args = ["--data", str(digit_shards), "--out", str(out), "--epochs", "1", *FAST]
+    first = python_ddp(*args, "--max-steps", "3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert not (out / "summary.json").exists()
+
+    changed = python_ddp(*args, "--resume", ckpt, "--batch-size", "16", "--seed", "1",
+                         "--epochs", "2")  # fmt: skip
+    assert changed.returncode == 2 and len(changed.stderr.strip().splitlines()) == 1
+    for part in ("batch_size 32 -> 16", "seed 0 -> 1", "epochs 1 -> 2", "only these may change"):
+        assert part in changed.stderr
+
+    more = python_ddp(*args, "--resume", ckpt, "--max-steps", "5", "--ckpt-every", "100")
+    assert more.returncode == 0, more.stderr[-2000:]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 5, 5)
+
+    last = python_ddp(*args, "--resume", ckpt, "--max-steps", str(total))
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert (out / "summary.json").exists()  # complete although --max-steps equals the total
+    assert [m["epoch"] for m in metrics(out)] == [0]
 
 
 def test_mismatched_keys_are_refused(digit_shards, tmp_path):
