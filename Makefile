@@ -41,9 +41,6 @@ $(DEMO)/baseline/summary.json: $(PLAIN)
 
 demo: $(STAMP) $(DEMO)/protected/summary.json $(DEMO)/baseline/summary.json
 	$(PY) tools/encryption_grid.py --key $(KEY) --out $(DEMO)/encryption_grid.png
-	$(PY) tools/compare_keys.py --checkpoint $(DEMO)/protected/checkpoint.pt \
-		--baseline $(DEMO)/baseline/checkpoint.pt --data $(DEMO)/shards \
-		--plain-data $(DEMO)/shards-plain --wrong-keys 10 --out $(DEMO)/summary.json
 	$(PY) -m attacks --checkpoint $(DEMO)/protected/checkpoint.pt --key $(KEY) \
 		--data $(DEMO)/shards --baseline $(DEMO)/baseline/checkpoint.pt --out report \
 		--readme README.md

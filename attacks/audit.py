@@ -194,9 +194,19 @@ def wrong_keys(a: Audit) -> list[dict]:
             a.estimated["wrong key"] = op
         accuracies.append(a.accuracy(op))
     row = _row("wrong_keys", statistics.fmean(accuracies), keys=len(accuracies))
-    row.update(top1_max=max(accuracies), top1_min=min(accuracies), top1_all=accuracies)
+    row.update(spread(accuracies))
     report.wrong_keys_chart(accuracies, a.correct_top1, Path(a.config.out) / "wrong_keys.png")
     return [row]
+
+
+def spread(values: list[float]) -> dict:
+    """The spread of per-key accuracies: the 95% confidence interval of their mean (normal
+    approximation), the range holding the central 95% of keys, the extremes, and every value."""
+    mean = statistics.fmean(values)
+    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    low, high = np.percentile(values, [2.5, 97.5]).tolist()
+    return {"top1_ci95": [mean - half, mean + half], "top1_central95": [low, high],
+            "top1_max": max(values), "top1_min": min(values), "top1_all": list(values)}  # fmt: skip
 
 
 def _estimated_key_row(a: Audit, scenario: str, label: str, op: BlockOp, **budget) -> dict:
@@ -342,11 +352,19 @@ def run_audit(config: AuditConfig) -> list[dict]:
         key=lambda r: r.get("top1_max", r["top1"]),
         default=None,
     )
+    wrong = next((r for r in rows if r["scenario"] == "wrong_keys"), None)
+    wrong_text = (
+        f", wrong keys {100 * wrong['top1']:.1f}% (95% CI {100 * wrong['top1_ci95'][0]:.1f}-"
+        f"{100 * wrong['top1_ci95'][1]:.1f}%, {wrong['budget']['keys']} keys)"
+        if wrong
+        else ""
+    )
     logger.info(
-        "attacks: %d scenarios in %.0f s; correct key %.1f%%, best attack %s %.1f%%; wrote %s",
+        "attacks: %d scenarios in %.0f s; correct key %.1f%%%s, best attack %s %.1f%%; wrote %s",
         len(rows),
         time.perf_counter() - started,
         100 * rows[0]["top1"] if rows else float("nan"),
+        wrong_text,
         best["scenario"] if best else "-",
         100 * best.get("top1_max", best["top1"]) if best else 0,
         out / "report.md",

@@ -57,7 +57,13 @@ def table(rows: Sequence[dict]) -> str:
     ]
     for row in rows:
         top1 = _percent(row["top1"])
-        if "top1_max" in row:
+        if "top1_ci95" in row:
+            (lo, hi), (a, b) = row["top1_ci95"], row["top1_central95"]
+            top1 += (
+                f" (mean; 95% CI {_percent(lo)}-{_percent(hi)}; 95% of keys "
+                f"{_percent(a)}-{_percent(b)}; max {_percent(row['top1_max'])})"
+            )
+        elif "top1_max" in row:
             top1 += f" (max {_percent(row['top1_max'])})"
         lines.append(
             f"| {row['scenario']} | {top1} | {_percent(row['key_recovered'])} | "
@@ -77,6 +83,14 @@ def findings(rows: Sequence[dict]) -> list[str]:
     floor = floor_row["top1"] if floor_row else 0.0
     gap = max(correct - floor, 1e-9)
     out = []
+    if "top1_ci95" in by.get("wrong_keys", {}):
+        w = by["wrong_keys"]
+        (lo, hi), (a, b) = w["top1_ci95"], w["top1_central95"]
+        out.append(
+            f"**Wrong keys**: {_percent(w['top1'])} on average over {w['budget']['keys']} random "
+            f"keys (95% CI of the mean {_percent(lo)}-{_percent(hi)}); 95% of the keys give "
+            f"{_percent(a)}-{_percent(b)}, against {_percent(correct)} with the key."
+        )
     for name in ("no_key", "random_key_search", "heuristic_key_search", "ciphertext_only"):
         if name not in by:
             continue

@@ -64,7 +64,12 @@ def test_the_numbers_are_consistent(audit):
     assert correct > 0.8 and rows["correct_key"]["key_recovered"] == 1.0
     assert correct > rows["wrong_keys"]["top1"] + 0.3
     assert correct > rows["no_key"]["top1"] + 0.3
-    assert rows["wrong_keys"]["top1_max"] >= rows["wrong_keys"]["top1"]
+    wrong = rows["wrong_keys"]
+    assert wrong["top1_max"] >= wrong["top1"]
+    lo, hi = wrong["top1_ci95"]
+    assert lo <= wrong["top1"] <= hi and hi - lo > 0  # 8 keys do not all give one accuracy
+    a, b = wrong["top1_central95"]
+    assert wrong["top1_min"] <= a <= b <= wrong["top1_max"]
     assert rows["random_key_search"]["key_recovered"] < 0.5  # 6 random keys find nothing
 
 

@@ -44,6 +44,21 @@ def test_table_shows_the_wrong_key_maximum():
     assert "| wrong_keys | 10.0% (max 20.0%) | - | keys 100 |" in table(ROWS)
 
 
+def test_wrong_keys_are_a_mean_with_its_interval():
+    from attacks.audit import spread
+
+    values = [0.05, 0.1, 0.15] * 40
+    row = _row("wrong_keys", 0.1, budget={"keys": 120}, **spread(values))
+    lo, hi = row["top1_ci95"]
+    assert lo == pytest.approx(0.1 - 1.96 * 0.0410 / 120**0.5, abs=1e-4) and hi > 0.1
+    assert row["top1_central95"] == [0.05, 0.15]
+    assert "| wrong_keys | 10.0% (mean; 95% CI 9.3%-10.7%; 95% of keys 5.0%-15.0%; max 15.0%)" in (
+        table([row])
+    )
+    line = findings([_row("correct_key", 0.9), row])[0]
+    assert line.startswith("**Wrong keys**: 10.0% on average over 120 random keys")
+
+
 def test_readme_block_is_replaced_and_nothing_else(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{README_BEGIN}\nold\n{README_END}\nb\n")
