@@ -1,7 +1,6 @@
 """Attacks on a protected model, and the owner's audit that runs them all.
 
-    python -m attacks --checkpoint runs/demo/protected/checkpoint.pt --key runs/demo/k.bin \\
-        --data runs/demo/shards --out report
+    python -m attacks --checkpoint runs/protected/checkpoint.pt --key k.bin --data shards
 
 - ``keyspace``: random keys of a scheme, keys as byte maps, how much of a key an estimate
   recovers.

@@ -1,5 +1,6 @@
 """The model owner's audit: every scenario of the threat model, one row each.
 
+    python -m attacks --checkpoint runs/protected/checkpoint.pt --key k.bin   # ./shards -> report
     python -m attacks --checkpoint runs/demo/protected/checkpoint.pt --key runs/demo/k.bin \\
         --data runs/demo/shards --baseline runs/demo/baseline/checkpoint.pt --out report
 
@@ -31,7 +32,7 @@ from attacks.ciphertext_only import estimate_key
 from attacks.finetune import finetune, stratified_subset
 from attacks.key_search import heuristic_key_search, random_key_search
 from attacks.keyspace import key_recovery, random_material, to_blocks
-from pipeline import BlockOp, KeyFileError, apply_op, decrypt, load_key
+from pipeline import BlockOp, KeyFileError, apply_op, decrypt, load_key, paths
 from pipeline.checkpoint import CheckpointError
 from pipeline.evaluation import EvalSet, load_model, load_split, predict, top1
 from pipeline.manifest import ManifestError, load_manifest
@@ -389,9 +390,17 @@ def parse_args(argv: list[str] | None) -> AuditConfig:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", required=True, help="the protected model's checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        default=paths.CHECKPOINT,
+        help=f"the protected model's checkpoint (default {paths.CHECKPOINT})",
+    )
     p.add_argument("--key", required=True, help="the owner's key file")
-    p.add_argument("--data", required=True, help="the encrypted shards it was trained on")
+    p.add_argument(
+        "--data",
+        default=paths.SHARDS,
+        help=f"the encrypted shards it was trained on (default {paths.SHARDS})",
+    )
     p.add_argument("--out", default=d["out"], help="report folder")
     p.add_argument("--baseline", help="checkpoint of a non-protected model, for reference")
     p.add_argument(

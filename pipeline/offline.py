@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import __version__
+from pipeline import __version__, paths
 from pipeline.blockwise import encrypt
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, probe
 from pipeline.keys import Key
@@ -86,7 +86,7 @@ class ShardConfig:
     """Everything that decides the shards' bytes, plus how to run."""
 
     src: str
-    out: str = "shards"
+    out: str = paths.SHARDS
     splits: tuple[str, ...] = SPLITS
     size: int = 224
     per_class: int | None = None

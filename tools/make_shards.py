@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 
+from pipeline import paths
 from pipeline.dali import DaliUnavailableError
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.digits import write_digits_tree
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="key file (tools/make_key.py); required unless --plain")
     p.add_argument("--plain", action="store_true", help="write unencrypted shards (baseline)")
     p.add_argument("--src", help="ImageNet-style root SRC/{train,val}/<class>/*; default: digits")
-    p.add_argument("--out", default="shards", help="output folder or fsspec URL (s3://...)")
+    p.add_argument(
+        "--out", default=paths.SHARDS, help=f"output folder or fsspec URL (default {paths.SHARDS})"
+    )
     p.add_argument("--split", choices=[*SPLITS, "all"], default="all")
     p.add_argument("--size", type=int, help="stored image size (default 224; 64 for the digits)")
     p.add_argument("--per-class", type=int, help="keep at most N images per class")

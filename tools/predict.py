@@ -1,7 +1,7 @@
 """Authorized inference: classify ordinary image files with a protected model and its key.
 
-    python tools/predict.py --key runs/demo/k.bin \\
-        --checkpoint runs/demo/protected/checkpoint.pt a.jpg b.png     # top-5 table per image
+    python tools/predict.py --key k.bin --checkpoint runs/protected/checkpoint.pt \\
+        a.jpg b.png                                               # top-5 table per image
     python tools/predict.py --key k.bin --checkpoint CKPT --topk 3 --json *.png
 
 Each image is decoded, resized and cropped as make_shards.py stored the training images (with
@@ -21,6 +21,7 @@ import sys
 
 import torch
 
+from pipeline import paths
 from pipeline.checkpoint import CheckpointError
 from pipeline.classifier import ImageFileError, ProtectedClassifier
 from pipeline.decode import DEFAULT_MAX_PIXELS
@@ -41,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
-    parser.add_argument("--checkpoint", required=True, help="the trained model's checkpoint.pt")
+    parser.add_argument(
+        "--checkpoint",
+        default=paths.CHECKPOINT,
+        help=f"the trained model's checkpoint.pt (default {paths.CHECKPOINT})",
+    )
     parser.add_argument(
         "--key", help="the key file the model was trained with (leave out for a plain model)"
     )

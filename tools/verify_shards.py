@@ -1,6 +1,6 @@
 """Re-read every shard under OUT (local or any fsspec URL) and check it against the manifest.
 
-    python tools/verify_shards.py shards
+    python tools/verify_shards.py                     # ./shards, where make_shards.py writes
     python tools/verify_shards.py s3://bucket/imagenet-10pct
 
 Checks each shard's SHA-256, byte size and sample count, and that every sample holds an image of
@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from pipeline import paths
 from pipeline.verify import verify_shards
 
 logger = logging.getLogger("verify_shards")
@@ -24,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("out", help="shard folder or URL (as given to make_shards --out)")
+    parser.add_argument(
+        "out",
+        nargs="?",
+        default=paths.SHARDS,
+        help=f"shard folder or URL, as given to make_shards.py --out (default {paths.SHARDS})",
+    )
     parser.add_argument("--split", choices=["train", "val", "all"], default="all")
     args = parser.parse_args(argv)
     splits = ("train", "val") if args.split == "all" else (args.split,)

@@ -1,7 +1,7 @@
 """Fine-tune a pre-trained timm model on encrypted (or plain) shards with DDP. No key needed.
 
-    torchrun --standalone --nproc_per_node=2 train/ddp.py                # embedded digits
-    torchrun --standalone --nproc_per_node=2 train/ddp.py --data runs/demo/shards-plain \\
+    torchrun train/ddp.py                              # ./shards -> runs/protected, 1 process
+    torchrun --standalone --nproc_per_node=2 train/ddp.py --data shards-plain \\
         --out runs/baseline                                               # non-protected
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         train/ddp.py --data s3://bucket/imagenet-10pct --model resnet50 --pretrained hub
@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from pipeline import paths
 from pipeline.atomic import atomic_write
 from pipeline.checkpoint import CheckpointError, load_checkpoint, manifest_digest, save_checkpoint
 from pipeline.dali import DaliUnavailableError
@@ -46,13 +47,11 @@ logger = logging.getLogger("train")
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 tqdm.monitor_interval = 0  # no monitor thread: DataLoader workers are forked from this process
 
-EMBEDDED_SHARDS = "runs/demo/shards"
-
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str = EMBEDDED_SHARDS
-    out: str = "runs/train"
+    data: str = paths.SHARDS  # where make_shards.py writes by default
+    out: str = paths.RUN
     model: str = "tf_efficientnet_lite0"
     pretrained: str = "package"
     epochs: int = 8
@@ -119,8 +118,14 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data", default=d.data, help="shard folder or URL with train/val manifests")
-    p.add_argument("--out", default=d.out, help="run folder: metrics.jsonl, checkpoint.pt")
+    p.add_argument(
+        "--data",
+        default=d.data,
+        help=f"shard folder or URL with train/val manifests (default {d.data})",
+    )
+    p.add_argument(
+        "--out", default=d.out, help=f"run folder: metrics.jsonl, checkpoint.pt (default {d.out})"
+    )
     p.add_argument("--model", default=d.model, help="any timm model name")
     p.add_argument(
         "--pretrained",
@@ -298,11 +303,11 @@ def train(config: TrainConfig, env: Dist) -> dict:
         train_set = open_split(config, env, "train")
         val_set = open_split(config, env, "val")
     except ManifestError:
-        if config.data == EMBEDDED_SHARDS and not Path(EMBEDDED_SHARDS).exists():
+        if config.data == paths.SHARDS and not Path(paths.SHARDS).exists():
             raise TrainError(
-                f"no shards at {EMBEDDED_SHARDS}; make them with `make demo`, or with "
-                "`python tools/make_key.py runs/demo/k.bin && python tools/make_shards.py "
-                "--key runs/demo/k.bin --out runs/demo/shards`"
+                f"no shards at {paths.SHARDS}; make them with `python tools/make_key.py k.bin && "
+                "python tools/make_shards.py --key k.bin`, or pass --data (`make demo` writes "
+                "runs/demo/shards)"
             ) from None
         raise
     check_shards(train_set, val_set)
