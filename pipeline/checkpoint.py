@@ -88,7 +88,7 @@ def check_fields(state: dict, source: str) -> None:
 def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found (a missing --resume file is an error)")
+        raise CheckpointError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types on a damaged file
