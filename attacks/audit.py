@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         run_audit(config)
-    except (AuditError, CheckpointError, ManifestError, KeyFileError, FileNotFoundError) as exc:
+    except (AuditError, CheckpointError, ManifestError, KeyFileError, OSError) as exc:
         logger.error("attacks: error: %s", exc)
         return 2
     return 0

@@ -70,12 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         dec = decrypt(enc, key)
         exact += int(np.array_equal(dec, img))
         rows.append([img, enc, dec, decrypt(enc, wrong)])
-    save_image_grid(
-        rows,
-        args.out,
-        col_titles=["plain", f"encrypted (M={m})", "decrypted, key", "decrypted, wrong key"],
-        row_titles=[name for name, _ in images],
-    )
+    try:
+        save_image_grid(
+            rows,
+            args.out,
+            col_titles=["plain", f"encrypted (M={m})", "decrypted, key", "decrypted, wrong key"],
+            row_titles=[name for name, _ in images],
+        )
+    except OSError as exc:  # a folder or file in the way, disk full, permission denied
+        logger.error("encryption_grid: error: cannot write %s: %s", args.out, exc)
+        return 2
     logger.info(
         "wrote %s: %d images encrypted with key %s (M=%d, %s); decrypt(encrypt(x)) == x "
         "exactly for %d/%d",

@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         ManifestError,
         DaliUnavailableError,
-        FileNotFoundError,
+        OSError,  # a file where the run folder should be, disk full, permission denied
         ValueError,
     ) as exc:
         logger.error("train: error: %s", exc)

@@ -159,6 +159,16 @@ def test_mismatched_keys_are_refused(digit_shards, tmp_path):
     assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
 
 
+def test_an_os_error_is_one_line_and_keeps_nothing_half_written(digit_shards, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    done = python_ddp("--data", str(digit_shards), "--out", str(blocker / "run"), "--epochs", "1",
+                      "--max-steps", "1", *FAST)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "train: error:" in done.stderr and str(blocker / "run") in done.stderr
+    assert blocker.read_text() == "not a folder" and list(tmp_path.iterdir()) == [blocker]
+
+
 def python_ddp(*args: str) -> subprocess.CompletedProcess:
     """train/ddp.py without torchrun: one process, its own exit code and messages."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
