@@ -27,6 +27,13 @@ Derivation, version 1. Every part comes from its own SHAKE-256 stream::
   left ^ R[r][right]``; ``table[x] = left << 4 | right``. A Feistel network is a bijection, so
   the table maps 0..255 onto 0..255 (shards stay lossless and exactly invertible; the authors'
   pyffx version maps into 3 decimal digits instead).
+- ``sample_order`` (label ``sample_order``): read 32 bytes, the *order key*. It is not key
+  material of the transform: the offline stage ranks source files with
+  ``HMAC-SHA256(order_key, ascii(seed) + b"\\x00" + path)`` to choose the subset and with
+  ``HMAC-SHA256(order_key, ascii(seed) + b"\\x00order/" + path)`` to order the samples, and
+  digests the source listing with ``HMAC-SHA256(order_key, listing)``, so that nobody without
+  the key can tell which source file sits at which position of encrypted shards
+  (``pipeline/sources.py``).
 
 Fingerprint: the first 16 bytes, in hex, of ``SHA-256(b"keyprotect/fingerprint/v1\\x00" + secret)``.
 It names a key in manifests and checkpoints; it reveals nothing usable about the secret.
@@ -123,6 +130,11 @@ def derive_ffx_table(secret: bytes, block_size: int) -> np.ndarray:
     return (left << 4 | right).astype(np.uint8)
 
 
+def derive_order_key(secret: bytes, block_size: int) -> bytes:
+    """The 32-byte key of the sample order and subset choice (label ``sample_order``)."""
+    return _Stream(secret, "sample_order", block_size).read(32)
+
+
 def derive_material(secret: bytes, block_size: int, transforms: Sequence[str]) -> KeyMaterial:
     """All key material for ``secret``, by derivation version 1 (see the module docstring)."""
     return KeyMaterial(
@@ -165,6 +177,11 @@ class Key:
     @cached_property
     def fingerprint(self) -> str:
         return fingerprint(self.secret)
+
+    @cached_property
+    def order_key(self) -> bytes:
+        """Keys the subset choice and sample order of encrypted shards (never stored)."""
+        return derive_order_key(self.secret, self.block_size)
 
     def __repr__(self) -> str:
         return (

@@ -4,6 +4,12 @@
 the data: image shape, block size, transforms, key fingerprint (or ``encrypted: false``), class
 names, the digest of the source listing, the rejected files with reasons, the options and the
 tool version. It holds no timestamps, so a resumed run writes the same bytes.
+
+Format version 2 (this version) names no source file in encrypted output: rejects are listed by
+sample key (``{"key", "reason"}``), the samples table's ``source`` column is null and the source
+digest is keyed (``pipeline/sources.py``); the owner's map is ``pipeline/sourcemap.py``. Plain
+output is as in version 1. Version 1 output (encrypted samples naming their source) still
+reads; rebuild it to stop its names giving known plaintext away.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from dataclasses import dataclass, field
 from pipeline.shards import ShardRecord
 from pipeline.storage import Storage
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 class ManifestError(ValueError):
@@ -39,7 +46,8 @@ SAMPLES_SCHEMA_FIELDS = (
 
 
 def samples_table_bytes(rows: list[list]) -> bytes:
-    """Parquet bytes of one row per sample: key, shard, label, source (path under SRC)."""
+    """Parquet bytes of one row per sample: key, shard, label, source (path under SRC; null in
+    encrypted output)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -103,10 +111,11 @@ class Manifest:
     def from_json(cls, text: str, source: str = "<manifest>") -> Manifest:
         try:
             data = json.loads(text)
-            if data.get("version") != MANIFEST_VERSION:
+            if data.get("version") not in READABLE_VERSIONS:
                 raise ManifestError(
                     f"{source}: manifest version {data.get('version')!r} is not supported "
-                    f"(this tool reads {MANIFEST_VERSION})"
+                    f"(this tool reads {', '.join(map(str, READABLE_VERSIONS))}); use the "
+                    "release that wrote it"
                 )
             shards = [ShardRecord(**s) for s in data["shards"]]
             manifest = cls(
@@ -123,6 +132,7 @@ class Manifest:
                 shards=shards,
                 rejects=list(data["rejects"]),
                 samples_table=data.get("samples_table"),
+                version=data["version"],
             )
         except ManifestError:
             raise

@@ -39,15 +39,8 @@ from pipeline.manifest import (
     write_manifest,
 )
 from pipeline.shards import ShardRecord, ShardWriter, index_name, sample_files, shard_name
-from pipeline.sources import (
-    SPLITS,
-    SourceItem,
-    find_classes,
-    list_split,
-    listing_digest,
-    read_classes_file,
-    select_subset,
-)
+from pipeline.sourcemap import log_rejects, reject_entry, reject_source
+from pipeline.sources import SPLITS, SourceItem, listing_digest, select_split
 from pipeline.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -210,15 +203,15 @@ def build_split(
     config: ShardConfig, split: str, key: Key | None, storage: Storage, stats: BuildStats
 ) -> Manifest:
     """Make (or finish, or confirm) the shards and manifest of one split."""
-    src = Path(config.src)
-    classes = (
-        read_classes_file(config.classes_file) if config.classes_file else find_classes(src, split)
-    )
-    items = select_subset(
-        list_split(src, split, classes),
+    order_key = None if key is None else key.order_key  # encrypted: an order nobody can redo
+    classes, items = select_split(
+        config.src,
+        split,
+        classes_file=config.classes_file,
         per_class=config.per_class,
         fraction=config.fraction,
         seed=config.seed,
+        order_key=order_key,
     )
     device = resolve_device(config.device, config.decoder)
     shape = [config.size, config.size, 3]
@@ -226,7 +219,7 @@ def build_split(
     identity = {
         "options": config.data_options(device),
         "classes": classes,
-        "source_digest": listing_digest(items),
+        "source_digest": listing_digest(items, order_key=order_key),
         "key_fingerprint": None if key is None else key.fingerprint,
         "block_size": None if key is None else key.block_size,
         "transforms": [] if key is None else list(key.transforms),
@@ -290,13 +283,14 @@ def build_split(
 
     limit = config.max_reject_fraction * len(items)
     if len(rejects) > limit:
-        examples = "; ".join(f"{r['source']}: {r['reason']}" for r in rejects[:5])
+        examples = "; ".join(f"{reject_source(r, items)}: {r['reason']}" for r in rejects[:5])
         raise ShardBuildError(
             f"{split}: {len(rejects)} of {len(items)} files rejected, more than "
             f"--max-reject-fraction {config.max_reject_fraction} allows (e.g. {examples}). "
             "Fix or remove the files, or raise --max-reject-fraction; finished shards are kept "
             "and a rerun resumes"
         )
+    log_rejects(split, rejects, items)
     manifest = Manifest(
         split=split,
         encrypted=key is not None,
@@ -460,12 +454,16 @@ def _build_shard(
             stats.encrypt_cpu_seconds += time.thread_time() - cpu
             samples = []
             for offset, (item, error) in enumerate(zip(batch, errors, strict=True)):
+                sample_key = f"{position + offset:08d}"
                 if error is not None:
-                    rejects.append({"source": item.path, "reason": error.reason})
+                    rejects.append(
+                        reject_entry(item, sample_key, error.reason, encrypted=key is not None)
+                    )
                     continue
-                files = sample_files(next(images), item.label, item.path, split)
-                samples.append((f"{position + offset:08d}", files))
-                rows.append([f"{position + offset:08d}", item.label, item.path])
+                source = item.path if key is None else None  # encrypted: names no source
+                files = sample_files(next(images), item.label, source, split)
+                samples.append((sample_key, files))
+                rows.append([sample_key, item.label, source])
             position += len(batch)
             if writing is not None:
                 writing.result()

@@ -1,8 +1,9 @@
 """Writing WebDataset shards reproducibly: GNU tar, fixed metadata, hashed while written.
 
 Per sample, in this order inside the tar: ``KEY.cls`` (ASCII class index), ``KEY.json``
-(``{"shape": [H, W, 3], "source": path relative to SRC, "split": ...}``) and ``KEY.u8`` (the raw
-HWC uint8 bytes of the image, encrypted unless the shards are plain). Every member has mtime 0,
+(``{"shape": [H, W, 3], "split": ...}``, plus ``"source"``, the path relative to SRC, in plain
+shards only: in encrypted ones a public file name would be known plaintext) and ``KEY.u8`` (the
+raw HWC uint8 bytes of the image, encrypted unless the shards are plain). Every member has mtime 0,
 owner 0:0 with empty names and mode 0644, so the same samples give byte-identical shards.
 GNU format, never PAX (DALI cannot read PAX headers). Each shard also gets a DALI index
 (``NAME.idx``, the ``wds2idx`` v1.2 format: a line per sample listing each file's extension,
@@ -50,8 +51,13 @@ def index_name(name: str) -> str:
     return name[: -len(".tar")] + ".idx" if name.endswith(".tar") else name + ".idx"
 
 
-def sample_files(image: np.ndarray, label: int, source: str, split: str) -> dict[str, bytes]:
-    meta = {"shape": list(image.shape), "source": source, "split": split}
+def sample_files(
+    image: np.ndarray, label: int, source: str | None, split: str
+) -> dict[str, bytes]:
+    """A sample's files; ``source=None`` (encrypted shards) leaves the source out."""
+    meta = {"shape": list(image.shape), "split": split}
+    if source is not None:
+        meta["source"] = source
     return {
         "cls": str(int(label)).encode("ascii"),
         "json": json.dumps(meta, sort_keys=True).encode("utf-8"),

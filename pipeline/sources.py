@@ -2,12 +2,17 @@
 
 ``SRC/{split}/{class}/{file}``. Class index = position of the class folder name in sorted order
 (as torchvision's ImageFolder does), or in the order of a ``--classes`` file. Subsets and the
-sample order are decided by SHA-256 of (seed, path), never by an RNG whose stream could change.
+sample order are decided by a hash of (seed, path), never by an RNG whose stream could change.
+For encrypted output that hash is keyed (HMAC-SHA256 with the key's order key, see
+``pipeline/keys.py``): with SHA-256 alone, anyone holding the public source listing and the
+default seed could recompute which source file sits at every position of every shard, and a
+public dataset's files are then known plaintext for the key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import math
 import os
@@ -97,8 +102,14 @@ def list_split(root: str | os.PathLike, split: str, classes: Sequence[str]) -> l
     return items
 
 
-def _rank(seed: int, path: str) -> bytes:
-    return hashlib.sha256(b"%d\x00%s" % (seed, path.encode())).digest()
+def _digest(data: bytes, order_key: bytes | None) -> bytes:
+    if order_key is None:  # plain shards name their sources anyway
+        return hashlib.sha256(data).digest()
+    return hmac.new(order_key, data, hashlib.sha256).digest()
+
+
+def _rank(seed: int, path: str, order_key: bytes | None) -> bytes:
+    return _digest(b"%d\x00%s" % (seed, path.encode()), order_key)
 
 
 def select_subset(
@@ -107,9 +118,11 @@ def select_subset(
     per_class: int | None = None,
     fraction: float | None = None,
     seed: int = 0,
+    order_key: bytes | None = None,
 ) -> list[SourceItem]:
     """Keep up to ``per_class`` and/or ``fraction`` of each class, chosen by ``seed``; then
-    order all kept samples by a seeded hash so that every shard mixes the classes."""
+    order all kept samples by a seeded hash so that every shard mixes the classes. With
+    ``order_key`` (``Key.order_key``; for encrypted output) the hash is keyed."""
     if per_class is not None and per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}")
     if fraction is not None and not 0 < fraction <= 1:
@@ -119,19 +132,41 @@ def select_subset(
         by_class.setdefault(item.label, []).append(item)
     kept = []
     for members in by_class.values():
-        members = sorted(members, key=lambda it: _rank(seed, it.path))
+        members = sorted(members, key=lambda it: _rank(seed, it.path, order_key))
         n = len(members)
         if fraction is not None:
             n = max(1, math.ceil(fraction * n))
         if per_class is not None:
             n = min(n, per_class)
         kept.extend(members[:n])
-    return sorted(kept, key=lambda it: _rank(seed, "order/" + it.path))
+    return sorted(kept, key=lambda it: _rank(seed, "order/" + it.path, order_key))
 
 
-def listing_digest(items: Sequence[SourceItem]) -> str:
-    """SHA-256 over the selected (split, label, path, size) lines, in shard order."""
-    h = hashlib.sha256()
-    for it in items:
-        h.update(f"{it.split}\t{it.label}\t{it.path}\t{it.size}\n".encode())
-    return h.hexdigest()
+def listing_digest(items: Sequence[SourceItem], *, order_key: bytes | None = None) -> str:
+    """SHA-256 over the selected (split, label, path, size) lines, in shard order; keyed
+    (HMAC-SHA256) with ``order_key``, so that it confirms no guess of the listing."""
+    lines = "".join(f"{it.split}\t{it.label}\t{it.path}\t{it.size}\n" for it in items)
+    return _digest(lines.encode(), order_key).hex()
+
+
+def select_split(
+    src: str | os.PathLike,
+    split: str,
+    *,
+    classes_file: str | None = None,
+    per_class: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    order_key: bytes | None = None,
+) -> tuple[list[str], list[SourceItem]]:
+    """The class names of ``split`` and its selected items in shard order: sample ``k`` of the
+    split's shards (key ``f"{k:08d}"``) comes from ``items[k]``."""
+    classes = read_classes_file(classes_file) if classes_file else find_classes(src, split)
+    items = select_subset(
+        list_split(src, split, classes),
+        per_class=per_class,
+        fraction=fraction,
+        seed=seed,
+        order_key=order_key,
+    )
+    return classes, items

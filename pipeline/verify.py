@@ -82,6 +82,8 @@ def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest) -> str 
         return (
             f"sample {key}: shape {meta.get('shape')} is not the manifest's {manifest.image_shape}"
         )
+    if manifest.encrypted and manifest.version >= 2 and "source" in meta:
+        return f"sample {key}: names its source file in encrypted shards (known plaintext)"
     try:
         label = int(files["cls"].decode("ascii"))
     except (UnicodeDecodeError, ValueError):
@@ -152,6 +154,13 @@ def verify_shards(url: str, splits: tuple[str, ...] = ("train", "val")) -> Verif
         except ManifestError as exc:
             report.problems.append(str(exc))
             continue
+        if manifest.encrypted and manifest.version < 2:
+            logger.warning(
+                "%s: made by an older version whose encrypted samples name their source files "
+                "(known plaintext for anyone who can fetch them); rebuild with make_shards "
+                "--overwrite and keep the --source-map with the key",
+                storage.uri(manifest_name(split)),
+            )
         for record in manifest.shards:
             problems, count = verify_shard(storage, record, manifest)
             report.problems.extend(problems)

@@ -4,10 +4,13 @@
     python tools/make_shards.py --key k.bin --src /data/imagenet --per-class 130 \\
         --out s3://bucket/imagenet-10pct --shard-size 200MB
     python tools/make_shards.py --plain --out shards-plain        # non-protected baseline
+    python tools/make_shards.py --key k.bin --src /data/imagenet --source-map k.sources.parquet
 
 Killed and rerun with the same arguments, it resumes and ends with the same bytes. Rejected
-files (unreadable, truncated, too large) are listed in the manifest; more than
---max-reject-fraction of them fails the run.
+files (unreadable, truncated, too large) are named in the log and listed in the manifest (by
+sample key only, when encrypted); more than --max-reject-fraction of them fails the run.
+Encrypted shards name no source file: --source-map writes the owner's sample-to-source table
+(mode 0600; keep it with the key), also for output made earlier with the same arguments.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pipeline.digits import write_digits_tree
 from pipeline.keys import KeyFileError, load_key
 from pipeline.manifest import ManifestError
 from pipeline.offline import BuildStats, ShardBuildError, ShardConfig, build_shards
+from pipeline.sourcemap import SourceMapError, check_location, write_source_map
 from pipeline.sources import SPLITS, SourceError
 
 logger = logging.getLogger("make_shards")
@@ -57,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images decoded per batch")
     p.add_argument("--threads", type=int, default=2, help="decoder threads")
     p.add_argument("--overwrite", action="store_true", help="replace shards made differently")
+    p.add_argument(
+        "--source-map",
+        help="also write the sample-to-source table here (Parquet, local or fsspec URL, mode "
+        "0600); it names every source file: keep it with the key, not with the shards",
+    )
     return p
 
 
@@ -95,11 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("pass --key FILE to encrypt, or --plain for unencrypted shards (not both)")
     stats = BuildStats()
     try:
+        if args.source_map:  # before any work
+            check_location(args.source_map, args.out)
         key = None if args.plain else load_key(args.key)
-        manifests = build_shards(config_from_args(args), key, stats=stats)
+        config = config_from_args(args)
+        manifests = build_shards(config, key, stats=stats)
+        if args.source_map:
+            write_source_map(args.source_map, src=config.src, out=config.out, key=key,
+                             splits=config.splits, classes_file=config.classes_file)  # fmt: skip
     except (
         KeyFileError,
         SourceError,
+        SourceMapError,
         ShardBuildError,
         ManifestError,
         DaliUnavailableError,

@@ -16,6 +16,7 @@ from pipeline import Key, decrypt
 from pipeline.decode import decode_pil
 from pipeline.manifest import load_manifest
 from pipeline.offline import ShardBuildError, ShardConfig, build_shards, samples_per_shard
+from pipeline.sourcemap import source_map_rows
 from pipeline.sources import SourceError
 from pipeline.storage import Storage
 from tests.conftest import FIXED_SECRET, write_jpeg_tree
@@ -31,8 +32,14 @@ def read_samples(path: Path) -> list[dict]:
     with tarfile.open(path) as tar:
         for member in tar:
             key, _, ext = member.name.partition(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+            samples.setdefault(key, {"key": key})[ext] = tar.extractfile(member).read()
     return [samples[k] for k in sorted(samples)]
+
+
+def source_of(src, out, key, split: str) -> dict[str, str]:
+    """Sample key -> source path, from the owner's source map (encrypted shards name none)."""
+    rows = source_map_rows(src=str(src), out=str(out), key=key, splits=(split,))
+    return {r[1]: r[4] for r in rows if r[5] is None}
 
 
 def test_shards_manifest_and_exact_decryption(jpeg_tree, tmp_path):
@@ -47,16 +54,18 @@ def test_shards_manifest_and_exact_decryption(jpeg_tree, tmp_path):
     assert FIXED_SECRET.hex() not in (tmp_path / "out" / "train.manifest.json").read_text()
 
     labels = []
+    sources = source_of(jpeg_tree, tmp_path / "out", key, "train")
     for record in train.shards:
         path = tmp_path / "out" / record.name
         assert path.stat().st_size == record.bytes
         for sample in read_samples(path):
             meta = json.loads(sample["json"])
+            assert set(meta) == {"shape", "split"}  # no source in encrypted shards
             image = np.frombuffer(sample["u8"], np.uint8).reshape(meta["shape"])
-            source = decode_pil((jpeg_tree / meta["source"]).read_bytes(), 64)
+            source = decode_pil((jpeg_tree / sources[sample["key"]]).read_bytes(), 64)
             assert np.array_equal(decrypt(image, key), source)  # lossless, same decoder
             assert not np.array_equal(image, source)
-            assert meta["source"].split("/")[1] == train.classes[int(sample["cls"])]
+            assert sources[sample["key"]].split("/")[1] == train.classes[int(sample["cls"])]
             labels.append(int(sample["cls"]))
     assert sorted(set(labels[:10])) != [labels[0]]  # shards mix the classes
 

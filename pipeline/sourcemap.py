@@ -1,0 +1,191 @@
+"""The owner's sample-to-source map, kept apart from encrypted shards.
+
+Encrypted shards, their index files, manifests and samples tables name no source file: for a
+public dataset a file name is known plaintext, and a few (plain, cipher) pairs give the key away
+(``python -m attacks`` measures it in its ``known_plaintext`` rows). Samples are keyed by
+position instead, and the position of every source file comes from the key's order key, so the
+owner (and only the owner) can always rebuild the map: sample ``k`` of a split is ``items[k]``
+of ``select_split`` run with the same options and key. ``write_source_map`` does that and
+writes one Parquet table (split, key, shard, label, source, rejected) with mode 0600; keep it
+with the key, never with the shards. Plain shards keep ``source`` in each sample as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.keys import Key
+from pipeline.manifest import Manifest, load_manifest, samples_table_name
+from pipeline.sources import SourceItem, listing_digest, select_split
+from pipeline.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+SOURCE_MAP_FIELDS = (
+    ("split", "string"),
+    ("key", "string"),
+    ("shard", "string"),  # null for a rejected file
+    ("label", "int32"),
+    ("source", "string"),  # path under SRC
+    ("rejected", "string"),  # the reason a file was rejected; null for a sample
+)
+
+
+class SourceMapError(ValueError):
+    """A source map that cannot be written; the message names the file and says what to do."""
+
+
+def reject_entry(item: SourceItem, key: str, reason: str, *, encrypted: bool) -> dict:
+    """A rejected file as the manifest records it: by sample key when encrypted."""
+    if encrypted:
+        return {"key": key, "reason": reason}
+    return {"source": item.path, "reason": reason}
+
+
+def reject_source(reject: dict, items: Sequence[SourceItem]) -> str:
+    """The path of a rejected file, from its manifest entry (either form)."""
+    return reject["source"] if "source" in reject else items[int(reject["key"])].path
+
+
+def log_rejects(split: str, rejects: Sequence[dict], items: Sequence[SourceItem]) -> None:
+    """Name every rejected file in the run's log (encrypted output does not name them)."""
+    for reject in rejects:
+        logger.warning("%s: rejected %s: %s", split, reject_source(reject, items), reject["reason"])
+
+
+def check_location(source_map: str, out: str) -> None:
+    """Refuse a source map inside the shards' folder: it must not travel with them."""
+    where = posixpath.normpath(_absolute(source_map))
+    folder = posixpath.normpath(_absolute(out))
+    if where == folder or where.startswith(folder.rstrip("/") + "/"):
+        raise SourceMapError(
+            f"--source-map {source_map} is inside --out {out}: the map names every sample's "
+            "source file, so it must not travel with the shards; keep it with the key"
+        )
+
+
+def _absolute(url: str) -> str:
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        return os.path.realpath(path)
+    return fs.unstrip_protocol(path)
+
+
+def source_map_rows(*, src: str, out: str, key: Key | None, splits: Sequence[str],
+                    classes_file: str | None = None) -> list[list]:  # fmt: skip
+    """One row per sample and per rejected file of ``splits`` under ``out``: ``[split, key,
+    shard, label, source, rejected]``."""
+    storage, rows = Storage(out), []
+    for split in splits:
+        manifest = load_manifest(storage, split)
+        _check_key(manifest, key, storage)
+        table = _samples_table(storage, manifest)
+        items: list[SourceItem] = []
+        if any(r["source"] is None for r in table) or any("key" in r for r in manifest.rejects):
+            items = _items(manifest, src, key, classes_file, storage)
+        for row in table:
+            source = row["source"] if row["source"] is not None else items[int(row["key"])].path
+            rows.append([split, row["key"], row["shard"], row["label"], source, None])
+        for reject in manifest.rejects:
+            label = items[int(reject["key"])].label if "key" in reject else None
+            rows.append(
+                [split, reject.get("key"), None, label, reject_source(reject, items),
+                 reject["reason"]]
+            )  # fmt: skip
+    return sorted(rows, key=lambda r: (r[0], r[1] or "", r[4]))
+
+
+def _check_key(manifest: Manifest, key: Key | None, storage: Storage) -> None:
+    fingerprint = None if key is None else key.fingerprint
+    if manifest.key_fingerprint != fingerprint:
+        raise SourceMapError(
+            f"{storage.uri(samples_table_name(manifest.split))}: the shards are "
+            f"{'plain' if manifest.key_fingerprint is None else manifest.key_fingerprint}, "
+            f"not {'plain' if key is None else key.fingerprint}; pass the key they were made with"
+        )
+
+
+def _items(manifest: Manifest, src: str, key: Key | None, classes_file: str | None,
+           storage: Storage) -> list[SourceItem]:  # fmt: skip
+    """The split's items in shard order, recomputed as the offline stage chose them."""
+    order_key = None if key is None else key.order_key
+    options = manifest.options
+    _, items = select_split(
+        src,
+        manifest.split,
+        classes_file=classes_file,
+        per_class=options.get("per_class"),
+        fraction=options.get("fraction"),
+        seed=options.get("seed", 0),
+        order_key=order_key,
+    )
+    if listing_digest(items, order_key=order_key) != manifest.source_digest:
+        raise SourceMapError(
+            f"{storage.uri(samples_table_name(manifest.split))}: {src} no longer lists the files these "
+            "shards were made from (files added, removed or changed, or other --per-class, "
+            "--fraction, --seed or --classes); run with the tree and options they were made with"
+        )
+    return items
+
+
+def _samples_table(storage: Storage, manifest: Manifest) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    with storage.open(manifest.samples_table or samples_table_name(manifest.split)) as f:
+        return pq.read_table(f).to_pylist()
+
+
+def source_map_bytes(rows: list[list]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in SOURCE_MAP_FIELDS])
+    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in SOURCE_MAP_FIELDS]
+    table = pa.Table.from_arrays(
+        [pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)], schema=schema
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def write_private(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` atomically; mode 0600 where the filesystem has modes."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open(path, "wb") as f:  # one upload: appears complete or not at all
+            f.write(data)
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # whatever the umask
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_source_map(url: str, *, src: str, out: str, key: Key | None, splits: Sequence[str],
+                     classes_file: str | None = None) -> int:  # fmt: skip
+    """Write the source map of the finished ``splits`` under ``out`` to ``url`` (local or any
+    fsspec URL); returns its row count. Works on output made earlier too: the map is rebuilt
+    from the source tree, the manifests and the key."""
+    check_location(url, out)
+    rows = source_map_rows(src=src, out=out, key=key, splits=splits, classes_file=classes_file)
+    write_private(url, source_map_bytes(rows))
+    logger.info("wrote the source map of %d files to %s; keep it with the key", len(rows), url)
+    return len(rows)
