@@ -23,7 +23,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.keys import Key
-from pipeline.manifest import Manifest, load_manifest, samples_table_name
+from pipeline.manifest import Manifest, load_manifest, manifest_name, samples_table_name
 from pipeline.sources import SourceItem, listing_digest, select_split
 from pipeline.storage import Storage
 
@@ -104,12 +104,15 @@ def source_map_rows(*, src: str, out: str, key: Key | None, splits: Sequence[str
 
 
 def _check_key(manifest: Manifest, key: Key | None, storage: Storage) -> None:
+    def name(fingerprint: str | None) -> str:
+        return "plain" if fingerprint is None else f"key {fingerprint}"
+
     fingerprint = None if key is None else key.fingerprint
     if manifest.key_fingerprint != fingerprint:
         raise SourceMapError(
-            f"{storage.uri(samples_table_name(manifest.split))}: the shards are "
-            f"{'plain' if manifest.key_fingerprint is None else manifest.key_fingerprint}, "
-            f"not {'plain' if key is None else key.fingerprint}; pass the key they were made with"
+            f"{storage.uri(manifest_name(manifest.split))}: these shards are "
+            f"{name(manifest.key_fingerprint)}, not {name(fingerprint)}; pass the key (or "
+            "--plain) they were made with"
         )
 
 

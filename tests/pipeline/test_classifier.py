@@ -10,7 +10,7 @@ from pipeline import Key, decrypt
 from pipeline.checkpoint import CheckpointError
 from pipeline.classifier import ImageFileError, ProtectedClassifier, check_key, read_image
 from pipeline.evaluation import load_split, predict
-from tests.conftest import FIXED_SECRET
+from tests.conftest import FIXED_SECRET, sources_by_key
 
 SAMPLES = 24  # val samples compared (several of each class)
 
@@ -18,10 +18,10 @@ SAMPLES = 24  # val samples compared (several of each class)
 def val_sources(digit_shards, tree=None) -> list:
     """The source PNG of each val sample, in shard order (the order ``load_split`` yields)."""
     tree = tree or digit_shards.parent / "digits-tree"
-    rows = sorted(pq.read_table(digit_shards / "val.samples.parquet").to_pylist(),
-                  key=lambda r: r["key"])  # fmt: skip
-    assert [int(r["key"]) for r in rows] == list(range(len(rows)))  # key = index in the split
-    return [tree / r["source"] for r in rows]
+    keys = sorted(r["key"] for r in pq.read_table(digit_shards / "val.samples.parquet").to_pylist())
+    assert [int(k) for k in keys] == list(range(len(keys)))  # key = index in the split
+    sources = sources_by_key(tree, digit_shards, Key(FIXED_SECRET), "val")
+    return [tree / sources[k] for k in keys]
 
 
 @pytest.fixture(scope="module")

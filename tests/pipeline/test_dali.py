@@ -12,7 +12,7 @@ import torch
 from pipeline import Key, decrypt
 from pipeline.decode import DecodeError, decode_pil
 from pipeline.offline import ShardConfig, build_shards
-from tests.conftest import FIXED_SECRET, write_jpeg_tree
+from tests.conftest import FIXED_SECRET, sources_by_key, write_jpeg_tree
 
 dali = pytest.importorskip("nvidia.dali", reason="DALI is installed on Linux x86_64 only")
 
@@ -68,10 +68,11 @@ def test_make_shards_with_dali_decrypts_to_dali_output(tmp_path):
     import webdataset as wds
 
     urls = [str(tmp_path / "out" / s.name) for s in manifest.shards]
+    sources = sources_by_key(src, tmp_path / "out", key, "val")
     for sample in wds.WebDataset(urls, shardshuffle=False):
         meta = json.loads(sample["json"])
         image = np.frombuffer(sample["u8"], np.uint8).reshape(meta["shape"])
-        (expected,) = decoder.decode([(src / meta["source"]).read_bytes()])
+        (expected,) = decoder.decode([(src / sources[sample["__key__"]]).read_bytes()])
         assert np.array_equal(decrypt(image, key), expected)  # exactly, for the same decoder
 
 

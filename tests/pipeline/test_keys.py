@@ -32,6 +32,7 @@ VECTORS = {
         ffx_mask="3f4d36c419a0ec392f628518134c5b5c588348987704dbdd7fdaa16237941e99",
         ffx_table="b8d0355a97effd8b024f598633b63f1c7a3346f143e884d7c84ccc7f005659ae",
         ffx_table_head=[62, 162, 254, 243, 144, 175, 105, 202],
+        order_key="13ec42bab67f719c411c82d295df56a6e670dac1e6fc199d8c26a6a5dd77e705",
     ),
     8: dict(
         permutation="1ba49023c4d4267f174904eff0fafcbb3138a971188d188ad47b4569b03727e6",
@@ -40,6 +41,7 @@ VECTORS = {
         ffx_mask="c19aeb44498c97ef0f27d479de95d5c88025e4125111da193beae7dd5fdc917e",
         ffx_table="eeadc2cac2195bbae012a9ac6af1cbfc3e68828ed05736bf522b4bda755156e0",
         ffx_table_head=[235, 230, 16, 32, 164, 180, 229, 128],
+        order_key="8870283dc0258df4d505516ccbddc441e715648b44bb6afc04ae6dd59510eb97",
     ),
 }
 FINGERPRINT = "0b4144ea255ab743743f71b51db262f6"
@@ -57,6 +59,7 @@ def test_known_answer_vectors(block_size):
     assert sha(m.ffx_mask, "u1") == v["ffx_mask"]
     assert m.ffx_table[:8].tolist() == v["ffx_table_head"]
     assert sha(m.ffx_table, "u1") == v["ffx_table"]
+    assert key.order_key.hex() == v["order_key"]
 
 
 def test_known_answer_ciphertext():
@@ -92,7 +95,9 @@ def test_derivation_follows_the_documented_algorithm(block_size):
         for r in range(10):
             left, right = right, left ^ (rounds[16 * r + right] & 15)
         table.append(left << 4 | right)
-    m = Key(secret, block_size).material
+    key = Key(secret, block_size)
+    m = key.material
+    assert key.order_key == spec_stream(secret, "sample_order", block_size, 32)
     assert m.permutation.tolist() == perm
     assert m.np_mask.tolist() == np_mask
     assert m.ffx_mask.tolist() == ffx_mask

@@ -16,10 +16,9 @@ from pipeline import Key, decrypt
 from pipeline.decode import decode_pil
 from pipeline.manifest import load_manifest
 from pipeline.offline import ShardBuildError, ShardConfig, build_shards, samples_per_shard
-from pipeline.sourcemap import source_map_rows
 from pipeline.sources import SourceError
 from pipeline.storage import Storage
-from tests.conftest import FIXED_SECRET, write_jpeg_tree
+from tests.conftest import FIXED_SECRET, sources_by_key, write_jpeg_tree
 
 
 def config(src, out, **kw) -> ShardConfig:
@@ -36,12 +35,6 @@ def read_samples(path: Path) -> list[dict]:
     return [samples[k] for k in sorted(samples)]
 
 
-def source_of(src, out, key, split: str) -> dict[str, str]:
-    """Sample key -> source path, from the owner's source map (encrypted shards name none)."""
-    rows = source_map_rows(src=str(src), out=str(out), key=key, splits=(split,))
-    return {r[1]: r[4] for r in rows if r[5] is None}
-
-
 def test_shards_manifest_and_exact_decryption(jpeg_tree, tmp_path):
     key = Key(FIXED_SECRET)
     manifests = build_shards(config(jpeg_tree, tmp_path / "out"), key)
@@ -54,7 +47,7 @@ def test_shards_manifest_and_exact_decryption(jpeg_tree, tmp_path):
     assert FIXED_SECRET.hex() not in (tmp_path / "out" / "train.manifest.json").read_text()
 
     labels = []
-    sources = source_of(jpeg_tree, tmp_path / "out", key, "train")
+    sources = sources_by_key(jpeg_tree, tmp_path / "out", key, "train")
     for record in train.shards:
         path = tmp_path / "out" / record.name
         assert path.stat().st_size == record.bytes

@@ -113,11 +113,29 @@ def test_webdataset_reads_the_shards(reference):
     for sample in wds.WebDataset(urls, shardshuffle=False):
         meta = json.loads(sample["json"])
         image = np.frombuffer(sample["u8"], np.uint8).reshape(meta["shape"])  # the only reshaping
-        label = int(sample["cls"])
-        assert meta["source"].split("/")[1] == manifest["classes"][label]
+        assert "source" not in meta and 0 <= int(sample["cls"]) < len(manifest["classes"])
         assert decrypt(image, key).std() > 5  # a real picture again
         count += 1
     assert count == manifest["total_samples"] == 48
+
+
+def test_source_map_of_finished_output(tree, key_file, reference, tmp_path):
+    import pyarrow.parquet as pq
+
+    inside = tool("make_shards.py", *shard_args(tree, key_file, tmp_path / "o"),
+                  "--source-map", str(tmp_path / "o" / "map.parquet"))  # fmt: skip
+    assert inside.returncode == 2 and "must not travel with the shards" in inside.stderr
+    assert not (tmp_path / "o").exists()  # refused before any work
+    path = tmp_path / "owner" / "k.sources.parquet"
+    done = tool("make_shards.py", *shard_args(tree, key_file, reference), "--source-map", str(path))
+    assert done.returncode == 0 and "already complete" in done.stderr, done.stderr
+    assert "keep it with the key" in done.stderr and os.stat(path).st_mode & 0o777 == 0o600
+    rows = pq.read_table(path).to_pylist()
+    assert len(rows) == 64 and len({(r["split"], r["key"]) for r in rows}) == 64
+    manifest = json.loads((reference / "train.manifest.json").read_text())
+    for row in rows:
+        assert (tree / row["source"]).is_file()
+        assert row["source"].split("/")[1] == manifest["classes"][row["label"]]
 
 
 def test_verify_catches_a_wrong_or_missing_dali_index(reference, tmp_path):
