@@ -7,7 +7,8 @@
 The encrypted shards are reused: the val shards are decrypted with the owner's key (exactly)
 and re-encrypted as each scenario needs; accuracy is always measured on those held-out val
 images. The attackers' plain images come from the decrypted train split, and the encrypted
-train shards are the "leaked data" of the ciphertext-only attack. Budgets are options; the
+train shards are the "leaked data" of the ciphertext-only attack; the first train images and
+their ciphertexts are the known-plaintext pairs. Budgets are options; the
 defaults finish on the embedded demo on a 2-core CPU in a few minutes.
 """
 
@@ -32,6 +33,7 @@ from attacks.ciphertext_only import estimate_key
 from attacks.finetune import finetune, stratified_subset
 from attacks.key_search import heuristic_key_search, random_key_search
 from attacks.keyspace import key_recovery, random_material, to_blocks
+from attacks.known_plaintext import solve_key
 from pipeline import BlockOp, KeyFileError, apply_op, decrypt, load_key, paths
 from pipeline.checkpoint import CheckpointError
 from pipeline.evaluation import EvalSet, load_model, load_split, predict, top1
@@ -48,6 +50,7 @@ SCENARIOS = (
     "random_key_search",
     "heuristic_key_search",
     "ciphertext_only",
+    "known_plaintext",
     "finetune",
 )
 
@@ -69,6 +72,7 @@ class AuditConfig:
     search_keys: int = 200  # random key search: keys tried
     search_steps: int = 300  # heuristic key search: moves evaluated
     leaked_images: int = 2000  # ciphertext-only: encrypted train images used
+    known_pairs: tuple[int, ...] = (1, 10)  # known-plaintext: (plain, cipher) pairs held
     finetune_fractions: tuple[float, ...] = (0.01, 0.10)
     finetune_steps: int = 100
     finetune_lr: float = 1e-3
@@ -146,6 +150,7 @@ def prepare(config: AuditConfig) -> Audit:
     needed = max(
         config.attacker_images,
         config.leaked_images,
+        max(config.known_pairs, default=0),
         math.ceil(max(config.finetune_fractions, default=0) * train_total),
     )
     train = load_split(config.data, "train", crop_size=crop, limit=needed)
@@ -269,6 +274,16 @@ def ciphertext_only(a: Audit) -> list[dict]:
     return [row]
 
 
+def known_plaintext(a: Audit) -> list[dict]:
+    rows = []
+    for k in a.config.known_pairs:
+        solved = solve_key(a.train_plain.images[:k], a.train_encrypted[:k], *a.scheme)
+        row = _estimated_key_row(a, f"known_plaintext_{k}", f"known plaintext, k={k}", solved.op,
+                                 pairs=solved.pairs, blocks=solved.blocks)  # fmt: skip
+        rows.append(row)
+    return rows
+
+
 def finetune_attacks(a: Audit) -> list[dict]:
     pool = a.train_plain
     state_config = a.meta["config"]
@@ -320,7 +335,8 @@ def run_audit(config: AuditConfig) -> list[dict]:
     steps: dict[str, Callable[[Audit], list[dict]]] = {
         "correct_key": correct_key, "no_key": no_key, "wrong_keys": wrong_keys,
         "random_key_search": random_search, "heuristic_key_search": heuristic_search,
-        "ciphertext_only": ciphertext_only, "finetune": finetune_attacks,
+        "ciphertext_only": ciphertext_only, "known_plaintext": known_plaintext,
+        "finetune": finetune_attacks,
     }  # fmt: skip
     rows: list[dict] = []
     for name, step in steps.items():
@@ -431,6 +447,11 @@ def parse_args(argv: list[str] | None) -> AuditConfig:
         help="ciphertext-only: encrypted train images used",
     )
     p.add_argument(
+        "--known-pairs",
+        default="1,10",
+        help="known-plaintext: numbers of (plain, cipher) image pairs the attacker holds",
+    )
+    p.add_argument(
         "--finetune-fractions",
         default="0.01,0.1",
         help="fractions of the train set the fine-tuning attacks get",
@@ -453,13 +474,20 @@ def parse_args(argv: list[str] | None) -> AuditConfig:
     fractions = tuple(float(f) for f in a.finetune_fractions.split(",") if f)
     if any(not 0 < f <= 1 for f in fractions):
         p.error("--finetune-fractions must be in (0, 1]")
+    try:
+        pairs = tuple(int(k) for k in a.known_pairs.split(",") if k)
+    except ValueError:
+        pairs = (0,)
+    if any(k < 1 for k in pairs):
+        p.error(f"--known-pairs {a.known_pairs!r} must be whole numbers >= 1, e.g. 1,10")
     for name in ("wrong_keys", "attacker_images", "search_keys", "search_steps",
                  "leaked_images", "finetune_steps"):  # fmt: skip
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if a.wrong_keys < 100:
         logger.warning("attacks: %d wrong keys; the audit calls for at least 100", a.wrong_keys)
-    values = {**vars(a), "scenarios": scenarios, "finetune_fractions": fractions}
+    values = {**vars(a), "scenarios": scenarios, "finetune_fractions": fractions,
+              "known_pairs": pairs}  # fmt: skip
     return AuditConfig(**values)
 
 

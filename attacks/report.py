@@ -32,6 +32,8 @@ THREATS = {
     "heuristic_key_search": "as random search, then hill-climbs on the key",
     "ciphertext_only": "leaked encrypted train shards, the algorithm and natural-image "
     "statistics; the model (no labels) only to pick among block symmetries and the negative",
+    "known_plaintext": "k plain images and their encryptions (for example the public files "
+    "that older shards named); solves for the key, no model needed",
     "finetune_attack": "the model and a few plain labelled images, to fine-tune it",
     "finetune_pretrained": "the public pre-trained model and the same images (reference for "
     "the fine-tuning attack)",
@@ -91,7 +93,9 @@ def findings(rows: Sequence[dict]) -> list[str]:
             f"keys (95% CI of the mean {_percent(lo)}-{_percent(hi)}); 95% of the keys give "
             f"{_percent(a)}-{_percent(b)}, against {_percent(correct)} with the key."
         )
-    for name in ("no_key", "random_key_search", "heuristic_key_search", "ciphertext_only"):
+    attacks = ["no_key", "random_key_search", "heuristic_key_search", "ciphertext_only"]
+    attacks += [r["scenario"] for r in rows if r["scenario"].startswith("known_plaintext_")]
+    for name in attacks:
         if name not in by:
             continue
         top1 = by[name]["top1"]
@@ -100,6 +104,12 @@ def findings(rows: Sequence[dict]) -> list[str]:
         out.append(
             f"**{name} {verdict}**: {_percent(top1)} against {_percent(correct)} with the key "
             f"and {_percent(floor)} with wrong keys ({100 * max(share, 0):.0f}% of the gap)."
+            + (
+                f" It recovers {_percent(by[name]['key_recovered'])} of the key from "
+                f"{by[name]['budget']['pairs']} known pair(s)."
+                if name.startswith("known_plaintext_")
+                else ""
+            )
         )
     if "wrong_keys" in by and (by["wrong_keys"]["top1_max"] - floor) / gap >= 0.5:
         out.append(f"**Some random keys work**: the best of {by['wrong_keys']['budget']['keys']} "
@@ -130,7 +140,7 @@ def findings(rows: Sequence[dict]) -> list[str]:
 def markdown(rows: Sequence[dict], meta: dict) -> str:
     threats = []
     for row in rows:
-        base = re.sub(r"_\d+pct$", "", row["scenario"])
+        base = re.sub(r"_\d+(pct)?$", "", row["scenario"])
         if base in THREATS and base not in [t[0] for t in threats]:
             threats.append((base, THREATS[base]))
     parts = [

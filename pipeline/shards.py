@@ -51,9 +51,7 @@ def index_name(name: str) -> str:
     return name[: -len(".tar")] + ".idx" if name.endswith(".tar") else name + ".idx"
 
 
-def sample_files(
-    image: np.ndarray, label: int, source: str | None, split: str
-) -> dict[str, bytes]:
+def sample_files(image: np.ndarray, label: int, source: str | None, split: str) -> dict[str, bytes]:
     """A sample's files; ``source=None`` (encrypted shards) leaves the source out."""
     meta = {"shape": list(image.shape), "split": split}
     if source is not None:

@@ -132,8 +132,8 @@ def _items(manifest: Manifest, src: str, key: Key | None, classes_file: str | No
     )
     if listing_digest(items, order_key=order_key) != manifest.source_digest:
         raise SourceMapError(
-            f"{storage.uri(samples_table_name(manifest.split))}: {src} no longer lists the files these "
-            "shards were made from (files added, removed or changed, or other --per-class, "
+            f"{storage.uri(manifest_name(manifest.split))}: {src} no longer lists the files "
+            "these shards were made from (files added, removed or changed, or other --per-class, "
             "--fraction, --seed or --classes); run with the tree and options they were made with"
         )
     return items

@@ -16,10 +16,12 @@ from tests.conftest import FIXED_SECRET
 from tests.train.conftest import ROOT
 
 SMALL = ["--wrong-keys", "8", "--search-keys", "6", "--search-steps", "6", "--attacker-images",
-         "48", "--leaked-images", "300", "--finetune-steps", "4"]  # fmt: skip
+         "48", "--leaked-images", "300", "--finetune-steps", "4",
+         "--known-pairs", "1,3"]  # fmt: skip
 NAMES = ["correct_key", "no_key", "wrong_keys", "random_key_search", "heuristic_key_search",
-         "ciphertext_only", "finetune_attack_1pct", "finetune_attack_10pct",
-         "finetune_pretrained_1pct", "finetune_pretrained_10pct"]  # fmt: skip
+         "ciphertext_only", "known_plaintext_1", "known_plaintext_3", "finetune_attack_1pct",
+         "finetune_attack_10pct", "finetune_pretrained_1pct",
+         "finetune_pretrained_10pct"]  # fmt: skip
 
 
 def attacks(*args: str) -> subprocess.CompletedProcess:
@@ -55,6 +57,8 @@ def test_every_scenario_is_a_row(audit):
         by["finetune_attack_10pct"]["budget"]["images"]
         > by["finetune_attack_1pct"]["budget"]["images"]
     )
+    assert by["known_plaintext_3"]["budget"]["pairs"] == 3
+    assert by["known_plaintext_3"]["budget"]["blocks"] > by["known_plaintext_1"]["budget"]["blocks"]
     assert "| ciphertext_only |" in done.stdout  # the table is printed
 
 
@@ -71,6 +75,9 @@ def test_the_numbers_are_consistent(audit):
     a, b = wrong["top1_central95"]
     assert wrong["top1_min"] <= a <= b <= wrong["top1_max"]
     assert rows["random_key_search"]["key_recovered"] < 0.5  # 6 random keys find nothing
+    # Three known digits (grey: the channels stay ambiguous) give a key the model accepts.
+    assert rows["known_plaintext_3"]["top1"] > correct - 0.1
+    assert set(rows["known_plaintext_3"]["parts"]) >= {"permutation", "byte_maps"}
 
 
 def test_report_and_figures(audit):
@@ -115,3 +122,5 @@ def test_bad_options_fail_before_any_work(protected_run, digit_shards, test_key_
     assert not (tmp_path / "r").exists()
     done = attacks(*base, "--scenarios", "correct_key,guessing")
     assert done.returncode == 2 and "unknown scenario(s) ['guessing']" in done.stderr
+    done = attacks(*base, "--known-pairs", "1,ten")
+    assert done.returncode == 2 and "--known-pairs '1,ten' must be whole numbers" in done.stderr

@@ -171,7 +171,8 @@ def test_output_of_format_version_1_still_reads(tmp_path):
     report = verify_shards(str(V1))
     assert report.ok and report.checked_samples == 10, report.problems
     split = load_split(str(V1), "val")
-    assert split.images.shape == (4, 8, 8, 3) and split.key_fingerprint == Key(FIXED_SECRET).fingerprint
+    assert split.images.shape == (4, 8, 8, 3)
+    assert split.key_fingerprint == Key(FIXED_SECRET).fingerprint
     rows = source_map_rows(src=str(tmp_path), out=str(V1), key=Key(FIXED_SECRET), splits=("val",))
     assert [r[4].split("/")[1] for r in rows] == [f"n{r[3]:08d}" for r in rows]
 
