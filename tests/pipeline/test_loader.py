@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
+import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline import Key, encrypt
+from pipeline import Key, decrypt, encrypt
 from pipeline.loader import LoaderConfig, ShardDataset, make_loader, to_model_input
 from pipeline.offline import ShardConfig, build_shards
+from pipeline.shards import ShardWriter
 from tests.conftest import FIXED_SECRET, write_jpeg_tree
 
 
@@ -89,17 +94,35 @@ def test_eval_crop_takes_the_centre_pixels_on_the_block_grid(shards):
     assert not np.array_equal(cropped, full[:, 10:54, 10:54])
 
 
+def decrypted_copy(out: Path, dest: Path, key: Key) -> Path:
+    """The same shards, each image decrypted in place: same samples, order and sizes (plain
+    shards of the same files are in another order, which only the key decides)."""
+    shutil.copytree(out, dest)
+    for path in sorted(dest.glob("*.tar")):
+        samples: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(path) as tar:
+            for member in tar:
+                name, _, ext = member.name.partition(".")
+                samples.setdefault(name, {})[ext] = tar.extractfile(member).read()
+        with ShardWriter(path, path.name) as writer:
+            for name, files in samples.items():
+                image = np.frombuffer(files["u8"], np.uint8).reshape(
+                    json.loads(files["json"])["shape"]
+                )
+                writer.write(name, {**files, "u8": decrypt(image, key).tobytes()})
+    return dest
+
+
 def test_random_crops_are_block_aligned_and_commute_with_encryption(tmp_path):
     src = write_jpeg_tree(tmp_path / "src", classes=2, train=3, val=1, size=(96, 72))
     key = Key(FIXED_SECRET)
-    for plain in (True, False):
-        build_shards(ShardConfig(src=str(src), out=str(tmp_path / f"s{plain}"), size=64,
-                                 decoder="pil", plain=plain, splits=("train",)),
-                     None if plain else key)  # fmt: skip
+    build_shards(ShardConfig(src=str(src), out=str(tmp_path / "enc"), size=64, decoder="pil",
+                             splits=("train",)), key)  # fmt: skip
     config = LoaderConfig(batch_size=2, num_workers=0, crop_size=40, seed=7, shuffle_buffer=1,
                           crop_grid=4)  # fmt: skip
-    plain = list(ShardDataset(str(tmp_path / "sTrue"), "train", config=config))
-    secret = list(ShardDataset(str(tmp_path / "sFalse"), "train", config=config))
+    plain_copy = decrypted_copy(tmp_path / "enc", tmp_path / "dec", key)
+    plain = list(ShardDataset(str(plain_copy), "train", config=config))
+    secret = list(ShardDataset(str(tmp_path / "enc"), "train", config=config))
     for (p, lp, _), (e, le, _) in zip(plain, secret, strict=True):
         assert lp == le and p.shape == e.shape == (40, 40, 3)
         assert np.array_equal(encrypt(p.numpy(), key), e.numpy())  # same crop, same offsets
