@@ -15,13 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-import secrets
 from collections.abc import Sequence
-from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.atomic import atomic_write
 from pipeline.keys import Key
 from pipeline.manifest import Manifest, load_manifest, manifest_name, samples_table_name
 from pipeline.sources import SourceItem, listing_digest, select_split
@@ -52,7 +51,17 @@ def reject_entry(item: SourceItem, key: str, reason: str, *, encrypted: bool) ->
 
 def reject_source(reject: dict, items: Sequence[SourceItem]) -> str:
     """The path of a rejected file, from its manifest entry (either form)."""
-    return reject["source"] if "source" in reject else items[int(reject["key"])].path
+    return reject["source"] if "source" in reject else _item(items, reject["key"]).path
+
+
+def _item(items: Sequence[SourceItem], key: object) -> SourceItem:
+    """The source item of sample ``key`` (its position in the split's shard order)."""
+    if isinstance(key, str) and key.isdigit() and int(key) < len(items):
+        return items[int(key)]
+    raise SourceMapError(
+        f"sample key {key!r} is not a position among the {len(items)} selected files; the "
+        "manifest or samples table was edited or damaged: rebuild the shards"
+    )
 
 
 def log_rejects(split: str, rejects: Sequence[dict], items: Sequence[SourceItem]) -> None:
@@ -92,10 +101,10 @@ def source_map_rows(*, src: str, out: str, key: Key | None, splits: Sequence[str
         if any(r["source"] is None for r in table) or any("key" in r for r in manifest.rejects):
             items = _items(manifest, src, key, classes_file, storage)
         for row in table:
-            source = row["source"] if row["source"] is not None else items[int(row["key"])].path
+            source = row["source"] if row["source"] is not None else _item(items, row["key"]).path
             rows.append([split, row["key"], row["shard"], row["label"], source, None])
         for reject in manifest.rejects:
-            label = items[int(reject["key"])].label if "key" in reject else None
+            label = _item(items, reject["key"]).label if "key" in reject else None
             rows.append(
                 [split, reject.get("key"), None, label, reject_source(reject, items),
                  reject["reason"]]
@@ -163,23 +172,11 @@ def source_map_bytes(rows: list[list]) -> bytes:
 def write_private(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` atomically; mode 0600 where the filesystem has modes."""
     fs, path = fsspec.core.url_to_fs(url)
-    if not isinstance(fs, LocalFileSystem):
+    if isinstance(fs, LocalFileSystem):
+        atomic_write(path, data, perm=0o600)
+    else:
         with fs.open(path, "wb") as f:  # one upload: appears complete or not at all
             f.write(data)
-        return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)  # whatever the umask
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_source_map(url: str, *, src: str, out: str, key: Key | None, splits: Sequence[str],
