@@ -159,17 +159,19 @@ def test_source_map_to_s3(built, s3_env):
 V1 = Path(__file__).parent / "data" / "v1-encrypted"
 
 
-def test_output_of_format_version_1_still_reads(tmp_path):
+def test_output_of_format_version_1_still_reads(tmp_path, caplog):
     """Shards made by the previous release (commit f0d02e3), whose samples name their source:
-    the loader, verify and the source map still work on them."""
+    the loader, verify and the source map still work on them, and verify says to rebuild."""
     import json
 
     from pipeline.evaluation import load_split
     from pipeline.verify import verify_shards
 
     assert json.loads((V1 / "val.manifest.json").read_text())["version"] == 1
-    report = verify_shards(str(V1))
+    with caplog.at_level(logging.WARNING, logger="pipeline.verify"):
+        report = verify_shards(str(V1))
     assert report.ok and report.checked_samples == 10, report.problems
+    assert "name their source files" in caplog.text and "--overwrite" in caplog.text
     split = load_split(str(V1), "val")
     assert split.images.shape == (4, 8, 8, 3)
     assert split.key_fingerprint == Key(FIXED_SECRET).fingerprint
