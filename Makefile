@@ -25,7 +25,7 @@ PLAIN := $(DEMO)/shards-plain/val.manifest.json
 TORCHRUN := $(PY) -m torch.distributed.run --standalone --nproc_per_node=2
 
 $(SHARDS): $(KEY)
-	$(PY) tools/make_shards.py --key $(KEY) --out $(DEMO)/shards
+	$(PY) tools/make_shards.py --key $(KEY) --out $(DEMO)/shards --source-map $(DEMO)/sources.parquet
 	$(PY) tools/verify_shards.py $(DEMO)/shards
 
 $(PLAIN): | $(STAMP)
