@@ -36,6 +36,7 @@ from attacks.keyspace import key_recovery, random_material, to_blocks
 from attacks.known_plaintext import solve_key
 from pipeline import BlockOp, KeyFileError, apply_op, decrypt, load_key, paths
 from pipeline.checkpoint import CheckpointError
+from pipeline.device import DEVICE_CHOICES, model_device, resolve_device
 from pipeline.evaluation import EvalSet, load_model, load_split, predict, top1
 from pipeline.manifest import ManifestError, load_manifest
 from pipeline.models import create_model
@@ -97,13 +98,17 @@ class Audit:
     train_total: int
     true_op: BlockOp
     scheme: tuple[int, tuple[str, ...]]
-    device: str
     estimated: dict[str, BlockOp]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is: every scenario runs there."""
+        return model_device(self.model)
 
     @cached_property
     def correct_top1(self) -> float:
         """Top-1 on the encrypted val shards as stored (the authorized user)."""
-        return top1(self.model, self.encrypted_val, device=self.device)
+        return top1(self.model, self.encrypted_val)
 
     def rng(self, name: str) -> np.random.Generator:
         """An independent, reproducible stream per scenario."""
@@ -112,7 +117,7 @@ class Audit:
     def accuracy(self, op: BlockOp | None) -> float:
         """Top-1 on held-out val, encrypted with ``op`` (plain when None)."""
         transform = None if op is None else (lambda x: apply_op(x, op))
-        return top1(self.model, self.val, transform, device=self.device)
+        return top1(self.model, self.val, transform)
 
     def attacker_set(self) -> tuple[np.ndarray, np.ndarray]:
         n = self.config.attacker_images
@@ -122,15 +127,9 @@ class Audit:
         return key_recovery(op, self.true_op, self.scheme[1])
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def prepare(config: AuditConfig) -> Audit:
     key = load_key(config.key)
-    device = _device(config.device)
+    device = resolve_device(config.device)
     model, meta = load_model(config.checkpoint, device)
     if meta["key_fingerprint"] is None:
         raise AuditError(f"{config.checkpoint}: a model trained on plain data has no key to audit")
@@ -168,7 +167,7 @@ def prepare(config: AuditConfig) -> Audit:
     return Audit(
         config=config, model=model, meta=meta, val=plain_val, encrypted_val=encrypted_val,
         train_plain=train_plain, train_encrypted=train.images, train_total=train_total,
-        true_op=key.material.encrypt_op, scheme=(key.block_size, key.transforms), device=device,
+        true_op=key.material.encrypt_op, scheme=(key.block_size, key.transforms),
         estimated={},
     )  # fmt: skip
 
@@ -183,7 +182,7 @@ def correct_key(a: Audit) -> list[dict]:
         baseline, meta = load_model(a.config.baseline, a.device)
         if meta["key_fingerprint"] is not None:
             raise AuditError(f"{a.config.baseline}: --baseline must be a model of plain data")
-        rows.append(_row("baseline", top1(baseline, a.val, device=a.device)))
+        rows.append(_row("baseline", top1(baseline, a.val)))
     return rows
 
 
@@ -257,7 +256,7 @@ def ciphertext_only(a: Audit) -> list[dict]:
     natural = a.attacker_set()[0]  # natural-image statistics: plain images, no labels
 
     def confidence(op: BlockOp) -> float:
-        logits = torch.from_numpy(predict(a.model, apply_op(natural, op), device=a.device))
+        logits = torch.from_numpy(predict(a.model, apply_op(natural, op)))
         return float(logits.softmax(1).max(1).values.mean())
 
     estimate = estimate_key(
@@ -311,9 +310,8 @@ def finetune_attacks(a: Audit) -> list[dict]:
                 steps=a.config.finetune_steps,
                 lr=a.config.finetune_lr,
                 seed=a.config.seed,
-                device=a.device,
             )
-            acc = top1(tuned, a.val, device=a.device)
+            acc = top1(tuned, a.val)
             (stolen if name == "finetune_attack" else rows).append(
                 _row(f"{name}_{tag}", acc, **budget)
             )
@@ -464,13 +462,17 @@ def parse_args(argv: list[str] | None) -> AuditConfig:
     )
     p.add_argument("--eval-images", type=int, help="use the first N val images (default: all)")
     p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--device", default=d["device"], help="auto, cpu or cuda")
+    p.add_argument("--device", default=d["device"], help=DEVICE_CHOICES)
     p.add_argument("--readme", help="also update the generated block in this README")
     a = p.parse_args(argv)
     scenarios = tuple(s for s in a.scenarios.split(",") if s)
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         p.error(f"unknown scenario(s) {sorted(unknown)}; choose from {','.join(SCENARIOS)}")
+    try:
+        resolve_device(a.device)
+    except ValueError as exc:
+        p.error(f"--device: {exc}")
     fractions = tuple(float(f) for f in a.finetune_fractions.split(",") if f)
     if any(not 0 < f <= 1 for f in fractions):
         p.error("--finetune-fractions must be in (0, 1]")

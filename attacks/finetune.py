@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.device import model_device
 from pipeline.loader import to_model_input
 
 logger = logging.getLogger(__name__)
@@ -39,10 +40,12 @@ def finetune(
     batch_size: int = 32,
     lr: float = 1e-3,
     seed: int = 0,
-    device: str = "cpu",
+    device: torch.device | str | None = None,
 ) -> torch.nn.Module:
-    """A fine-tuned copy of ``model``: AdamW with a cosine schedule and no augmentation, the
-    same recipe for the stolen and the public model."""
+    """A fine-tuned copy of ``model`` (on ``model``'s device unless ``device`` says otherwise):
+    AdamW with a cosine schedule and no augmentation, the same recipe for the stolen and the
+    public model."""
+    device = model_device(model) if device is None else torch.device(device)
     model = copy.deepcopy(model).to(device).train()
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -50,7 +53,7 @@ def finetune(
     x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels).long()
     for _ in tqdm(range(steps), desc=f"fine-tune on {len(images)} images", leave=False):
         batch = torch.randint(len(images), (min(batch_size, len(images)),), generator=gen)
-        logits = model(to_model_input(x_all[batch], torch.device(device)))
+        logits = model(to_model_input(x_all[batch], device))
         loss = torch.nn.functional.cross_entropy(logits, y_all[batch].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

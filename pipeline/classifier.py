@@ -29,6 +29,7 @@ from pipeline.blockwise import encrypt
 from pipeline.checkpoint import CheckpointError
 from pipeline.dali import DaliUnavailableError
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_pil, probe
+from pipeline.device import model_device, resolve_device
 from pipeline.evaluation import load_model, predict
 from pipeline.keys import Key, load_key
 from pipeline.loader import centre_crop, check_crop
@@ -128,11 +129,15 @@ class ProtectedClassifier:
         key: Key | None,
         *,
         checkpoint: str = "<checkpoint>",
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
     ) -> None:
+        """``device``: where to run (``auto``, ``cpu``, ``cuda[:N]``; the model is moved there);
+        None: where the model already is."""
         check_key(meta, key, checkpoint)
+        if device is not None:
+            model = model.to(resolve_device(device))
         self.model, self.key, self.checkpoint = model.eval(), key, checkpoint
-        self.device = torch.device(device)
+        self.device = model_device(model)
         self.classes: list[str] = list(meta["classes"])
         self.image_shape: tuple[int, int, int] = tuple(meta["image_shape"])
         # decode as the shards were (checkpoints before this field: PIL, which matches DALI's
@@ -150,11 +155,12 @@ class ProtectedClassifier:
         *,
         device: torch.device | str = "cpu",
     ) -> ProtectedClassifier:
-        """The model of ``checkpoint`` with ``key`` (a ``Key`` or a key file; None: plain)."""
+        """The model of ``checkpoint`` with ``key`` (a ``Key`` or a key file; None: plain), on
+        ``device`` (``auto``, ``cpu``, ``cuda[:N]``)."""
         if key is not None and not isinstance(key, Key):
             key = load_key(key)
         model, meta = load_model(str(checkpoint), device)
-        return cls(model, meta, key, checkpoint=str(checkpoint), device=device)
+        return cls(model, meta, key, checkpoint=str(checkpoint))
 
     @property
     def stored_size(self) -> int:
@@ -193,7 +199,7 @@ class ProtectedClassifier:
         x = np.ascontiguousarray(centre_crop(images, self.crop, self.grid))
         if self.key is not None:
             x = encrypt(x, self.key)
-        return predict(self.model, x, batch_size=batch_size, device=str(self.device))
+        return predict(self.model, x, batch_size=batch_size)
 
     def predict_files(
         self,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import load_checkpoint
+from pipeline.device import model_device, resolve_device
 from pipeline.loader import LoaderConfig, ShardDataset, to_model_input
 from pipeline.models import create_model
 
@@ -56,7 +57,9 @@ def load_split(
 
 
 def load_model(checkpoint: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The trained model of a checkpoint (eval mode), and the checkpoint's metadata."""
+    """The trained model of a checkpoint (eval mode) on ``device`` (``auto``, ``cpu``,
+    ``cuda[:N]``), and the checkpoint's metadata."""
+    device = resolve_device(device)
     state = load_checkpoint(checkpoint)
     model = create_model(state["model_name"], num_classes=len(state["classes"]), pretrained="none")
     model.load_state_dict(state["model"])
@@ -72,14 +75,18 @@ def _batches(images: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 @torch.inference_mode()
 def predict(
-    model: torch.nn.Module, images: np.ndarray, *, batch_size: int = 64, device: str = "cpu"
+    model: torch.nn.Module,
+    images: np.ndarray,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
 ) -> np.ndarray:
-    """Logits for uint8 NHWC images (batches of 64: the fastest on CPU, measured)."""
+    """Logits (numpy, on the host) for uint8 NHWC images, computed where the model is unless
+    ``device`` says otherwise (batches of 64: the fastest on CPU, measured)."""
+    target = model_device(model) if device is None else torch.device(device)
     out = []
     for batch in _batches(images, batch_size):
-        out.append(
-            model(to_model_input(torch.from_numpy(batch), torch.device(device))).float().cpu()
-        )
+        out.append(model(to_model_input(torch.from_numpy(batch), target)).float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -88,9 +95,10 @@ def top1(
     data: EvalSet,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
     *,
-    device: str = "cpu",
+    device: torch.device | str | None = None,
 ) -> float:
-    """Top-1 accuracy on ``data``, its images first passed through ``transform``."""
+    """Top-1 accuracy on ``data``, its images first passed through ``transform``; on the
+    model's device unless ``device`` says otherwise."""
     images = data.images if transform is None else transform(data.images)
     logits = predict(model, images, device=device)
     return float((logits.argmax(1) == data.labels).mean())

@@ -141,9 +141,9 @@ def resolve_device(device: str, decoder: str) -> str:
         return "cpu"
     if device != "auto":
         return device
-    import torch
+    from pipeline.device import resolve_device as torch_device
 
-    return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if torch_device("auto").type == "cuda" else "cpu"
 
 
 def make_decoder(config: ShardConfig, device: str):

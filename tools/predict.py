@@ -19,12 +19,11 @@ import json
 import logging
 import sys
 
-import torch
-
 from pipeline import paths
 from pipeline.checkpoint import CheckpointError
 from pipeline.classifier import ImageFileError, ProtectedClassifier
 from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.device import DEVICE_CHOICES
 from pipeline.keys import KeyFileError
 
 logger = logging.getLogger("predict")
@@ -59,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument(
-        "--device", default="auto", help="'auto' (CUDA when there), 'cpu', 'cuda', 'cuda:1', ..."
+        "--device", default="auto", help=f"{DEVICE_CHOICES} (auto: CUDA when there)"
     )
     parser.add_argument(
         "--max-pixels",
@@ -92,11 +91,8 @@ def as_json(clf: ProtectedClassifier, paths: list[str], results: list) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        clf = ProtectedClassifier.load(args.checkpoint, args.key, device=device)
+        clf = ProtectedClassifier.load(args.checkpoint, args.key, device=args.device)
         results = clf.predict_files(
             args.images, k=args.topk, batch_size=args.batch_size, max_pixels=args.max_pixels
         )
@@ -109,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "predict: %d image(s), key %s, on %s",
         len(args.images),
         clf.key_fingerprint or "none (plain model)",
-        device,
+        clf.device,
     )
     return 0
 

@@ -15,6 +15,7 @@ run from its last checkpoint, mid-epoch included.
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import logging
@@ -36,6 +37,7 @@ from pipeline import paths
 from pipeline.atomic import atomic_write
 from pipeline.checkpoint import CheckpointError, load_checkpoint, manifest_digest, save_checkpoint
 from pipeline.dali import DaliUnavailableError
+from pipeline.device import resolve_device
 from pipeline.loader import LoaderConfig, ShardDataset, make_loader, to_model_input
 from pipeline.manifest import ManifestError, manifest_name
 from pipeline.models import create_model
@@ -68,6 +70,7 @@ class TrainConfig:
     compile: bool = False
     max_steps: int = 0  # stop after this many steps in all (0: no limit); for smoke runs
     loader: str = "webdataset"  # or "dali"
+    dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective
 
 
 class TrainError(RuntimeError):
@@ -151,7 +154,15 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
         default=d.loader,
         help="webdataset (exact resume) or DALI's webdataset reader (GPU when present)",
     )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=d.dist_timeout,
+        help="seconds a rank waits for the others (a dead or hung rank ends the run after this)",
+    )
     a = p.parse_args(argv)
+    if a.dist_timeout <= 0:
+        p.error("--dist-timeout must be positive (seconds)")
     return TrainConfig(**{k: v for k, v in vars(a).items()})
 
 
@@ -167,18 +178,23 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
+def setup_distributed(timeout: float = TrainConfig.dist_timeout) -> Dist:
+    """The rank's device (``cuda:LOCAL_RANK`` when there is a GPU) and, under torchrun, the
+    process group (NCCL on GPUs, gloo on CPUs) whose collectives give up after ``timeout``
+    seconds, so that a dead or hung rank ends the run with an error instead of a hang."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    device = resolve_device("auto", local_rank=local_rank)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     else:  # ranks on one host share its cores
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if world_size > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout)
+        )
     return Dist(rank, world_size, local_rank, device)
 
 
@@ -456,9 +472,18 @@ def train(config: TrainConfig, env: Dist) -> dict:
     return metrics
 
 
+# What gloo and NCCL say when a collective's peer is gone (gloo raises plain RuntimeErrors)
+_PEER_LOST = ("timed out", "connection reset", "connection closed", "broken pipe", "closed by peer")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` says another rank is gone or silent (not a bug of this rank's own)."""
+    return isinstance(exc, dist.DistError) or any(s in str(exc).lower() for s in _PEER_LOST)
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    env = setup_distributed()
+    env = setup_distributed(config.dist_timeout)
     logging.basicConfig(
         level=logging.INFO if env.primary else logging.WARNING, format="%(message)s"
     )
@@ -474,6 +499,16 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         logger.error("train: error: %s", exc)
         return 2
+    except RuntimeError as exc:
+        if env.world_size == 1 or not lost_peer(exc):
+            raise
+        logger.error(
+            "train: error: rank %d of %d lost the other ranks (%s: %s); a rank died, hangs or "
+            "stopped early (--dist-timeout %g s). Check every rank's log; --resume %s continues",
+            env.rank, env.world_size, type(exc).__name__, str(exc).splitlines()[0][:300],
+            config.dist_timeout, Path(config.out) / "checkpoint.pt",
+        )  # fmt: skip
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

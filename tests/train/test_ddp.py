@@ -184,3 +184,64 @@ def test_dali_loader_backend_trains(digit_shards, tmp_path):
     epochs = metrics(tmp_path)
     assert epochs[1]["val_top1"] > 0.5 and epochs[1]["val_samples"] == 355
     assert epochs[1]["steps_by_rank"][0] == epochs[1]["steps_by_rank"][1]
+
+
+def _rank_pids(launcher: int) -> dict[int, int]:
+    """RANK -> pid of the training processes torchrun ``launcher`` started (its children with
+    a RANK; DataLoader workers are the ranks' children)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent != launcher:
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        for value in environ:
+            if value.startswith(b"RANK="):
+                found[int(value[5:])] = int(entry.name)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_hung_rank_ends_the_run_with_a_message_not_a_hang(digit_shards, tmp_path):
+    """Rank 1 stops answering (SIGSTOP: a hung process) mid-training; rank 0 gives up after
+    --dist-timeout and says why, and the job ends. Without the timeout rank 0 waited 30 min."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train" / "ddp.py"), "--data", str(digit_shards), "--out", str(out),
+           "--epochs", "3", "--dist-timeout", "4", *FAST]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "config.json").exists():  # written just before the first step
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        ranks = _rank_pids(proc.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        while _alive(ranks[0]):
+            assert time.monotonic() - stopped < 60, "rank 0 still waits for the hung rank"
+            time.sleep(0.1)
+        # torchrun now sends the hung rank SIGTERM; a stopped process takes it once continued
+        os.kill(ranks[1], signal.SIGCONT)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert "train: error: rank 0 of 2 lost the other ranks" in output, output[-3000:]
+    assert "--dist-timeout 4 s" in output
+    assert not (out / "summary.json").exists()

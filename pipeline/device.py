@@ -1,0 +1,45 @@
+"""Which torch device: one reading of ``auto``/``cpu``/``cuda``/``cuda:N`` for every tool, and
+the device a model already lives on (what evaluation and the attacks run on by default)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(name: str | torch.device = "auto", *, local_rank: int | None = None) -> torch.device:
+    """``auto``: the GPU when there is one (``cuda:local_rank`` under torchrun), else the CPU.
+    ``cuda``/``cuda:N`` must exist here; anything else is an error naming the allowed values."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    text = name.strip().lower()
+    if text == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", local_rank if local_rank is not None else 0)
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise ValueError(f"device {name!r} is not one of {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is visible here; use cpu or auto")
+    index = int(match.group(1) or (local_rank or 0))
+    if index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here "
+            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+        )
+    return torch.device("cuda", index)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s weights are (its first parameter, else buffer; the CPU if it has none)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
