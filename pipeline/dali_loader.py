@@ -1,7 +1,10 @@
 """The DALI loader backend (``--loader dali``): the same shards through ``fn.readers.webdataset``.
 
 Rank r reads shard part r of ``world_size`` (DALI's ``shard_id``/``num_shards``: contiguous,
-equal up to one sample), shuffled by DALI's own seeded buffer, padded to the largest part with
+equal up to one sample) in every epoch (``stick_to_shard``: by default DALI moves each reader on
+to the next part after an epoch, and the padding flags, computed for the rank's own part, would
+then count a padded duplicate and drop a real sample; all ranks together still cover the data
+every epoch), shuffled by DALI's own seeded buffer, padded to the largest part with
 ``pad_last_batch`` so every rank runs the same number of batches; padding is flagged
 ``valid=False`` like the webdataset loader's. Block-aligned random crops (``fn.slice`` at
 offsets drawn from the block grid) or the centre crop on the grid; on ``device="gpu"`` the
@@ -79,7 +82,8 @@ class DaliShardLoader:
                 paths=paths, index_paths=index_paths, ext=["u8", "cls"],
                 dtypes=[types.UINT8, types.UINT8], shard_id=rank, num_shards=world_size,
                 random_shuffle=config.train, initial_fill=max(1, config.shuffle_buffer),
-                pad_last_batch=True, missing_component_behavior="error", name="reader",
+                pad_last_batch=True, stick_to_shard=True, missing_component_behavior="error",
+                name="reader",
             )  # fmt: skip
             image = fn.reshape(image, shape=[height, width, channels])
             if device == "gpu":
