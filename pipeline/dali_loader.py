@@ -74,7 +74,8 @@ class DaliShardLoader:
         @pipeline_def(
             batch_size=config.batch_size,
             num_threads=max(1, config.num_workers),
-            device_id=0 if device == "gpu" else None,
+            # the rank's own GPU (train/ddp.py sets cuda:LOCAL_RANK as current), not always 0
+            device_id=torch.cuda.current_device() if device == "gpu" else None,
             seed=config.seed + 1000 * rank,
         )
         def pipe():
