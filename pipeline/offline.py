@@ -89,6 +89,10 @@ class ShardConfig:
     shard_size: str = "1000"  # samples, or bytes with a unit: "200MB"
     decoder: str = "dali"
     device: str = "auto"
+    # where encryption runs: "auto" (where the decoder left the images: the GPU after DALI's
+    # GPU decoder, else the CPU), "cpu", "cuda[:N]" (e.g. PIL decoding, encryption on a GPU).
+    # The bytes are the same on every device, so it is not one of the data options.
+    encrypt_device: str = "auto"
     plain: bool = False
     max_reject_fraction: float = 0.01
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -449,7 +453,7 @@ def _build_shard(
                     _decode_stage, Path(config.src), batches[k + 1], config.max_pixels, decoder
                 )
             started, cpu = time.perf_counter(), time.thread_time()
-            images = iter(_encrypt_batch(decoded, key))
+            images = iter(_encrypt_batch(decoded, key, config.encrypt_device))
             stats.encrypt_seconds += time.perf_counter() - started
             stats.encrypt_cpu_seconds += time.thread_time() - cpu
             samples = []
@@ -487,12 +491,22 @@ def _build_shard(
     return ShardResult(record, rejects, rows)
 
 
-def _encrypt_batch(batch: Any, key: Key | None) -> list[np.ndarray]:
-    """Encrypt a decoded batch where it is (numpy, or a CUDA tensor: no host round trip),
-    then hand numpy images to the writer."""
+def _encrypt_batch(batch: Any, key: Key | None, device: str = "auto") -> list[np.ndarray]:
+    """Encrypt a decoded batch where it is (numpy, or a CUDA tensor: no host round trip) or
+    on ``device``, then hand numpy images to the writer."""
     if batch is None:
         return []
     if key is not None:
+        if device != "auto":
+            import torch
+
+            from pipeline.device import resolve_device
+
+            target = resolve_device(device)
+            if isinstance(batch, np.ndarray) and target.type != "cpu":
+                batch = torch.from_numpy(batch).to(target)
+            elif isinstance(batch, torch.Tensor):
+                batch = batch.to(target)
         batch = encrypt(batch, key)
     return list(batch if isinstance(batch, np.ndarray) else batch.cpu().numpy())
 
@@ -516,6 +530,10 @@ def build_shards(
             f"--size {config.size} is not a multiple of the key's block size {key.block_size}; "
             f"use e.g. --size {config.size - config.size % key.block_size}"
         )
+    if config.encrypt_device != "auto":  # a bad name fails now, not after the first decode
+        from pipeline.device import resolve_device
+
+        resolve_device(config.encrypt_device)
     storage = Storage(config.out)
     logger.debug("config: %s", asdict(config))
     stats = stats if stats is not None else BuildStats()

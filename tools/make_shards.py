@@ -55,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-size", help="samples per shard, or bytes: 200MB (default 1000; 256 for digits)"
     )
     p.add_argument("--decoder", choices=["dali", "pil"], default="dali")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="DALI's")
+    p.add_argument(
+        "--encrypt-device",
+        default="auto",
+        help="auto (where the decoder leaves the images), cpu, cuda or cuda:N: e.g. PIL "
+        "decoding with encryption on a GPU; the bytes are the same",
+    )
     p.add_argument("--max-reject-fraction", type=float, default=0.01)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--batch-size", type=int, default=64, help="images decoded per batch")
@@ -87,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         shard_size=shard_size or "1000",
         decoder=args.decoder,
         device=args.device,
+        encrypt_device=args.encrypt_device,
         plain=args.plain,
         max_reject_fraction=args.max_reject_fraction,
         max_pixels=args.max_pixels,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline import Key, decrypt
@@ -235,3 +236,20 @@ def test_tar_is_gnu_format_and_reproducible(jpeg_tree, tmp_path):
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             assert all(m.type == tarfile.REGTYPE and m.mtime == 0 for m in tar.getmembers())
     assert load_manifest(Storage(tmp_path / "a"), "val").total_samples == 9
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")])],  # fmt: skip
+)
+def test_the_encryption_device_does_not_change_the_bytes(jpeg_tree, tmp_path, device):
+    key = Key(FIXED_SECRET)
+    ref = build_shards(config(jpeg_tree, tmp_path / "a", splits=("val",)), key)["val"]
+    other = build_shards(
+        config(jpeg_tree, tmp_path / "b", splits=("val",), encrypt_device=device), key
+    )["val"]
+    assert [s.sha256 for s in other.shards] == [s.sha256 for s in ref.shards]
+    with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
+        build_shards(config(jpeg_tree, tmp_path / "c", encrypt_device="gpu0"), key)
+    assert not (tmp_path / "c").exists()
