@@ -10,7 +10,9 @@ import torch
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
 
-def resolve_device(name: str | torch.device = "auto", *, local_rank: int | None = None) -> torch.device:
+def resolve_device(
+    name: str | torch.device = "auto", *, local_rank: int | None = None
+) -> torch.device:
     """``auto``: the GPU when there is one (``cuda:local_rank`` under torchrun), else the CPU.
     ``cuda``/``cuda:N`` must exist here; anything else is an error naming the allowed values."""
     if isinstance(name, torch.device):

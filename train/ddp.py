@@ -191,7 +191,7 @@ def setup_distributed(timeout: float = TrainConfig.dist_timeout) -> Dist:
     else:  # ranks on one host share its cores
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    if world_size > 1:
+    if "TORCHELASTIC_RUN_ID" in os.environ or world_size > 1:  # torchrun, even with one rank
         dist.init_process_group(
             "nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout)
         )
@@ -367,7 +367,7 @@ def train(config: TrainConfig, env: Dist) -> dict:
             )
     ddp = (
         torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-        if env.world_size > 1
+        if dist.is_initialized()
         else model
     )
     net = torch.compile(ddp) if config.compile else ddp
@@ -410,8 +410,15 @@ def train(config: TrainConfig, env: Dist) -> dict:
         bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}",
                    disable=not env.primary, leave=False)  # fmt: skip
         sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, seen
-        epoch_steps = 0
-        for step, (images, labels, _valid) in enumerate(loader, start=skip):
+        epoch_steps, waited, epoch_started = 0, 0.0, time.perf_counter()
+        batches = iter(loader)
+        for step in itertools.count(skip):
+            wait_started = time.perf_counter()  # the host blocked on the loader: a starved GPU
+            batch = next(batches, None)
+            waited += time.perf_counter() - wait_started
+            if batch is None:
+                break
+            images, labels, _valid = batch
             x = to_model_input(images, env.device)
             labels = labels.to(env.device, non_blocking=True)
             with autocast:
@@ -423,7 +430,9 @@ def train(config: TrainConfig, env: Dist) -> dict:
             scheduler.step()
             sums += torch.stack([loss.detach().double() * len(labels),
                                  (logits.argmax(1) == labels).sum().double(),
-                                 torch.tensor(float(len(labels)), device=env.device)])  # fmt: skip
+                                 # a fill, not a host-to-device copy (which would sync)
+                                 torch.full((), len(labels), dtype=torch.float64,
+                                            device=env.device)])  # fmt: skip
             bar.update(1)
             done_steps += 1
             global_step += 1
@@ -437,6 +446,7 @@ def train(config: TrainConfig, env: Dist) -> dict:
             if config.max_steps and global_step >= config.max_steps:
                 break
         bar.close()
+        train_wall = time.perf_counter() - epoch_started
         steps_by_rank = [epoch_steps]
         if env.world_size > 1:
             dist.all_reduce(sums)
@@ -446,7 +456,10 @@ def train(config: TrainConfig, env: Dist) -> dict:
                    "train_top1": sums[1].item() / max(1.0, sums[2].item()),
                    **evaluate(model, epoch_batches(val_set, 0, 0, cuda), env, autocast),
                    "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
-                   "steps_per_rank": steps_per_epoch, "steps_by_rank": steps_by_rank}  # fmt: skip
+                   "steps_per_rank": steps_per_epoch, "steps_by_rank": steps_by_rank,
+                   # host time blocked on the loader over the epoch's training time: an upper
+                   # bound of the share of it the GPU stood idle for want of data
+                   "loader_wait_fraction": waited / max(1e-9, train_wall)}  # fmt: skip
         if env.primary:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -463,8 +476,12 @@ def train(config: TrainConfig, env: Dist) -> dict:
         if not metrics:  # resumed a complete run: nothing left to train
             metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
         summary = {**metrics, "train_seconds": time.perf_counter() - started,
-                   "world_size": env.world_size, "key_fingerprint": fingerprint}  # fmt: skip
-        atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+                   "world_size": env.world_size, "key_fingerprint": fingerprint,
+                   "backend": dist.get_backend() if dist.is_initialized() else None,
+                   "autocast": "bfloat16" if cuda else None, "channels_last": cuda,
+                   "compiled": config.compile}  # fmt: skip
+        atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "
+")
     if env.primary:
         logger.info("train: %d steps per rank on %d rank(s) in %.0f s; val top1 %.4f; wrote %s",
                     done_steps, env.world_size, time.perf_counter() - started,

@@ -240,8 +240,16 @@ def test_tar_is_gnu_format_and_reproducible(jpeg_tree, tmp_path):
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA device")])],  # fmt: skip
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
 )
 def test_the_encryption_device_does_not_change_the_bytes(jpeg_tree, tmp_path, device):
     key = Key(FIXED_SECRET)
