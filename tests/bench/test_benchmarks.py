@@ -51,20 +51,6 @@ def test_bench_make_shards_writes_results(tmp_path):
     assert 0 <= results["encrypt_time_fraction"] < 1  # tiny runs can measure 0 CPU seconds
 
 
-def test_gpu_check_smoke_on_the_cpu(tmp_path):
-    """The GPU check's own code paths, on the CPU (the real run needs a GPU machine)."""
-    out = tmp_path / "gpu.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--allow-cpu", "--epochs", "2",
-         "--batch", "4", "--model", "test_efficientnet", "--pretrained", "none", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    results = json.loads(out.read_text())
-    assert results["encrypt_equals_numpy"] and results["decrypt_exact"] and results["train_ok"]
-    assert results["loader_to_device_img_s"] > 0
-
-
 def test_bench_loader_writes_results(tmp_path):
     out = tmp_path / "results.json"
     done = subprocess.run(
