@@ -23,7 +23,8 @@ status is 1 if any section failed):
    time the host waited for the loader (``loader_wait_fraction``, an upper bound of GPU idle).
 5. ``loader``: images/s the webdataset loader delivers onto the GPU, pinned memory.
 6. ``audit``: ``python -m attacks --device cuda``, every scenario, small budgets.
-7. ``frontier``: the frontier's estimate (a hook: not written yet).
+7. ``predict``: ``tools/predict.py --device cuda`` on image files: the CPU's classes.
+8. ``frontier``: the frontier's estimate (a hook: not written yet).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +106,7 @@ class Check:
             "device": torch.cuda.get_device_name(device) if self.cuda else "cpu",
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
+            "timm": timm.__version__,
             "budget": "gpu" if budget is GPU else "smoke",
             "sections": {},
         }
@@ -125,18 +129,21 @@ class Check:
         cmd = [sys.executable, *(launcher if torchrun else []), *args]
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path}
+        # its own session: on a timeout the whole group goes (torchrun's ranks hold the GPU)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, text=True, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
         try:
-            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                                  timeout=min(cap, left))  # fmt: skip
-        except subprocess.TimeoutExpired as exc:
-            tail = (exc.stderr or b"")[-3000:]
-            tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+            output = proc.communicate(timeout=min(cap, left))[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output = proc.communicate()[0]
             raise CheckFailed(
-                f"{' '.join(args[:2])}: timed out after {exc.timeout:.0f} s\n{tail}"
+                f"{' '.join(args[:2])}: timed out after {min(cap, left):.0f} s\n{output[-3000:]}"
             ) from None
-        output = done.stdout + done.stderr
-        if done.returncode != 0:
-            raise CheckFailed(f"{' '.join(args[:2])}: exit {done.returncode}\n{output[-3000:]}")
+        if proc.returncode != 0:
+            raise CheckFailed(f"{' '.join(args[:2])}: exit {proc.returncode}\n{output[-3000:]}")
         return output
 
     def section(self, name: str, fn: Callable[[Check], dict]) -> None:
@@ -147,6 +154,8 @@ class Check:
         except Exception as exc:  # recorded, and the next section runs
             text = str(exc) if isinstance(exc, CheckFailed) else traceback.format_exc()
             entry = {"ok": False, "error": text[-4000:]}
+        if not entry["ok"] and "error" not in entry:
+            entry["error"] = "a check does not hold: " + json.dumps(entry)[:1500]
         entry["seconds"] = round(time.perf_counter() - started, 1)
         self.results["sections"][name] = entry
         self.write()
@@ -338,6 +347,31 @@ def check_audit(c: Check) -> dict:
     }  # fmt: skip
 
 
+def check_predict(c: Check) -> dict:
+    """``tools/predict.py --device cuda`` on digit image files: the same classes as on the CPU."""
+    from pipeline.digits import write_digits_tree
+
+    checkpoint = c.run_dir / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise CheckFailed("no checkpoint: the training section did not finish")
+    tree = write_digits_tree(c.work / "digits", size=c.budget.shard_size)
+    files = [str(sorted(d.iterdir())[0]) for d in sorted((tree / "val").iterdir())]
+    tops = {}
+    for device in ("cuda", "cpu") if c.cuda else ("cpu",):
+        out = c.run("tools/predict.py", "--key", str(c.key), "--checkpoint", str(checkpoint),
+                    "--device", device, "--json", *files, cap=120)  # fmt: skip
+        predictions = json.loads(out[out.index("{") : out.rindex("}") + 1])["predictions"]
+        tops[device] = [p["top"][0]["class"] for p in predictions]
+    truth = [Path(f).parent.name for f in files]
+    first = tops["cuda" if c.cuda else "cpu"]
+    return {
+        "files": len(files),
+        "top1_on_files": sum(a == b for a, b in zip(first, truth, strict=True)) / len(files),
+        "same_classes_as_cpu": tops.get("cuda", first) == tops["cpu"],
+        "failed": tops.get("cuda", first) != tops["cpu"],
+    }
+
+
 def check_frontier(c: Check) -> dict:
     """Hook: the frontier's estimate (not written yet). When it exists, run it here on
     ``c.run_dir / "checkpoint.pt"`` and ``c.shards`` with a small budget and return its
@@ -352,6 +386,7 @@ SECTIONS: list[tuple[str, Callable[[Check], dict]]] = [
     ("training", check_training),
     ("loader", check_loader),
     ("audit", check_audit),
+    ("predict", check_predict),
     ("frontier", check_frontier),
 ]
 
@@ -372,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = Path(args.work).resolve() if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -379,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         check = Check(device, GPU if cuda else SMOKE, work, out, args.budget_s)
         for name, fn in SECTIONS:
             check.section(name, fn)
+        check.results["total_seconds"] = round(time.monotonic() - started, 1)
+        check.write()
     ok = check.results["ok"]
     print(f"gpu_check: {'OK' if ok else 'FAILED: ' + ', '.join(check.results['failed'])} on "
           f"{check.results['device']}; wrote {out}")  # fmt: skip

@@ -61,6 +61,7 @@ def test_smoke_run_passes_every_section_without_dali_or_s3(tmp_path):
     assert 0 <= sections["training"]["loader_wait_fraction"][0] <= 1
     assert sections["loader"]["img_s_to_device"] > 0 and sections["loader"]["channels_last"]
     assert sections["audit"]["device"] == "cpu" and not sections["audit"]["missing_scenarios"]
+    assert sections["predict"]["same_classes_as_cpu"] and sections["predict"]["files"] == 10
     assert "skipped" in sections["frontier"] and "skipped" in sections["make_shards_torchrun"]
 
 
