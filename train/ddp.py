@@ -82,7 +82,8 @@ class TrainError(RuntimeError):
 RESUME_FIXED = ("model", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                 "label_smoothing", "crop_size", "workers", "seed", "loader")  # fmt: skip
 RESUME_FREE = ("data (the same shards: checked by digest)", "out", "ckpt_every", "compile",
-               "max_steps", "pretrained (the weights come from the checkpoint)")  # fmt: skip
+               "max_steps", "pretrained (the weights come from the checkpoint)",
+               "dist_timeout")  # fmt: skip
 
 
 def check_resume(state: dict, config: TrainConfig, world_size: int, source: str) -> None:
@@ -480,8 +481,7 @@ def train(config: TrainConfig, env: Dist) -> dict:
                    "backend": dist.get_backend() if dist.is_initialized() else None,
                    "autocast": "bfloat16" if cuda else None, "channels_last": cuda,
                    "compiled": config.compile}  # fmt: skip
-        atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "
-")
+        atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     if env.primary:
         logger.info("train: %d steps per rank on %d rank(s) in %.0f s; val top1 %.4f; wrote %s",
                     done_steps, env.world_size, time.perf_counter() - started,
