@@ -9,7 +9,8 @@
 CUDA: NCCL, bf16 autocast, channels_last, optional --compile. CPU: gloo, float32. Every epoch
 it evaluates on the val shards (top-1/top-5 over all ranks, padding excluded), appends to
 OUT/metrics.jsonl and checkpoints atomically to OUT/checkpoint.pt; --resume continues a killed
-run from its last checkpoint, mid-epoch included.
+run from its last checkpoint, mid-epoch included. A rank waits at most --dist-timeout (600 s)
+for the others, so a dead or hung rank ends the run with a message (exit 3), not a hang.
 """
 
 from __future__ import annotations
