@@ -128,7 +128,9 @@ class Check:
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
         cmd = [sys.executable, *(launcher if torchrun else []), *args]
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path}
+        # the digits tree goes into the work folder, not the user's cache
+        env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path,
+               "XDG_CACHE_HOME": str(self.work / "cache")}  # fmt: skip
         # its own session: on a timeout the whole group goes (torchrun's ranks hold the GPU)
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, text=True, start_new_session=True,
