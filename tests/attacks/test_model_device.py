@@ -109,7 +109,8 @@ def test_audit_scenarios_follow_the_model(model, data, tmp_path):
     )  # fmt: skip
     assert a.device.type == "meta"
     for scenario in (audit.correct_key, audit.no_key, audit.wrong_keys, audit.random_search,
-                     audit.heuristic_search, audit.ciphertext_only):  # fmt: skip
+                     audit.heuristic_search, audit.ciphertext_only,
+                     audit.known_plaintext):  # fmt: skip
         SEEN.clear()
         assert scenario(a), scenario.__name__
         assert_all_on_meta()
