@@ -11,6 +11,17 @@ encryption one image at a time, and webdataset.TarWriter, in one process. Figure
 encrypt_time_fraction is encryption's share of the run's CPU time (the encrypting thread's CPU
 seconds over the process's, all threads): stages overlap, so wall time inside encrypt() also
 counts waiting for a core. encrypt_wall_fraction is that wall time over the run's.
+
+make_shards_s3_vs_local_ratio: the same make_shards of --s3-images JPEGs (DALI CPU decoder,
+--s3-shard-size samples per shard, so uploads overlap decoding; the dozen requests at the start
+and end of a run do not, which a run of seconds still feels) into a loopback S3 server
+(moto_server in its own process, started here) over the same into a local folder, alternating,
+medians of --s3-repeats runs, each in a fresh process (DALI and s3fs imported, and the S3 client
+made, before the clock starts: one-off costs of a process, not of uploads).
+The server shares the machine's cores with make_shards (and moto spends more CPU per upload
+than the client does), so on a small machine the ratio also measures the server;
+make_shards_s3_vs_local_cpu_seconds_ratio compares make_shards' own CPU seconds (S3 / local);
+make_shards_peak_rss_mb is the largest peak RSS (VmHWM) of those processes, by output.
 """
 
 from __future__ import annotations
@@ -19,10 +30,13 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +44,7 @@ from PIL import Image
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported; bars would interleave
 
-from pipeline import Key, encrypt
+from pipeline import Key, encrypt, save_key
 from pipeline.decode import decode_pil
 from pipeline.offline import BuildStats, ShardConfig, build_shards
 from pipeline.sources import find_classes, list_split
@@ -85,11 +99,105 @@ def make_shards(src: Path, out: Path, key: Key, size: int, decoder: str) -> tupl
     )
 
 
+CHILD = """
+import json, sys
+import nvidia.dali.fn, s3fs  # imported before timing, for both sides: not part of a build
+from pipeline import load_key
+from pipeline.offline import BuildStats, ShardConfig, build_shards
+src, out, key_file, size, shard_size = sys.argv[1:6]
+if out.startswith("s3://"):  # create the client (botocore loads its models) before the clock
+    import fsspec
+    fsspec.filesystem("s3").ls(out[len("s3://"):].split("/")[0])
+stats = BuildStats()
+config = ShardConfig(src=src, out=out, splits=("train",), size=int(size), decoder="dali",
+                     device="cpu", shard_size=shard_size)
+build_shards(config, load_key(key_file), stats=stats)
+# VmHWM, not ru_maxrss: Linux carries the forking parent's RSS into ru_maxrss across exec
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+peak_kb = int(status.split()[0])
+print(json.dumps({"img_s": stats.images / stats.seconds, "cpu_s": stats.cpu_seconds,
+                  "peak_rss_mb": peak_kb / 1024}))
+"""
+
+
+class MotoServer:
+    """moto_server on a free loopback port, in its own process; AWS_* set for children."""
+
+    def __enter__(self) -> dict[str, str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], **quiet)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                   AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull,
+                   AWS_SHARED_CREDENTIALS_FILE=os.devnull)  # fmt: skip
+        return env
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def make_shards_child(src: Path, out: str, key_file: Path, size: int, shard_size: int,
+                      env: dict[str, str]) -> dict:  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(src), out, str(key_file), str(size), str(shard_size)],
+        capture_output=True, text=True, env={**env, "TQDM_DISABLE": "1"}, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"make_shards into {out} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def s3_vs_local(work: Path, src: Path, key: Key, args: argparse.Namespace) -> dict:
+    """make_shards into a local folder and into a loopback S3 server, alternating."""
+    import boto3
+
+    key_file = save_key(key, work / "k.bin")
+    runs: dict[str, list[dict]] = {"local": [], "s3": []}
+    with MotoServer() as env:
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                     aws_access_key_id="bench", aws_secret_access_key="bench",
+                     ).create_bucket(Bucket="bench")  # fmt: skip
+        for r in range(args.s3_repeats):
+            local = work / f"local-{r}"
+            for name, out in (("local", str(local)), ("s3", f"s3://bench/{r}")):
+                runs[name].append(
+                    make_shards_child(src, out, key_file, args.size, args.s3_shard_size, env)
+                )
+            shutil.rmtree(local)
+    med = {name: statistics.median(run["img_s"] for run in values) for name, values in runs.items()}
+    cpu = {name: statistics.median(run["cpu_s"] for run in values) for name, values in runs.items()}
+    return {
+        "make_shards_local_img_s": round(med["local"], 1),
+        "make_shards_s3_img_s": round(med["s3"], 1),
+        "make_shards_s3_vs_local_ratio": round(med["s3"] / med["local"], 3),
+        "make_shards_s3_vs_local_cpu_seconds_ratio": round(cpu["s3"] / cpu["local"], 3),
+        "make_shards_peak_rss_mb": {
+            name: round(max(run["peak_rss_mb"] for run in values), 1)
+            for name, values in runs.items()
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--s3-images", type=int, default=1500, help="for S3 vs local")
+    parser.add_argument("--s3-shard-size", type=int, default=50, help="samples per shard")
+    parser.add_argument("--s3-repeats", type=int, default=5, help="S3 and local runs, each")
     parser.add_argument("--out", default="bench/results.json")
     args = parser.parse_args(argv)
 
@@ -114,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                         runs["cpu"].append(cpu_share)
                         runs["wall"].append(wall_share)
                 shutil.rmtree(out)
+        if args.s3_images != args.images:
+            src = make_source(work / "src-s3", args.s3_images)
+        s3_figures = s3_vs_local(work, src, key, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -125,17 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         "make_shards_vs_naive_ratio": round(med["dali"] / med["naive"], 2),
         "encrypt_time_fraction": round(med["cpu"], 3),
         "encrypt_wall_fraction": round(med["wall"], 3),
+        **s3_figures,
     }
     note = (
         f"{args.images} JPEGs ~500x375 -> {args.size}x{args.size}, {os.cpu_count()} cores, "
-        f"DALI CPU decoder, median of {args.repeats}"
+        f"DALI CPU decoder, median of {args.repeats}; S3 vs local: moto_server on loopback, "
+        f"{args.s3_images} JPEGs, {args.s3_shard_size} per shard, a fresh process per run, "
+        f"median of {args.s3_repeats}"
     )
     out = merge_results(args.out, results, note_key="make_shards_bench", note=note)
     print(
         f"make_shards {results['make_shards_img_s']:.0f} img/s = "
         f"{results['make_shards_vs_naive_ratio']:.2f}x the naive loop "
         f"({results['naive_img_s']:.0f} img/s); encryption "
-        f"{100 * results['encrypt_time_fraction']:.1f}% of its CPU time; wrote {out}"
+        f"{100 * results['encrypt_time_fraction']:.1f}% of its CPU time; into loopback S3 "
+        f"{results['make_shards_s3_vs_local_ratio']:.2f}x its local speed; wrote {out}"
     )
     return 0
 

@@ -43,23 +43,30 @@ def _dali():
 class DaliDecoder:
     """Decode + resize + centre-crop batches of encoded images with one DALI pipeline.
 
-    On ``device="gpu"`` the results are CUDA torch tensors (so encryption can stay on the GPU);
-    on ``"cpu"`` they are numpy arrays.
+    On ``device="gpu"`` the results are CUDA torch tensors on GPU ``device_id`` (so encryption
+    can stay on the GPU); on ``"cpu"`` they are numpy arrays.
     """
 
     def __init__(
-        self, size: int, *, device: str = "cpu", batch_size: int = 64, num_threads: int = 2
+        self,
+        size: int,
+        *,
+        device: str = "cpu",
+        batch_size: int = 64,
+        num_threads: int = 2,
+        device_id: int = 0,
     ) -> None:
         if device not in ("cpu", "gpu"):
             raise ValueError(f"DALI device must be cpu or gpu, got {device!r}")
         fn, pipeline_def, types = _dali()
         self.size, self.device, self.batch_size = size, device, batch_size
+        self.device_id = device_id
 
         # prefetch_queue_depth=1: feed one batch, run one batch (deeper queues expect more input)
         @pipeline_def(
             batch_size=batch_size,
             num_threads=num_threads,
-            device_id=0 if device == "gpu" else None,
+            device_id=device_id if device == "gpu" else None,
             prefetch_queue_depth=1,
         )
         def pipe():
@@ -77,7 +84,7 @@ class DaliDecoder:
         self._pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
         (out,) = self._pipe.run()
         if self.device == "gpu":
-            return list(_to_torch(out.as_tensor()))
+            return list(_to_torch(out.as_tensor(), self.device_id))
         return list(out.as_array())
 
     def _run_robust(self, blobs: Sequence[bytes]) -> list[Any]:
@@ -98,11 +105,12 @@ class DaliDecoder:
         del self._pipe
 
 
-def _to_torch(tensor_gpu: Any) -> Any:
+def _to_torch(tensor_gpu: Any, device_id: int = 0) -> Any:
     """A DALI TensorGPU (N, S, S, 3) uint8 as a CUDA torch tensor, ordered on torch's stream."""
     import torch
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
-    out = torch.empty(tuple(tensor_gpu.shape()), dtype=torch.uint8, device="cuda")
-    feed_ndarray(tensor_gpu, out, cuda_stream=torch.cuda.current_stream())
+    with torch.cuda.device(device_id):  # the calling thread's current device may be another
+        out = torch.empty(tuple(tensor_gpu.shape()), dtype=torch.uint8, device="cuda")
+        feed_ndarray(tensor_gpu, out, cuda_stream=torch.cuda.current_stream())
     return out

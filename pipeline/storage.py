@@ -17,6 +17,8 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 
@@ -61,6 +63,11 @@ class Storage:
     def remove(self, name: str) -> None:
         if self.fs.exists(self.path(name)):
             self.fs.rm_file(self.path(name))
+
+    def remove_many(self, names: list[str]) -> None:
+        """Remove files (one bulk request on object stores)."""
+        if names:
+            self.fs.rm([self.path(n) for n in names])
 
     def list(self) -> list[str]:
         if not self.fs.exists(self.root):
@@ -108,6 +115,29 @@ class Storage:
         else:
             self.fs.put_file(str(local), self.path(name))
             local.unlink()
+
+    def create(self, name: str, data: bytes) -> bool:
+        """Write a small file only if ``name`` does not exist; False if it does. Atomic locally
+        (a hard link) and on S3 (a conditional PUT); elsewhere a check, then a write."""
+        if self.is_local:
+            try:
+                atomic_write(self.path(name), data, exclusive=True)  # complete, or not there
+            except FileExistsError:
+                return False
+            return True
+        try:
+            self.fs.pipe_file(self.path(name), data, mode="create")
+        except FileExistsError:
+            return False
+        except TypeError:  # a backend without exclusive writes
+            if self.exists(name):
+                return False
+            self.fs.pipe_file(self.path(name), data)
+        return True
+
+    def modified(self, name: str) -> float:
+        """When ``name`` was last written (seconds since the epoch, the store's clock)."""
+        return self.fs.modified(self.path(name)).timestamp()
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write a small file atomically."""

@@ -131,13 +131,17 @@ def parse_only(tokens: list[str], monkeypatch) -> argparse.Namespace | None:
     def parse_and_stop(self, args=None, namespace=None):
         raise _Parsed(real(self, args, namespace))
 
+    if tokens[0] == "srun" and "torchrun" in tokens:  # the Slurm wrapper: check its torchrun
+        tokens = tokens[tokens.index("torchrun") :]
     if tokens[0] == "torchrun":
         from torch.distributed.run import get_args_parser
 
         launcher = get_args_parser().parse_args(tokens[1:])
-        assert launcher.training_script == "train/ddp.py", tokens
-        ddp = runpy.run_path(str(ROOT / "train" / "ddp.py"), run_name="readme_check")
-        return ddp["parse_args"](launcher.training_script_args)
+        if launcher.training_script == "train/ddp.py":
+            ddp = runpy.run_path(str(ROOT / "train" / "ddp.py"), run_name="readme_check")
+            return ddp["parse_args"](launcher.training_script_args)
+        assert launcher.training_script == "tools/make_shards.py", tokens
+        tokens = ["python", launcher.training_script, *launcher.training_script_args]
     if tokens[:3] == ["python", "-m", "attacks"]:
         from attacks.audit import main
 

@@ -5,18 +5,24 @@
         --out s3://bucket/imagenet-10pct --shard-size 200MB
     python tools/make_shards.py --plain --out shards-plain        # non-protected baseline
     python tools/make_shards.py --key k.bin --src /data/imagenet --source-map k.sources.parquet
+    torchrun --standalone --nproc_per_node=8 tools/make_shards.py --key k.bin \\
+        --src /data/imagenet --out s3://bucket/x                  # one rank per GPU
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HEAD:29500 \\
+        tools/make_shards.py ...                                  # many nodes
 
-Killed and rerun with the same arguments, it resumes and ends with the same bytes. Rejected
-files (unreadable, truncated, too large) are named in the log and listed in the manifest (by
-sample key only, when encrypted); more than --max-reject-fraction of them fails the run.
-Encrypted shards name no source file: --source-map writes the owner's sample-to-source table
-(mode 0600; keep it with the key), also for output made earlier with the same arguments.
+Killed and rerun with the same arguments (under torchrun: any world size), it resumes and ends
+with the same bytes. Rejected files (unreadable, truncated, too large) are named in the log and
+listed in the manifest (by sample key only, when encrypted); more than --max-reject-fraction of
+them fails the run. Encrypted shards name no source file: --source-map writes the owner's
+sample-to-source table (mode 0600; keep it with the key), also for output made earlier with the
+same arguments. One run at a time writes an output (OUT/_lock.json names the holder).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pipeline import paths
@@ -26,8 +32,10 @@ from pipeline.digits import write_digits_tree
 from pipeline.keys import KeyFileError, load_key
 from pipeline.manifest import ManifestError
 from pipeline.offline import BuildStats, ShardBuildError, ShardConfig, build_shards
+from pipeline.outlock import OutputLockError
 from pipeline.sourcemap import SourceMapError, check_location, write_source_map
 from pipeline.sources import SPLITS, SourceError
+from pipeline.workgroup import WorkGroup, WorkGroupError
 
 logger = logging.getLogger("make_shards")
 
@@ -55,12 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-size", help="samples per shard, or bytes: 200MB (default 1000; 256 for digits)"
     )
     p.add_argument("--decoder", choices=["dali", "pil"], default="dali")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="DALI's")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="where DALI decodes (gpu: this rank's GPU, LOCAL_RANK; auto: gpu when CUDA is there)",
+    )
     p.add_argument(
         "--encrypt-device",
         default="auto",
         help="auto (where the decoder leaves the images), cpu, cuda or cuda:N: e.g. PIL "
-        "decoding with encryption on a GPU; the bytes are the same",
+        "decoding with encryption on a GPU (under torchrun cuda is the rank's GPU); the bytes "
+        "are the same",
     )
     p.add_argument("--max-reject-fraction", type=float, default=0.01)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
@@ -71,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--source-map",
         help="also write the sample-to-source table here (Parquet, local or fsspec URL, mode "
         "0600); it names every source file: keep it with the key, not with the shards",
+    )
+    p.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="take over OUT/_lock.json from another run (only if that run is dead)",
     )
     return p
 
@@ -100,23 +119,31 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         batch_size=args.batch_size,
         num_threads=args.threads,
         overwrite=args.overwrite,
+        force_unlock=args.force_unlock,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    # under torchrun: progress from rank 0, warnings and errors from every rank, tagged
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format=f"{prefix}%(message)s"
+    )
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.plain == bool(args.key):
         parser.error("pass --key FILE to encrypt, or --plain for unencrypted shards (not both)")
     stats = BuildStats()
+    group = None
     try:
         if args.source_map:  # before any work
             check_location(args.source_map, args.out)
         key = None if args.plain else load_key(args.key)
         config = config_from_args(args)
-        manifests = build_shards(config, key, stats=stats)
-        if args.source_map:
+        group = WorkGroup.from_env()
+        manifests = build_shards(config, key, stats=stats, group=group)
+        if args.source_map and group.is_primary:  # rank 0, once every split is finished
             write_source_map(args.source_map, src=config.src, out=config.out, key=key,
                              splits=config.splits, classes_file=config.classes_file)  # fmt: skip
     except (
@@ -126,16 +153,26 @@ def main(argv: list[str] | None = None) -> int:
         ShardBuildError,
         ManifestError,
         DaliUnavailableError,
+        OutputLockError,
+        WorkGroupError,
         ValueError,
     ) as exc:
         logger.error("make_shards: error: %s", exc)
         return 2
+    finally:
+        if group is not None:
+            group.close()
+    if not group.is_primary:
+        logger.debug("make_shards: rank %d made %d images", group.rank, stats.images)
+        return 0
+    by = f" by rank 0 of {group.world_size}" if group.world_size > 1 else ""
     logger.info(
-        "make_shards: %d images in %d shards (%d made now, %.0f img/s), %d rejected, "
+        "make_shards: %d images in %d shards (%d made now%s, %.0f img/s), %d rejected, "
         "%.1f MB at %s (%s)",
         sum(m.total_samples for m in manifests.values()),
         sum(len(m.shards) for m in manifests.values()),
         stats.images,
+        by,
         stats.images / max(stats.seconds, 1e-9),
         sum(len(m.rejects) for m in manifests.values()),
         sum(m.total_bytes for m in manifests.values()) / 1e6,

@@ -41,13 +41,16 @@ def test_bench_make_shards_writes_results(tmp_path):
     out = tmp_path / "results.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_make_shards.py"), "--images", "12",
-         "--size", "32", "--repeats", "1", "--out", str(out)],
+         "--size", "32", "--repeats", "1", "--s3-images", "12", "--s3-repeats", "1",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
-    for name in ("make_shards_img_s", "naive_img_s", "make_shards_vs_naive_ratio"):
+    for name in ("make_shards_img_s", "naive_img_s", "make_shards_vs_naive_ratio",
+                 "make_shards_s3_vs_local_ratio", "make_shards_s3_img_s"):  # fmt: skip
         assert results[name] > 0
+    assert all(mb > 50 for mb in results["make_shards_peak_rss_mb"].values())
     assert 0 <= results["encrypt_time_fraction"] < 1  # tiny runs can measure 0 CPU seconds
 
 

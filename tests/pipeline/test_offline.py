@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,9 @@ def test_real_world_files_are_converted_or_rejected(tmp_path, decoder):
     fates = add_bad_files(src)
     cfg = config(src, tmp_path / "out", plain=True, splits=("train",), max_pixels=5_000_000,
                  decoder=decoder, device="cpu")  # fmt: skip
-    with pytest.raises(ShardBuildError, match="4 of 19 files rejected.*--max-reject-fraction"):
+    # stops at the first shard that takes the rejects over the limit, naming it
+    match = r"train: \d of 19 files rejected \(up to shard train-\d{6}\.tar\).*--max-reject-fr"
+    with pytest.raises(ShardBuildError, match=match):
         build_shards(cfg, None)
     assert not (tmp_path / "out" / "train.manifest.json").exists()
 
@@ -261,3 +264,67 @@ def test_the_encryption_device_does_not_change_the_bytes(jpeg_tree, tmp_path, de
     with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
         build_shards(config(jpeg_tree, tmp_path / "c", encrypt_device="gpu0"), key)
     assert not (tmp_path / "c").exists()
+
+
+def test_progress_made_under_another_key_never_counts(jpeg_tree, tmp_path, monkeypatch):
+    """Two runs interleaved: records of shards made with key A, options file of key B."""
+    from pipeline import offline
+
+    key_a, key_b = Key(FIXED_SECRET), Key(bytes(32))
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:  # run A dies after its shards, before its manifest
+        m.setattr(offline, "_finish_split", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            build_shards(config(jpeg_tree, out, splits=("val",)), key_a)
+    records = sorted((out / "_progress").glob("val.0*.json"))
+    assert records and json.loads(records[0].read_text())["key_fingerprint"] == key_a.fingerprint
+    identity_b = offline._plan_split(config(jpeg_tree, out, splits=("val",)), "val", key_b).identity
+    (out / "_progress" / "val.options.json").write_bytes(offline._dumps(identity_b))
+
+    build_shards(config(jpeg_tree, out, splits=("val",)), key_b)
+    build_shards(config(jpeg_tree, tmp_path / "clean", splits=("val",)), key_b)
+    made = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert made == {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
+
+
+def test_a_split_with_no_samples_is_an_error_naming_it(tmp_path):
+    src = write_jpeg_tree(tmp_path / "src", classes=2, train=2, val=2)
+    for path in (src / "val").rglob("*.JPEG"):
+        path.write_bytes(b"not an image")
+    with pytest.raises(ShardBuildError, match="val: no samples: all 4 selected files"):
+        build_shards(config(src, tmp_path / "o", plain=True, max_reject_fraction=1.0), None)
+    assert (tmp_path / "o" / "train.manifest.json").exists()
+    assert not (tmp_path / "o" / "val.manifest.json").exists()
+
+
+def test_publishing_runs_behind_the_builder_in_a_bounded_queue(jpeg_tree, tmp_path):
+    """Two finished shards may wait for a slow store; the third waits for the first."""
+    import threading
+
+    from pipeline import offline
+
+    class SlowStore(Storage):  # a real local store whose writes wait for the test's signal
+        gate = threading.Event()
+
+        def write_bytes(self, name: str, data: bytes) -> None:
+            self.gate.wait(timeout=30)
+            super().write_bytes(name, data)
+
+    storage = SlowStore(tmp_path)
+    plan = offline._plan_split(config(jpeg_tree, tmp_path), "val", Key(FIXED_SECRET))
+    publisher = offline._Publisher(storage, offline._State(storage, "val"), plan)
+    empty = offline.ShardResult(None, [], [])
+    started = time.monotonic()
+    publisher.submit(0, empty, None)
+    publisher.submit(1, empty, None)
+    assert time.monotonic() - started < 1  # the builder went on while nothing was written
+    third = threading.Thread(target=publisher.submit, args=(2, empty, None))
+    third.start()
+    third.join(timeout=0.5)
+    assert third.is_alive()  # the queue is full: the builder waits
+    SlowStore.gate.set()
+    third.join(timeout=30)
+    publisher.drain()
+    publisher.close()
+    assert sorted(p.name for p in (tmp_path / "_progress").iterdir()) == [
+        "val.000000.json", "val.000001.json", "val.000002.json"]  # fmt: skip

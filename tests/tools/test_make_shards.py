@@ -165,3 +165,34 @@ def test_without_dali_the_error_says_what_to_do(tree, tmp_path):
     assert done.returncode == 2, done.stderr
     assert "pip install nvidia-dali-cuda130" in done.stderr and "--decoder pil" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_second_run_into_a_live_output_is_refused(tree, key_file, tmp_path):
+    """Issue 11's probe: a second run (another key, --overwrite) starts while the first runs."""
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "make_shards.py"), *shard_args(tree, key_file, out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "_lock.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(first.pid, signal.SIGSTOP)  # hold it mid-run, whatever the machine's speed
+        other = save_key(Key(bytes(32)), tmp_path / "other.bin")
+        second = tool("make_shards.py", *shard_args(tree, other, out), "--overwrite")
+        os.kill(first.pid, signal.SIGCONT)
+        assert second.returncode == 2, second.stderr
+        assert f"pid {first.pid}" in second.stderr and "another make_shards run" in second.stderr
+        assert first.wait(timeout=120) == 0, first.stderr.read()
+    finally:
+        if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
+            first.kill()
+    assert json.loads((out / "val.manifest.json").read_text())["key_fingerprint"] == (
+        Key(FIXED_SECRET).fingerprint
+    )
+    ok = tool("verify_shards.py", str(out))
+    assert ok.returncode == 0 and "16 shards, 64 samples" in ok.stderr, ok.stderr

@@ -1,0 +1,171 @@
+"""The ranks of one ``torchrun`` job building shards together (one process: a group of one).
+
+Rank ``r`` of ``W`` owns the shards whose index is ``r`` modulo ``W``: a static split that needs
+no scheduler and makes every rank's work independent of the others'. The ranks coordinate only
+through torch.distributed's key-value store (``torch.distributed.rendezvous("env://")``: the
+TCPStore that torchrun's agent hosts) and never through a collective, so a long healthy build
+cannot run into a collective timeout: every wait is a poll of the store that also watches for
+
+- a failure: a rank that fails posts its error (naming the shard) under ``failed``; the others
+  see it before their next shard or while waiting, and stop with that message;
+- a vanished rank (``kill -9``, a lost node): each rank bumps a heartbeat counter every
+  ``HEARTBEAT_S`` seconds from a thread; a counter that does not move for ``DEAD_AFTER_S``
+  seconds stops the others. On one node torchrun's agent already ends the job within a second
+  of a worker's non-zero exit; the heartbeat covers a worker lost on another node.
+
+Keys live under ``keyprotect/make_shards/<restart count>/`` so that a torchrun restart
+(``--max-restarts``) does not see the previous attempt's flags.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 2.0
+DEAD_AFTER_S = 60.0
+POLL_S = 0.2
+CHECK_EVERY_S = 5.0  # how often check() looks at the heartbeats (the failure flag: every call)
+
+
+class WorkGroupError(RuntimeError):
+    """Another rank failed or vanished, or the job's store is gone; the message says which."""
+
+
+class WorkGroup:
+    """This process's place in the job: ``rank`` of ``world_size`` and its ``local_rank``."""
+
+    def __init__(
+        self,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        local_rank: int = 0,
+        run_id: str | None = None,
+        store: Any = None,
+    ) -> None:
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.run_id = run_id
+        self._store = store
+        self._seen: dict[int, tuple[int, float]] = {}  # rank -> (heartbeat count, when it moved)
+        self._checked = 0.0
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        if store is not None:
+            self._store.add(f"alive/{rank}", 1)
+            self._beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+            self._beat.start()
+
+    @classmethod
+    def from_env(cls) -> WorkGroup:
+        """From torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+        ``MASTER_PORT``); without them, a group of one."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID") or None
+        if world <= 1:
+            return cls(local_rank=local_rank, run_id=run_id)
+        import torch.distributed as dist
+
+        store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=30)))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"keyprotect/make_shards/{attempt}/", store)
+        return cls(rank=rank, world_size=world, local_rank=local_rank, run_id=run_id, store=store)
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, index: int) -> bool:
+        """Whether shard ``index`` is this rank's to build."""
+        return index % self.world_size == self.rank
+
+    def share(self, name: str, value: str | None = None) -> str:
+        """Rank 0 passes ``value``; every rank gets it back (the others wait for it)."""
+        if self._store is None:
+            assert value is not None
+            return value
+        if self.is_primary:
+            self._store.set(name, value)
+            return value
+        self._wait(lambda: self._store.check([name]), f"rank 0 ({name})")
+        return self._store.get(name).decode()
+
+    def done(self, name: str) -> None:
+        """Say that this rank finished step ``name``."""
+        if self._store is not None:
+            self._store.set(f"{name}/{self.rank}", "1")
+
+    def wait_all(self, name: str) -> None:
+        """Wait until every rank said ``done(name)``."""
+        if self._store is None:
+            return
+        keys = [f"{name}/{r}" for r in range(self.world_size)]
+        self._wait(lambda: self._store.check(keys), f"every rank to finish {name}")
+
+    def fail(self, message: str) -> None:
+        """Tell the other ranks that this one failed (best effort: the store may be gone)."""
+        if self._store is None:
+            return
+        try:
+            if not self._store.check(["failed"]):
+                self._store.set("failed", f"rank {self.rank}: {message}")
+        except Exception:  # noqa: BLE001 - already failing; the caller reports the real error
+            logger.debug("could not post the failure to the job's store", exc_info=True)
+
+    def check(self) -> None:
+        """Raise ``WorkGroupError`` if another rank failed or vanished."""
+        if self._store is None:
+            return
+        try:
+            if self._store.check(["failed"]):
+                raise WorkGroupError(f"stopping: {self._store.get('failed').decode()}")
+            if time.monotonic() - self._checked >= CHECK_EVERY_S:
+                self._checked = time.monotonic()
+                self._check_heartbeats()
+        except WorkGroupError:
+            raise
+        except Exception as exc:  # the store's host (torchrun's agent on the first node) is gone
+            raise WorkGroupError(
+                f"rank {self.rank}: lost the job's store ({exc}); torchrun's first node has "
+                "stopped. Finished shards are kept: rerun to resume"
+            ) from None
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        for r in range(self.world_size):
+            count = int(self._store.add(f"alive/{r}", 0))
+            seen = self._seen.get(r)
+            if seen is None or seen[0] != count:
+                self._seen[r] = (count, now)
+            elif now - seen[1] > DEAD_AFTER_S:
+                raise WorkGroupError(
+                    f"stopping: rank {r} gave no sign of life for {DEAD_AFTER_S:.0f} s (killed, "
+                    "or its node lost); finished shards are kept: rerun to resume"
+                )
+
+    def _wait(self, ready, what: str) -> None:
+        logger.debug("rank %d: waiting for %s", self.rank, what)
+        while True:
+            self.check()
+            if ready():
+                return
+            time.sleep(POLL_S)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._store.add(f"alive/{self.rank}", 1)
+            except Exception:  # noqa: BLE001 - the store is gone; check() reports it
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()

@@ -1,0 +1,129 @@
+"""make_shards under a real torchrun (2 ranks on the CPU): same bytes as one process, resume
+after a rank is killed, and a failing rank ending the job with its message."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from tests.tools.conftest import ROOT, files, shard_args, tool
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
+    return [*TORCHRUN, f"--nproc_per_node={nproc}", str(ROOT / "tools" / "make_shards.py"), *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = torchrun_cmd(*args, nproc=nproc)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env())
+
+
+def dali_args(tree: Path, key_file: Path, out: Path | str) -> list[str]:
+    args = shard_args(tree, key_file, out)
+    args[args.index("--decoder") + 1] = "dali"
+    return [*args, "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def dali_reference(tree, key_file, tmp_path_factory) -> Path:
+    pytest.importorskip("nvidia.dali", reason="DALI is installed on Linux x86_64 only")
+    out = tmp_path_factory.mktemp("dali-reference")
+    done = tool("make_shards.py", *dali_args(tree, key_file, out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_two_ranks_pil_local_equal_one_process(tree, key_file, reference, tmp_path):
+    out = tmp_path / "out"
+    done = torchrun(*shard_args(tree, key_file, out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 of 2" in done.stderr  # really shared between two ranks
+    assert files(out) == files(reference)
+    assert sorted(os.listdir(out)) == sorted(files(reference))  # no lock or records left
+
+
+def test_two_ranks_dali_s3_equal_one_process(tree, key_file, dali_reference, s3_env):
+    url = f"s3://{s3_env}/two-ranks"
+    done = torchrun(*dali_args(tree, key_file, url))
+    assert done.returncode == 0, done.stderr[-3000:]
+    fs = fsspec.filesystem("s3")
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{s3_env}/two-ranks"))
+    assert names == sorted(files(dali_reference))
+    for name, data in files(dali_reference).items():
+        assert fs.cat_file(f"{s3_env}/two-ranks/{name}") == data, name
+
+
+def _worker_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (its children are the workers)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+def test_kill_one_rank_then_resume_with_one_process(tree, key_file, reference, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        torchrun_cmd(*shard_args(tree, key_file, out), "--batch-size", "1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env(),
+    )
+    victim, deadline = None, time.monotonic() + 240
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            victim = victim or _worker_pid(proc.pid, 1)
+            if victim and list(out.glob("_progress/train.0*.json")):
+                os.kill(victim, signal.SIGKILL)  # rank 1 dies mid-run
+                break
+            time.sleep(0.005)
+        assert proc.wait(timeout=120) != 0  # the agent ends the job
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "val.manifest.json").exists()  # it really was cut short
+    resumed = tool("make_shards.py", *shard_args(tree, key_file, out))  # 1 process now
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stale lock" in resumed.stderr  # the killed job's lock, recognised as dead
+    assert files(out) == files(reference)
+    assert sorted(os.listdir(out)) == sorted(files(reference))
+
+
+def test_a_failing_rank_stops_the_job_with_its_message(tree, key_file, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tree, src)
+    bad = sorted((src / "train").rglob("*.JPEG"))[5]
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated: rejected, and no reject is allowed
+    out = tmp_path / "out"
+    started = time.monotonic()
+    done = torchrun(*shard_args(src, key_file, out), "--max-reject-fraction", "0", timeout=180)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 120
+    message = [line for line in done.stderr.splitlines() if "make_shards: error" in line]
+    assert message and "[rank " in message[0], done.stderr[-3000:]
+    assert bad.relative_to(src).as_posix() in message[0]
+    assert "up to shard train-0000" in message[0] and "--max-reject-fraction" in message[0]
+    assert "/pipeline/" not in done.stderr  # no traceback from our code (torchrun prints its own)
+    assert not (out / "train.manifest.json").exists()
