@@ -406,6 +406,9 @@ def _build_own_shards(
     rejected = 0
     encrypt_on = encryption_device(config.encrypt_device, plan.device, group.local_rank)
     decoder = make_decoder(config, plan.device, device_id=group.local_rank)
+    encrypts_on = encrypt_on  # "auto": where the decoder leaves the images
+    if encrypt_on == "auto":
+        encrypts_on = f"cuda:{group.local_rank}" if plan.device == "gpu" else "cpu"
     logger.info(
         "%s: rank %d of %d builds %d of %d shards; decoding with %s on the %s, encrypting on %s",
         plan.split,
@@ -415,7 +418,7 @@ def _build_own_shards(
         plan.n_shards,
         config.decoder,
         plan.device.upper(),
-        "nothing (plain)" if key is None else encrypt_on,
+        "nothing (plain)" if key is None else encrypts_on,
     )
     progress = tqdm(
         total=sum(len(plan.chunk(i)) for i in mine),
