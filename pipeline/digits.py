@@ -55,9 +55,16 @@ def write_digits_tree(root: str | os.PathLike | None = None, *, size: int = 64) 
             rgb.save(folder / f"{i:04d}.png", optimize=False)
         info = {"version": DIGITS_TREE_VERSION, "size": size, "images": len(digits.images)}
         (tmp / "DONE.json").write_text(json.dumps(info) + "\n")
+        if marker.exists():  # another process (e.g. a torchrun rank) finished it meanwhile
+            return root
         if root.exists():  # an incomplete earlier attempt (no marker): replace it
             shutil.rmtree(root)
-        os.replace(tmp, root)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # a non-empty folder got there first: fine if it is complete
+            if not marker.exists():
+                raise
+            return root
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
