@@ -17,14 +17,17 @@ status is 1 if any section failed):
    a plain device copy, batch 256 of 224 x 224.
 2. ``make_shards``: ``tools/make_shards.py`` on the digits, PIL decoding and encryption on the
    GPU (``--encrypt-device cuda``): the same bytes as the CPU's numpy encryption; verified.
-3. ``make_shards_torchrun``: the offline stage under ``torchrun`` (a hook, see there).
+3. ``make_shards_torchrun``: ``torchrun --nproc_per_node=1 tools/make_shards.py``: the rank
+   encrypts on its own GPU and writes the same bytes as one process.
 4. ``training``: ``torchrun --nproc_per_node=1 train/ddp.py`` on those shards, NCCL, bf16
    autocast, channels_last and ``--compile``: it learns; step time, and the share of training
    time the host waited for the loader (``loader_wait_fraction``, an upper bound of GPU idle).
 5. ``loader``: images/s the webdataset loader delivers onto the GPU, pinned memory.
 6. ``audit``: ``python -m attacks --device cuda``, every scenario, small budgets.
 7. ``predict``: ``tools/predict.py --device cuda`` on image files: the CPU's classes.
-8. ``frontier``: the frontier's estimate (a hook: not written yet).
+8. ``make_shards_photos``: the offline stage's per-rank img/s on ImageNet-like JPEGs (PIL
+   decoding on host threads), encryption on the GPU and on the CPU: the same bytes.
+9. ``frontier``: the frontier's estimate (a hook: not written yet).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class Budget:
     loader_batch: int
     loader_batches: int
     audit: tuple[str, ...]
+    photo_images: int
 
 
 GPU = Budget(
@@ -81,6 +85,7 @@ GPU = Budget(
     compile=True, min_val_top1=0.8, loader_batch=256, loader_batches=60,
     audit=("--wrong-keys", "100", "--search-keys", "50", "--search-steps", "50",
            "--attacker-images", "100", "--leaked-images", "1000", "--finetune-steps", "20"),
+    photo_images=1500,
 )  # fmt: skip
 SMOKE = Budget(
     encrypt_batch=4, encrypt_size=32, shard_size=32, per_class=12,
@@ -89,6 +94,7 @@ SMOKE = Budget(
     audit=("--wrong-keys", "2", "--search-keys", "2", "--search-steps", "2",
            "--attacker-images", "16", "--leaked-images", "40", "--finetune-steps", "1",
            "--finetune-fractions", "0.1", "--eval-images", "40"),
+    photo_images=12,
 )  # fmt: skip
 
 
@@ -212,11 +218,11 @@ def check_encryption(c: Check) -> dict:
     }
 
 
-def _shard_hashes(folder: Path) -> dict[str, list[str]]:
+def _shard_hashes(folder: Path, splits: tuple[str, ...] = ("train", "val")) -> dict:
     return {
         split: [s["sha256"] for s in json.loads((folder / f"{split}.manifest.json").read_text())
                 ["shards"]]
-        for split in ("train", "val")
+        for split in splits
     }  # fmt: skip
 
 
@@ -228,25 +234,69 @@ def check_make_shards(c: Check) -> dict:
     device = "cuda" if c.cuda else "cpu"
     log = c.run("tools/make_shards.py", *common, "--out", str(c.shards), "--encrypt-device",
                 device, cap=180)  # fmt: skip
-    speed = re.search(r"\(\d+ made now, (\d+) img/s\)", log)
     reference = c.work / "shards-numpy"
     c.run("tools/make_shards.py", *common, "--out", str(reference), cap=180)
     same = _shard_hashes(c.shards) == _shard_hashes(reference)
     c.run("tools/verify_shards.py", str(c.shards), cap=120)
     return {
         "encrypt_device": device,
-        "img_s": int(speed.group(1)) if speed else None,
+        "img_s": _img_s(log),
         "same_bytes_as_numpy_encryption": same,
         "verified": True,
         "failed": not same,
     }
 
 
+def _img_s(log: str) -> int | None:
+    speed = re.search(r"made now[^,]*, (\d+) img/s", log)
+    return int(speed.group(1)) if speed else None
+
+
 def check_make_shards_torchrun(c: Check) -> dict:
-    """Hook: ``torchrun --nproc_per_node=1 tools/make_shards.py`` once the multi-rank offline
-    stage (issue 10 A) is merged: run it as below, compare its shard hashes with
-    ``_shard_hashes(c.shards)`` and report its img/s. Until then: skipped, not failed."""
-    return {"skipped": "make_shards under torchrun is not merged yet; this hook runs it then"}
+    """``torchrun --nproc_per_node=1 tools/make_shards.py``: the rank encrypts on its own GPU
+    (LOCAL_RANK) and writes the same bytes as one plain process."""
+    b = c.budget
+    out = c.work / "shards-torchrun"
+    common = ["--key", str(c.key), "--decoder", "pil", "--size", str(b.shard_size)]
+    common += ["--per-class", str(b.per_class)] if b.per_class else []
+    device = "cuda" if c.cuda else "cpu"
+    log = c.run("tools/make_shards.py", *common, "--out", str(out), "--encrypt-device", device,
+                cap=180, torchrun=True)  # fmt: skip
+    same = _shard_hashes(out) == _shard_hashes(c.shards)
+    where = re.search(r"encrypting on (\S+)", log)
+    return {
+        "encrypt_device": where.group(1) if where else None,
+        "img_s": _img_s(log),
+        "same_bytes_as_one_process": same,
+        "failed": not same or (c.cuda and not (where and where.group(1).startswith("cuda"))),
+    }
+
+
+def check_make_shards_photos(c: Check) -> dict:
+    """The offline stage's per-rank throughput on ImageNet-like JPEGs (crops of scikit-learn's
+    photos at about 500 x 375, stored at 224 x 224): one torchrun rank, PIL decoding on
+    ``--threads`` host threads, encryption on the GPU and, for comparison, on the CPU. The
+    README's full-scale estimates extrapolate from these figures."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_make_shards import make_source
+
+    b = c.budget
+    src = make_source(c.work / "photos", b.photo_images)
+    threads = max(2, min(12, (os.cpu_count() or 2) - 2))
+    figures: dict = {"images": b.photo_images, "threads": threads, "cpus": os.cpu_count()}
+    for device in ("cuda", "cpu") if c.cuda else ("cpu",):
+        out = c.work / f"photos-{device}"
+        log = c.run("tools/make_shards.py", "--key", str(c.key), "--src", str(src), "--split",
+                    "train", "--size", "224", "--decoder", "pil", "--threads", str(threads),
+                    "--encrypt-device", device, "--out", str(out), cap=240,
+                    torchrun=True)  # fmt: skip
+        figures[f"img_s_encrypt_{device}"] = _img_s(log)
+    if c.cuda:
+        same = _shard_hashes(c.work / "photos-cuda", ("train",)) == _shard_hashes(
+            c.work / "photos-cpu", ("train",)
+        )
+        figures.update(same_bytes_gpu_cpu=same, failed=not same)
+    return figures
 
 
 def check_training(c: Check) -> dict:
@@ -389,6 +439,7 @@ SECTIONS: list[tuple[str, Callable[[Check], dict]]] = [
     ("loader", check_loader),
     ("audit", check_audit),
     ("predict", check_predict),
+    ("make_shards_photos", check_make_shards_photos),
     ("frontier", check_frontier),
 ]
 

@@ -62,7 +62,11 @@ def test_smoke_run_passes_every_section_without_dali_or_s3(tmp_path):
     assert sections["loader"]["img_s_to_device"] > 0 and sections["loader"]["channels_last"]
     assert sections["audit"]["device"] == "cpu" and not sections["audit"]["missing_scenarios"]
     assert sections["predict"]["same_classes_as_cpu"] and sections["predict"]["files"] == 10
-    assert "skipped" in sections["frontier"] and "skipped" in sections["make_shards_torchrun"]
+    assert "skipped" in sections["frontier"]
+    torchrun = sections["make_shards_torchrun"]
+    assert torchrun["same_bytes_as_one_process"] and torchrun["encrypt_device"] == "cpu"
+    photos = sections["make_shards_photos"]
+    assert photos["images"] == 12 and photos["img_s_encrypt_cpu"] > 0
 
 
 def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
