@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pipeline.shards import ShardRecord
@@ -48,11 +49,16 @@ SAMPLES_SCHEMA_FIELDS = (
 def samples_table_bytes(rows: list[list]) -> bytes:
     """Parquet bytes of one row per sample: key, shard, label, source (path under SRC; null in
     encrypted output)."""
+    return parquet_bytes(SAMPLES_SCHEMA_FIELDS, rows)
+
+
+def parquet_bytes(fields: Sequence[tuple[str, str]], rows: list[list]) -> bytes:
+    """Parquet bytes of ``rows`` with columns ``(name, pyarrow type name)``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in SAMPLES_SCHEMA_FIELDS])
-    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in SAMPLES_SCHEMA_FIELDS]
+    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in fields])
+    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in fields]
     table = pa.Table.from_arrays(
         [pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)], schema=schema
     )

@@ -22,7 +22,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.atomic import atomic_write
 from pipeline.keys import Key
-from pipeline.manifest import Manifest, load_manifest, manifest_name, samples_table_name
+from pipeline.manifest import (
+    Manifest,
+    load_manifest,
+    manifest_name,
+    parquet_bytes,
+    samples_table_name,
+)
 from pipeline.sources import SourceItem, listing_digest, select_split
 from pipeline.storage import Storage
 
@@ -156,17 +162,7 @@ def _samples_table(storage: Storage, manifest: Manifest) -> list[dict]:
 
 
 def source_map_bytes(rows: list[list]) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in SOURCE_MAP_FIELDS])
-    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in SOURCE_MAP_FIELDS]
-    table = pa.Table.from_arrays(
-        [pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)], schema=schema
-    )
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+    return parquet_bytes(SOURCE_MAP_FIELDS, rows)
 
 
 def write_private(url: str, data: bytes) -> None:
