@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         DaliUnavailableError,
         OutputLockError,
         WorkGroupError,
+        OSError,  # a file where --out's folder goes, disk full, permission denied
         ValueError,
     ) as exc:
         logger.error("make_shards: error: %s", exc)

@@ -196,3 +196,13 @@ def test_second_run_into_a_live_output_is_refused(tree, key_file, tmp_path):
     )
     ok = tool("verify_shards.py", str(out))
     assert ok.returncode == 0 and "16 shards, 64 samples" in ok.stderr, ok.stderr
+
+
+def test_an_os_error_is_one_line_and_leaves_nothing_behind(tree, key_file, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    done = tool("make_shards.py", *shard_args(tree, key_file, blocker / "shards"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("make_shards: error:") and str(blocker) in lines[-1]
+    assert list(tmp_path.iterdir()) == [blocker] and blocker.read_text() == "not a folder"
