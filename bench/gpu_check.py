@@ -53,6 +53,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a plain python3: the repo's packages
 
+from pipeline.atomic import atomic_write  # noqa: E402
+
 
 class CheckFailed(AssertionError):
     """A section ran but what it checks does not hold."""
@@ -121,9 +123,7 @@ class Check:
         sections = self.results["sections"].values()
         self.results["failed"] = [n for n, s in self.results["sections"].items() if not s["ok"]]
         self.results["ok"] = bool(sections) and not self.results["failed"]
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1) + "\n")
-        os.replace(tmp, self.out)
+        atomic_write(self.out, json.dumps(self.results, indent=1) + "\n")
 
     def run(self, *args: str, cap: float, torchrun: bool = False) -> str:
         """A repo command in a subprocess (at most ``cap`` s and what is left of the run):

@@ -154,7 +154,7 @@ def samples_per_shard(shard_size: str, sample_bytes: int) -> int:
     return max(1, int(number * scale) // (sample_bytes + TAR_OVERHEAD))
 
 
-def resolve_device(device: str, decoder: str) -> str:
+def decode_device(device: str, decoder: str) -> str:
     """Where decoding runs ("cpu" or "gpu"); it shapes the bytes, so the manifest records it."""
     if device not in ("auto", "cpu", "gpu"):
         raise ValueError(f"--device {device!r} must be one of auto, cpu, gpu")
@@ -172,11 +172,11 @@ def resolve_device(device: str, decoder: str) -> str:
     return "gpu" if torch_device("auto").type == "cuda" else "cpu"
 
 
-def encryption_device(encrypt_device: str, decode_device: str, local_rank: int) -> str:
+def encryption_device(encrypt_device: str, decoding_on: str, local_rank: int) -> str:
     """Where this rank encrypts: ``auto`` (where the decoder leaves the images: DALI's GPU
     output is on GPU ``LOCAL_RANK``), or ``--encrypt-device`` resolved for this rank (``cuda``
     means ``cuda:LOCAL_RANK``). The bytes are the same everywhere, so this is not recorded."""
-    if decode_device == "gpu":
+    if decoding_on == "gpu":
         import torch
 
         if local_rank >= torch.cuda.device_count():
@@ -248,7 +248,7 @@ def _plan_split(config: ShardConfig, split: str, key: Key | None) -> _SplitPlan:
     )
     if not items:
         raise ShardBuildError(f"{split}: no source images selected under {config.src}/{split}")
-    device = resolve_device(config.device, config.decoder)
+    device = decode_device(config.device, config.decoder)
     shape = [config.size, config.size, 3]
     identity = {
         "options": config.data_options(device),
@@ -782,12 +782,10 @@ def _encrypt_batch(batch: Any, key: Key | None, device: str = "auto") -> list[np
     if batch is None:
         return []
     if key is not None:
-        if device != "auto":
+        if device != "auto":  # already resolved for this rank by encryption_device()
             import torch
 
-            from pipeline.device import resolve_device
-
-            target = resolve_device(device)
+            target = torch.device(device)
             if isinstance(batch, np.ndarray) and target.type != "cpu":
                 batch = torch.from_numpy(batch).to(target)
             elif isinstance(batch, torch.Tensor):
@@ -824,7 +822,7 @@ def build_shards(
     group = group or WorkGroup()
     # a bad --encrypt-device or a missing GPU fails now, before anything is written
     encryption_device(
-        config.encrypt_device, resolve_device(config.device, config.decoder), group.local_rank
+        config.encrypt_device, decode_device(config.device, config.decoder), group.local_rank
     )
     storage = Storage(config.out)
     logger.debug("config: %s", asdict(config))

@@ -86,7 +86,7 @@ def jpeg_tree(tmp_path_factory):
     return write_jpeg_tree(tmp_path_factory.mktemp("imagenet"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -105,7 +105,7 @@ def s3_server():
     from pathlib import Path
 
     exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

@@ -10,14 +10,14 @@ import torch.distributed as dist
 
 from pipeline import workgroup
 from pipeline.workgroup import WorkGroup, WorkGroupError
-from tests.conftest import _free_port
+from tests.conftest import free_port
 
 
 @pytest.fixture
 def pair(monkeypatch):
     monkeypatch.setattr(workgroup, "HEARTBEAT_S", 0.05)
     monkeypatch.setattr(workgroup, "CHECK_EVERY_S", 0.0)
-    port = _free_port()
+    port = free_port()
     server = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
     client = dist.TCPStore("127.0.0.1", port, 2, is_master=False)
     groups = [WorkGroup(rank=r, world_size=2, store=s) for r, s in enumerate((server, client))]

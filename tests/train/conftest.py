@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +14,6 @@ from pipeline.offline import ShardConfig, build_shards
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--model", "test_efficientnet", "--pretrained", "none", "--batch-size", "32",
         "--warmup-epochs", "0.5", "--workers", "2"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from pipeline import Key
-from tests.train.conftest import FAST, ROOT, free_port, make_digit_shards, torchrun
+from tests.conftest import free_port
+from tests.train.conftest import FAST, ROOT, make_digit_shards, torchrun
 
 
 def metrics(run: Path) -> list[dict]:
