@@ -7,7 +7,8 @@
 The encrypted shards are reused: the val shards are decrypted with the owner's key (exactly)
 and re-encrypted as each scenario needs; accuracy is always measured on those held-out val
 images. The attackers' plain images come from the decrypted train split, and the encrypted
-train shards are the "leaked data" of the ciphertext-only attack; the first train images and
+train shards are the "leaked data" of the ciphertext-only attack (other images than those its
+natural-image statistics come from); the first train images and
 their ciphertexts are the known-plaintext pairs. Budgets are options; the
 defaults finish on the embedded demo on a 2-core CPU in a few minutes.
 """
@@ -147,8 +148,7 @@ def prepare(config: AuditConfig) -> Audit:
         )
     train_total = load_manifest(Storage(config.data), "train").total_samples
     needed = max(
-        config.attacker_images,
-        config.leaked_images,
+        config.attacker_images + config.leaked_images,  # ciphertext-only: disjoint sets
         max(config.known_pairs, default=0),
         math.ceil(max(config.finetune_fractions, default=0) * train_total),
     )
@@ -252,8 +252,16 @@ def heuristic_search(a: Audit) -> list[dict]:
 
 def ciphertext_only(a: Audit) -> list[dict]:
     block_size, transforms = a.scheme
-    leaked = a.train_encrypted[: a.config.leaked_images]
     natural = a.attacker_set()[0]  # natural-image statistics: plain images, no labels
+    # the leaked images are others than those: statistics from the very images whose
+    # ciphertext is attacked would overstate the attack
+    start = len(natural)
+    leaked = a.train_encrypted[start : start + a.config.leaked_images]
+    if len(leaked) == 0:
+        raise AuditError(
+            f"{a.config.data}: no train images left for the ciphertext-only attack after the "
+            f"{start} statistics images; lower --attacker-images"
+        )
 
     def confidence(op: BlockOp) -> float:
         logits = torch.from_numpy(predict(a.model, apply_op(natural, op)))
