@@ -36,11 +36,11 @@ from attacks.key_search import heuristic_key_search, random_key_search
 from attacks.keyspace import key_recovery, random_material, to_blocks
 from attacks.known_plaintext import solve_key
 from pipeline import BlockOp, KeyFileError, apply_op, decrypt, load_key, paths
-from pipeline.checkpoint import CheckpointError
 from pipeline.device import DEVICE_CHOICES, model_device, resolve_device
-from pipeline.evaluation import EvalSet, load_model, load_split, predict, top1
-from pipeline.manifest import ManifestError, load_manifest
-from pipeline.models import create_model
+from pipeline.model.checkpoint import CheckpointError
+from pipeline.model.evaluation import EvalSet, load_model, load_split, predict, top1
+from pipeline.model.factory import create_model
+from pipeline.shards.manifest import ManifestError, load_manifest
 from pipeline.storage import Storage
 
 logger = logging.getLogger("attacks")

@@ -41,7 +41,7 @@ from scipy.optimize import linear_sum_assignment
 
 from attacks.keyspace import byte_maps
 from pipeline import BlockOp
-from pipeline.blockwise import block_length
+from pipeline.cipher.blockwise import block_length
 
 logger = logging.getLogger(__name__)
 

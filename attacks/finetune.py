@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.device import model_device
-from pipeline.loader import to_model_input
+from pipeline.stream.dataset import to_model_input
 
 logger = logging.getLogger(__name__)
 

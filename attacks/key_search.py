@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from attacks.keyspace import random_material
 from pipeline import KeyMaterial, encrypt
-from pipeline.evaluation import predict
+from pipeline.model.evaluation import predict
 
 logger = logging.getLogger(__name__)
 

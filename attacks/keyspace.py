@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline import BlockOp, KeyMaterial
-from pipeline.keys import derive_material
+from pipeline.cipher.keys import derive_material
 
 _VALUES = np.arange(256, dtype=np.uint8)
 

@@ -27,8 +27,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from pipeline import Key, encrypt  # noqa: E402
-from pipeline.loader import LoaderConfig, ShardDataset, make_loader, to_model_input  # noqa: E402
-from pipeline.offline import ShardConfig, build_shards  # noqa: E402
+from pipeline.offline.build import ShardConfig, build_shards  # noqa: E402
+from pipeline.stream.dataset import LoaderConfig, ShardDataset, make_loader, to_model_input  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_make_shards import make_source  # noqa: E402
@@ -60,7 +60,7 @@ def loader_img_s(shards: str, epochs: int) -> float:
 def write_jpeg_shards(src: Path, out: Path) -> list[str]:
     import webdataset as wds
 
-    from pipeline.sources import find_classes, list_split
+    from pipeline.offline.sources import find_classes, list_split
 
     out.mkdir(parents=True, exist_ok=True)
     items = list_split(src, "train", find_classes(src, "train"))
@@ -76,7 +76,7 @@ class _DecodeEncrypt:
         self.key, self.size = key, size
 
     def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
-        from pipeline.decode import decode_pil
+        from pipeline.offline.decode import decode_pil
 
         image = encrypt(decode_pil(sample["jpg"], self.size), self.key)
         return torch.from_numpy(image), int(sample["cls"])
@@ -100,7 +100,7 @@ def jpeg_loader_img_s(urls: list[str], key: Key, size: int, epochs: int) -> floa
 
 
 def step_overhead(shards: str, steps: int) -> float:
-    from pipeline.models import create_model
+    from pipeline.model.factory import create_model
 
     torch.manual_seed(0)
     model = create_model("tf_efficientnet_lite0", num_classes=10).to(
@@ -135,7 +135,7 @@ def step_overhead(shards: str, steps: int) -> float:
 
 RSS_SCRIPT = """
 import os, sys
-from pipeline.loader import LoaderConfig, ShardDataset, make_loader
+from pipeline.stream.dataset import LoaderConfig, ShardDataset, make_loader
 
 def pss_mb(pid):
     try:
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         results["jpeg_loader_img_s"] = round(jpeg, 1)
         results["loader_vs_jpeg_ratio"] = round(raw / jpeg, 2)
 
-        from pipeline.digits import write_digits_tree
+        from pipeline.offline.digits import write_digits_tree
 
         digits = write_digits_tree(work / "digits", size=64)
         rss = {}

@@ -45,9 +45,9 @@ from PIL import Image
 os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported; bars would interleave
 
 from pipeline import Key, encrypt, save_key
-from pipeline.decode import decode_pil
-from pipeline.offline import BuildStats, ShardConfig, build_shards
-from pipeline.sources import find_classes, list_split
+from pipeline.offline.build import BuildStats, ShardConfig, build_shards
+from pipeline.offline.decode import decode_pil
+from pipeline.offline.sources import find_classes, list_split
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results import merge_results  # noqa: E402
@@ -103,7 +103,7 @@ CHILD = """
 import json, sys
 import nvidia.dali.fn, s3fs  # imported before timing, for both sides: not part of a build
 from pipeline import load_key
-from pipeline.offline import BuildStats, ShardConfig, build_shards
+from pipeline.offline.build import BuildStats, ShardConfig, build_shards
 src, out, key_file, size, shard_size = sys.argv[1:6]
 if out.startswith("s3://"):  # create the client (botocore loads its models) before the clock
     import fsspec

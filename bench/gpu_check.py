@@ -348,7 +348,7 @@ def check_training(c: Check) -> dict:
 
 
 def check_loader(c: Check) -> dict:
-    from pipeline.loader import LoaderConfig, ShardDataset, make_loader, to_model_input
+    from pipeline.stream.dataset import LoaderConfig, ShardDataset, make_loader, to_model_input
 
     b = c.budget
     config = LoaderConfig(batch_size=b.loader_batch, num_workers=b.workers)
@@ -401,7 +401,7 @@ def check_audit(c: Check) -> dict:
 
 def check_predict(c: Check) -> dict:
     """``tools/predict.py --device cuda`` on digit image files: the same classes as on the CPU."""
-    from pipeline.digits import write_digits_tree
+    from pipeline.offline.digits import write_digits_tree
 
     checkpoint = c.run_dir / "checkpoint.pt"
     if not checkpoint.is_file():

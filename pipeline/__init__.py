@@ -6,8 +6,8 @@ x_enc = encrypt(images, key)  # uint8 HWC / NHWC, numpy or torch (any device)
 assert (decrypt(x_enc, key) == images).all()
 """
 
-from pipeline.blockwise import TRANSFORMS, BlockOp, KeyMaterial, apply_op, decrypt, encrypt
-from pipeline.keys import Key, KeyFileError, fingerprint, load_key, save_key
+from pipeline.cipher.blockwise import TRANSFORMS, BlockOp, KeyMaterial, apply_op, decrypt, encrypt
+from pipeline.cipher.keys import Key, KeyFileError, fingerprint, load_key, save_key
 
 __version__ = "0.1.0"
 

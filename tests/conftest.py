@@ -75,7 +75,7 @@ def write_jpeg_tree(root, *, classes=3, train=8, val=3, size=(160, 120), seed=0)
 def sources_by_key(src, out, key, split: str) -> dict[str, str]:
     """Sample key -> source path under ``src``, from the owner's source map (encrypted shards
     name no source)."""
-    from pipeline.sourcemap import source_map_rows
+    from pipeline.offline.sourcemap import source_map_rows
 
     rows = source_map_rows(src=str(src), out=str(out), key=key, splits=(split,))
     return {r[1]: r[4] for r in rows if r[5] is None}

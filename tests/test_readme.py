@@ -65,7 +65,7 @@ def write_photo(path: Path) -> None:
     """A held-out digit from the tree make_shards.py cached, saved as JPEG (the README says so)."""
     from PIL import Image
 
-    from pipeline.digits import default_cache_dir
+    from pipeline.offline.digits import default_cache_dir
 
     digit = sorted((default_cache_dir() / "digits-64" / "val" / "7").glob("*.png"))[0]
     Image.open(digit).convert("RGB").save(path, quality=95)

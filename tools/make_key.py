@@ -16,8 +16,8 @@ import json
 import logging
 import sys
 
-from pipeline.blockwise import TRANSFORMS, check_transforms
-from pipeline.keys import Key, KeyFileError, load_key, save_key
+from pipeline.cipher.blockwise import TRANSFORMS, check_transforms
+from pipeline.cipher.keys import Key, KeyFileError, load_key, save_key
 
 logger = logging.getLogger("make_key")
 

@@ -26,16 +26,16 @@ import os
 import sys
 
 from pipeline import paths
-from pipeline.dali import DaliUnavailableError
-from pipeline.decode import DEFAULT_MAX_PIXELS
-from pipeline.digits import write_digits_tree
-from pipeline.keys import KeyFileError, load_key
-from pipeline.manifest import ManifestError
-from pipeline.offline import BuildStats, ShardBuildError, ShardConfig, build_shards
-from pipeline.outlock import OutputLockError
-from pipeline.sourcemap import SourceMapError, check_location, write_source_map
-from pipeline.sources import SPLITS, SourceError
-from pipeline.workgroup import WorkGroup, WorkGroupError
+from pipeline.cipher.keys import KeyFileError, load_key
+from pipeline.offline.build import BuildStats, ShardBuildError, ShardConfig, build_shards
+from pipeline.offline.dali import DaliUnavailableError
+from pipeline.offline.decode import DEFAULT_MAX_PIXELS
+from pipeline.offline.digits import write_digits_tree
+from pipeline.offline.outlock import OutputLockError
+from pipeline.offline.sourcemap import SourceMapError, check_location, write_source_map
+from pipeline.offline.sources import SPLITS, SourceError
+from pipeline.offline.workgroup import WorkGroup, WorkGroupError
+from pipeline.shards.manifest import ManifestError
 
 logger = logging.getLogger("make_shards")
 

@@ -20,11 +20,11 @@ import logging
 import sys
 
 from pipeline import paths
-from pipeline.checkpoint import CheckpointError
-from pipeline.classifier import ImageFileError, ProtectedClassifier
-from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.cipher.keys import KeyFileError
 from pipeline.device import DEVICE_CHOICES
-from pipeline.keys import KeyFileError
+from pipeline.model.checkpoint import CheckpointError
+from pipeline.model.classifier import ImageFileError, ProtectedClassifier
+from pipeline.offline.decode import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger("predict")
 

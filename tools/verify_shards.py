@@ -15,7 +15,7 @@ import logging
 import sys
 
 from pipeline import paths
-from pipeline.verify import verify_shards
+from pipeline.shards.verify import verify_shards
 
 logger = logging.getLogger("verify_shards")
 

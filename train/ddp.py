@@ -36,12 +36,17 @@ from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.atomic import atomic_write
-from pipeline.checkpoint import CheckpointError, load_checkpoint, manifest_digest, save_checkpoint
-from pipeline.dali import DaliUnavailableError
 from pipeline.device import resolve_device
-from pipeline.loader import LoaderConfig, ShardDataset, make_loader, to_model_input
-from pipeline.manifest import ManifestError, manifest_name
-from pipeline.models import create_model
+from pipeline.model.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    manifest_digest,
+    save_checkpoint,
+)
+from pipeline.model.factory import create_model
+from pipeline.offline.dali import DaliUnavailableError
+from pipeline.shards.manifest import ManifestError, manifest_name
+from pipeline.stream.dataset import LoaderConfig, ShardDataset, make_loader, to_model_input
 
 logger = logging.getLogger("train")
 
@@ -296,7 +301,7 @@ def open_split(config: TrainConfig, env: Dist, split: str):
         num_workers=config.workers,
     )
     if config.loader == "dali":
-        from pipeline.dali_loader import DaliShardLoader
+        from pipeline.stream.dali import DaliShardLoader
 
         device = "gpu" if env.device.type == "cuda" else "cpu"
         return DaliShardLoader(config.data, split, config=loader_config, rank=env.rank,

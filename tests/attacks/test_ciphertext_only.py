@@ -8,7 +8,7 @@ import pytest
 from attacks.ciphertext_only import _descend, block_symmetries, estimate_key, match_structure
 from attacks.keyspace import key_recovery, to_blocks
 from pipeline import Key, decrypt, encrypt
-from pipeline.evaluation import load_split
+from pipeline.model.evaluation import load_split
 from tests.train.conftest import make_digit_shards
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from attacks.finetune import finetune, stratified_subset
-from pipeline.evaluation import predict
-from pipeline.models import create_model
+from pipeline.model.evaluation import predict
+from pipeline.model.factory import create_model
 
 
 def test_subsets_take_every_class_and_the_fraction():

@@ -9,7 +9,7 @@ import torch
 from attacks.key_search import _neighbour, fitness, heuristic_key_search, random_key_search
 from attacks.keyspace import random_material
 from pipeline import Key, decrypt
-from pipeline.evaluation import load_model, load_split
+from pipeline.model.evaluation import load_model, load_split
 from tests.conftest import FIXED_SECRET
 
 
@@ -65,7 +65,7 @@ class _LinearOracle(torch.nn.Module):
 
 
 def test_heuristic_search_repairs_a_planted_key():
-    from pipeline.blockwise import KeyMaterial
+    from pipeline.cipher.blockwise import KeyMaterial
 
     rng = np.random.default_rng(4)
     true = random_material(4, ("np",), rng)
@@ -86,6 +86,6 @@ def test_heuristic_search_repairs_a_planted_key():
 
 def predict_labels(model, images, material) -> np.ndarray:
     from pipeline import encrypt
-    from pipeline.evaluation import predict
+    from pipeline.model.evaluation import predict
 
     return predict(model, encrypt(images, material)).argmax(1)

@@ -17,9 +17,9 @@ from attacks import audit
 from attacks.finetune import finetune
 from attacks.key_search import heuristic_key_search, random_key_search
 from pipeline import TRANSFORMS, Key
-from pipeline.classifier import ProtectedClassifier
 from pipeline.device import model_device, resolve_device
-from pipeline.evaluation import EvalSet, predict, top1
+from pipeline.model.classifier import ProtectedClassifier
+from pipeline.model.evaluation import EvalSet, predict, top1
 from tests.conftest import FIXED_SECRET
 
 CLASSES = 3

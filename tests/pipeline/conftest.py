@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import Key
-from pipeline.offline import ShardConfig, build_shards
+from pipeline.offline.build import ShardConfig, build_shards
 from tests.conftest import FIXED_SECRET, write_jpeg_tree
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline import load_key
-from tests.pipeline.test_keys import secret_forms
+from tests.pipeline.cipher.test_keys import secret_forms
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from pipeline import Key, save_key
-from pipeline.evaluation import load_model, load_split, predict
+from pipeline.model.evaluation import load_model, load_split, predict
 from tests.conftest import FIXED_SECRET
-from tests.pipeline.test_classifier import val_sources
+from tests.pipeline.model.test_classifier import val_sources
 from tests.tools.conftest import tool
 from tools.predict import main
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from pipeline import Key
-from pipeline.digits import write_digits_tree
-from pipeline.offline import ShardConfig, build_shards
+from pipeline.offline.build import ShardConfig, build_shards
+from pipeline.offline.digits import write_digits_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--model", "test_efficientnet", "--pretrained", "none", "--batch-size", "32",

@@ -109,7 +109,7 @@ def test_kill_mid_epoch_then_resume_matches_an_uninterrupted_run(digit_shards, t
 
 
 def test_resume_is_exact_or_refused_and_max_steps_counts_across_resumes(digit_shards, tmp_path):
-    from pipeline.loader import LoaderConfig, ShardDataset
+    from pipeline.stream.dataset import LoaderConfig, ShardDataset
 
     out, ckpt = tmp_path / "run", str(tmp_path / "run" / "checkpoint.pt")
     total = len(ShardDataset(str(digit_shards), "train", config=LoaderConfig(batch_size=32)))

@@ -1,0 +1,1 @@
+"""The cipher: key files and material (``keys``), block-wise transforms (``blockwise``)."""

@@ -1,0 +1,848 @@
+"""The offline stage: source images -> decoded, resized, encrypted WebDataset shards + manifest.
+
+Shard ``k`` of a split always holds the selected items ``[k*S, (k+1)*S)`` minus the rejected
+ones, so every shard can be built, skipped or rebuilt on its own. That is what makes resuming
+exact: a finished shard leaves a record in ``OUT/_progress/`` (with the key's fingerprint and a
+digest of everything that shapes the data, so a shard made under another key or other options
+never counts); a rerun with the same options skips recorded shards whose file is present,
+rebuilds the rest byte for byte, and writes the manifest last.
+
+Under ``torchrun`` the same holds per rank: rank ``r`` of ``W`` builds the shards whose index is
+``r`` modulo ``W`` (``pipeline.offline.workgroup``), with its own decoder on its own device
+(``LOCAL_RANK``); rank 0 checks the output first and writes the manifest and samples table
+once every rank is done. The bytes do not depend on ``W``, so a rerun may use another world size.
+One run at a time holds the output (``pipeline.offline.outlock``).
+
+Decoding (DALI or PIL threads), encryption (numpy with the GIL released, or torch on the GPU),
+writing (a writer thread) and publishing (moving or uploading a finished shard and its record:
+another thread) overlap. Publishing is a queue of at most ``PUBLISH_QUEUE`` shards: the next
+shard's decoding goes on while the previous one uploads, and if uploads fall behind the builder
+waits, so at most ``PUBLISH_QUEUE + 1`` shards are staged on local disk at once and memory stays
+flat (a staged shard is a file; one upload runs at a time, and s3fs holds at most 10 parts of
+50 MiB of it in memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import __version__, paths
+from pipeline.cipher.blockwise import encrypt
+from pipeline.cipher.keys import Key
+from pipeline.offline.decode import DEFAULT_MAX_PIXELS, DecodeError, probe
+from pipeline.offline.outlock import OutputLock
+from pipeline.offline.sourcemap import log_rejects, reject_entry, reject_source
+from pipeline.offline.sources import SPLITS, SourceItem, listing_digest, select_split
+from pipeline.offline.workgroup import WorkGroup
+from pipeline.shards.format import ShardRecord, ShardWriter, index_name, sample_files, shard_name
+from pipeline.shards.manifest import (
+    Manifest,
+    ManifestError,
+    load_manifest,
+    manifest_name,
+    samples_table_bytes,
+    samples_table_name,
+    write_manifest,
+)
+from pipeline.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_DIR = "_progress"
+TAR_OVERHEAD = 3 * 512 + 3 * 512 + 256  # three headers, padding and the JSON, per sample
+PUBLISH_QUEUE = 2  # finished shards waiting for (or in) their upload; the builder waits beyond
+
+
+@dataclass
+class BuildStats:
+    """What a run did, for the summary line and the benchmark."""
+
+    images: int = 0
+    encrypt_seconds: float = 0.0  # wall-clock seconds inside encryption (other stages overlap)
+    encrypt_cpu_seconds: float = 0.0  # CPU seconds of the encrypting thread while encrypting
+    seconds: float = 0.0  # wall-clock seconds of the whole run
+    cpu_seconds: float = 0.0  # CPU seconds of the whole process, every thread
+
+
+@dataclass
+class ShardResult:
+    """One shard's outcome: its record (None if every file was rejected), rejects, and rows
+    ``[key, label, source]`` for the per-sample table."""
+
+    record: ShardRecord | None
+    rejects: list[dict]
+    rows: list[list]
+
+
+class ShardBuildError(RuntimeError):
+    """The run cannot go on (too many rejects, a mismatched existing output, ...)."""
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    """Everything that decides the shards' bytes, plus how to run."""
+
+    src: str
+    out: str = paths.SHARDS
+    splits: tuple[str, ...] = SPLITS
+    size: int = 224
+    per_class: int | None = None
+    fraction: float | None = None
+    seed: int = 0
+    classes_file: str | None = None
+    shard_size: str = "1000"  # samples, or bytes with a unit: "200MB"
+    decoder: str = "dali"
+    device: str = "auto"
+    # where encryption runs: "auto" (where the decoder left the images: the GPU after DALI's
+    # GPU decoder, else the CPU), "cpu", "cuda[:N]" (e.g. PIL decoding, encryption on a GPU).
+    # The bytes are the same on every device, so it is not one of the data options.
+    encrypt_device: str = "auto"
+    plain: bool = False
+    max_reject_fraction: float = 0.01
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    batch_size: int = 64
+    num_threads: int = 2
+    overwrite: bool = False
+    force_unlock: bool = False  # take over another run's lock on the output
+
+    def data_options(self, device: str) -> dict:
+        """The options that shape the shards' content (recorded; a rerun must match them)."""
+        return {
+            "size": self.size,
+            "per_class": self.per_class,
+            "fraction": self.fraction,
+            "seed": self.seed,
+            "shard_size": self.shard_size,
+            "decoder": self.decoder,
+            "decode_device": device,
+            "plain": self.plain,
+            "max_pixels": self.max_pixels,
+        }
+
+
+def samples_per_shard(shard_size: str, sample_bytes: int) -> int:
+    """``"1000"`` -> 1000 samples; ``"200MB"`` -> as many samples as fit in 200 MB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?i?[bB])?\s*", str(shard_size))
+    if not match:
+        raise ValueError(
+            f"--shard-size {shard_size!r} is neither a sample count (e.g. 1000) nor a size "
+            "(e.g. 200MB, 1GB)"
+        )
+    number, unit = float(match.group(1)), match.group(2)
+    if unit is None:
+        if number < 1 or number != int(number):
+            raise ValueError(f"--shard-size {shard_size!r} must be a whole number of samples >= 1")
+        return int(number)
+    scale = {"b": 1, "k": 1e3, "m": 1e6, "g": 1e9}[unit[0].lower()]
+    if "i" in unit.lower():
+        scale = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit[0].lower()]
+    return max(1, int(number * scale) // (sample_bytes + TAR_OVERHEAD))
+
+
+def decode_device(device: str, decoder: str) -> str:
+    """Where decoding runs ("cpu" or "gpu"); it shapes the bytes, so the manifest records it."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"--device {device!r} must be one of auto, cpu, gpu")
+    if decoder == "pil":
+        if device == "gpu":
+            raise ValueError(
+                "--decoder pil decodes on the CPU; use --decoder dali for --device gpu (or "
+                "--encrypt-device cuda to encrypt on the GPU)"
+            )
+        return "cpu"
+    if device != "auto":
+        return device
+    from pipeline.device import resolve_device as torch_device
+
+    return "gpu" if torch_device("auto").type == "cuda" else "cpu"
+
+
+def encryption_device(encrypt_device: str, decoding_on: str, local_rank: int) -> str:
+    """Where this rank encrypts: ``auto`` (where the decoder leaves the images: DALI's GPU
+    output is on GPU ``LOCAL_RANK``), or ``--encrypt-device`` resolved for this rank (``cuda``
+    means ``cuda:LOCAL_RANK``). The bytes are the same everywhere, so this is not recorded."""
+    if decoding_on == "gpu":
+        import torch
+
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK {local_rank}, but {torch.cuda.device_count()} CUDA device(s) here: "
+                "run at most one process per GPU (torchrun --nproc_per_node)"
+            )
+        torch.cuda.set_device(local_rank)  # DALI decodes there; torch's "cuda" is that GPU
+    if encrypt_device == "auto":
+        return "auto"
+    from pipeline.device import resolve_device as torch_device
+
+    return str(torch_device(encrypt_device, local_rank=local_rank))
+
+
+def make_decoder(config: ShardConfig, device: str, device_id: int = 0):
+    if config.decoder == "pil":
+        from pipeline.offline.decode import PilDecoder
+
+        return PilDecoder(config.size, num_threads=config.num_threads)
+    if config.decoder == "dali":
+        from pipeline.offline.dali import DaliDecoder
+
+        return DaliDecoder(
+            config.size,
+            device=device,
+            batch_size=config.batch_size,
+            num_threads=config.num_threads,
+            device_id=device_id,
+        )
+    raise ValueError(f"--decoder {config.decoder!r} must be dali or pil")
+
+
+@dataclass
+class _SplitPlan:
+    """One split's selected items, shard geometry and identity (what shapes its bytes)."""
+
+    split: str
+    items: list[SourceItem]
+    classes: list[str]
+    shape: list[int]
+    per_shard: int
+    device: str  # where decoding runs
+    identity: dict = field(repr=False)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the identity: progress records made under anything else never count."""
+        return hashlib.sha256(_dumps(self.identity)).hexdigest()
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(len(self.items) / self.per_shard)
+
+    def chunk(self, index: int) -> list[SourceItem]:
+        return self.items[index * self.per_shard : (index + 1) * self.per_shard]
+
+
+def _plan_split(config: ShardConfig, split: str, key: Key | None) -> _SplitPlan:
+    order_key = None if key is None else key.order_key  # encrypted: an order nobody can redo
+    classes, items = select_split(
+        config.src,
+        split,
+        classes_file=config.classes_file,
+        per_class=config.per_class,
+        fraction=config.fraction,
+        seed=config.seed,
+        order_key=order_key,
+    )
+    if not items:
+        raise ShardBuildError(f"{split}: no source images selected under {config.src}/{split}")
+    device = decode_device(config.device, config.decoder)
+    shape = [config.size, config.size, 3]
+    identity = {
+        "options": config.data_options(device),
+        "classes": classes,
+        "source_digest": listing_digest(items, order_key=order_key),
+        "key_fingerprint": None if key is None else key.fingerprint,
+        "block_size": None if key is None else key.block_size,
+        "transforms": [] if key is None else list(key.transforms),
+    }
+    per_shard = samples_per_shard(config.shard_size, int(np.prod(shape)))
+    return _SplitPlan(split, items, classes, shape, per_shard, device, identity)
+
+
+class _State:
+    """Per-split progress records under ``OUT/_progress/``, and the options they were made with."""
+
+    def __init__(self, storage: Storage, split: str) -> None:
+        self.storage, self.split = storage, split
+
+    def _name(self, leaf: str) -> str:
+        return f"{PROGRESS_DIR}/{self.split}.{leaf}.json"
+
+    def read_options(self) -> dict | None:
+        try:
+            return json.loads(self.storage.read_bytes(self._name("options")))
+        except FileNotFoundError:
+            return None
+
+    def write_options(self, options: dict) -> None:
+        self.storage.fs.makedirs(self.storage.path(PROGRESS_DIR), exist_ok=True)
+        self.storage.write_bytes(self._name("options"), _dumps(options))
+
+    def recorded(self) -> set[int]:
+        """The shard indices with a progress record (one listing, not a request per shard)."""
+        names = self.storage.list_prefix(f"{PROGRESS_DIR}/{self.split}.")
+        leaves = (n.rsplit("/", 1)[1].split(".")[1] for n in names)
+        return {int(leaf) for leaf in leaves if leaf.isdigit()}
+
+    def read_shard(self, index: int) -> dict | None:
+        name = self._name(f"{index:06d}")
+        try:
+            return json.loads(self.storage.read_bytes(name))
+        except FileNotFoundError:
+            return None
+
+    def write_shard(self, index: int, result: ShardResult, plan: _SplitPlan) -> None:
+        entry = {
+            "key_fingerprint": plan.identity["key_fingerprint"],
+            "identity_digest": plan.digest,
+            "record": result.record.to_dict() if result.record else None,
+            "rejects": result.rejects,
+            "rows": result.rows,
+        }
+        self.storage.write_bytes(self._name(f"{index:06d}"), _dumps(entry))
+
+    def clear(self) -> None:
+        self.storage.remove_many(self.storage.list_prefix(f"{PROGRESS_DIR}/{self.split}."))
+        self.storage.remove_folder_if_empty(PROGRESS_DIR)
+
+
+def _dumps(obj: object) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def build_split(
+    config: ShardConfig,
+    split: str,
+    key: Key | None,
+    storage: Storage,
+    stats: BuildStats,
+    *,
+    group: WorkGroup | None = None,
+    lock: OutputLock | None = None,
+) -> Manifest | None:
+    """Make (or finish, or confirm) the shards and manifest of one split: this rank's shards,
+    and, on rank 0 once every rank is done, the manifest. Returns None on other ranks."""
+    group = group or WorkGroup()
+    plan = _plan_split(config, split, key)
+    state = _State(storage, split)
+    # rank 0 checks the output; every rank then checks that it selected the same data
+    verdict = group.share(
+        f"{split}/setup", _setup_split(config, plan, storage, state) if group.is_primary else None
+    )
+    status, digest = verdict.split(":")
+    if digest != plan.digest:
+        raise ShardBuildError(
+            f"rank {group.rank}: {split}: this rank's source listing or options differ from "
+            "rank 0's; every rank must see the same --src and arguments"
+        )
+    if status == "complete":
+        return load_manifest(storage, split) if group.is_primary else None
+
+    started, made_before = time.perf_counter(), stats.images
+    results = _build_own_shards(config, plan, key, storage, state, stats, group, lock)
+    group.done(f"{split}/built")
+    if not group.is_primary:
+        return None
+    group.wait_all(f"{split}/built")
+    manifest = _finish_split(config, plan, storage, state, results)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "%s: %d images (%d made now%s) in %.1f s, %.0f img/s, %d rejected, %d shards, %.1f MB "
+        "written to %s",
+        split,
+        manifest.total_samples,
+        stats.images - made_before,
+        "" if group.world_size == 1 else f" by rank 0 of {group.world_size}",
+        seconds,
+        (stats.images - made_before) / max(seconds, 1e-9),
+        len(manifest.rejects),
+        len(manifest.shards),
+        manifest.total_bytes / 1e6,
+        storage.url,
+    )
+    return manifest
+
+
+def _setup_split(config: ShardConfig, plan: _SplitPlan, storage: Storage, state: _State) -> str:
+    """Rank 0, before any shard: "complete:DIGEST" if the split is already made with these
+    options, else clear what --overwrite replaces, record the options, and "build:DIGEST"."""
+    split = plan.split
+    if _finished_and_same(storage, split, plan.identity, config.overwrite):
+        logger.info(
+            "%s: already complete in %s; nothing to do", split, storage.uri(manifest_name(split))
+        )
+        return f"complete:{plan.digest}"
+    previous = state.read_options()
+    if previous is not None and previous != plan.identity:
+        if not config.overwrite:
+            raise ShardBuildError(
+                f"{storage.uri(PROGRESS_DIR)}: an unfinished {split} run with different options or "
+                f"key is there ({_diff(previous, plan.identity)}); rerun with its options to "
+                "resume, or pass --overwrite to start over"
+            )
+        _remove_split(storage, split, state)
+    state.write_options(plan.identity)
+    return f"build:{plan.digest}"
+
+
+def _build_own_shards(
+    config: ShardConfig,
+    plan: _SplitPlan,
+    key: Key | None,
+    storage: Storage,
+    state: _State,
+    stats: BuildStats,
+    group: WorkGroup,
+    lock: OutputLock | None,
+) -> dict[int, ShardResult]:
+    """This rank's shards, each built unless recorded as finished; stops early when this
+    rank's rejects alone exceed the split's limit."""
+    mine = [i for i in range(plan.n_shards) if group.owns(i)]
+    limit = config.max_reject_fraction * len(plan.items)
+    results: dict[int, ShardResult] = {}
+    rejected = 0
+    encrypt_on = encryption_device(config.encrypt_device, plan.device, group.local_rank)
+    decoder = make_decoder(config, plan.device, device_id=group.local_rank)
+    encrypts_on = encrypt_on  # "auto": where the decoder leaves the images
+    if encrypt_on == "auto":
+        encrypts_on = f"cuda:{group.local_rank}" if plan.device == "gpu" else "cpu"
+    logger.info(
+        "%s: rank %d of %d builds %d of %d shards; decoding with %s on the %s, encrypting on %s",
+        plan.split,
+        group.rank,
+        group.world_size,
+        len(mine),
+        plan.n_shards,
+        config.decoder,
+        plan.device.upper(),
+        "nothing (plain)" if key is None else encrypts_on,
+    )
+    progress = tqdm(
+        total=sum(len(plan.chunk(i)) for i in mine),
+        desc=f"{plan.split} shards" + ("" if group.world_size == 1 else " (rank 0)"),
+        unit="img",
+        leave=False,
+        **({} if group.is_primary else {"disable": True}),  # passing False would beat TQDM_DISABLE
+    )
+    recorded = state.recorded()
+    finished = {i: _finished_shard(storage, state, i, plan.digest) for i in mine if i in recorded}
+    todo = [i for i in mine if finished.get(i) is None]
+    pools = (
+        ThreadPoolExecutor(1, thread_name_prefix="shard-decode"),
+        ThreadPoolExecutor(1, thread_name_prefix="shard-write"),
+    )
+    batches = (b for i in todo for b in _batches(plan.chunk(i), config.batch_size))
+    decoded = _decode_ahead(pools[0], batches, config, decoder)
+    publisher = _Publisher(storage, state, plan)
+    try:
+        for index in mine:
+            group.check()
+            if lock is not None:
+                lock.check()
+            chunk = plan.chunk(index)
+            result = finished.get(index)
+            if result is None:
+                try:
+                    result, index_text = _build_shard(
+                        config,
+                        plan.split,
+                        index,
+                        chunk,
+                        index * plan.per_shard,
+                        key,
+                        storage,
+                        decoded,
+                        pools[1],
+                        stats,
+                        encrypt_on,
+                    )
+                except OSError as exc:  # an unreadable source file, a full staging disk, ...
+                    raise ShardBuildError(
+                        f"{shard_name(plan.split, index)}: {exc}; finished shards are kept and "
+                        "a rerun resumes"
+                    ) from exc
+                publisher.submit(index, result, index_text)
+            results[index] = result
+            rejected += len(result.rejects)
+            if rejected > limit:
+                raise ShardBuildError(
+                    _too_many_rejects(
+                        config, plan, rejected, results, shard_name(plan.split, index)
+                    )
+                )
+            progress.update(len(chunk))
+        publisher.drain()
+    finally:
+        decoded.close()
+        publisher.close()  # publishes what is finished (kept for a resume) before any error
+        progress.close()
+        for pool in pools:
+            pool.shutdown()
+        decoder.close()
+    return results
+
+
+def _too_many_rejects(
+    config: ShardConfig,
+    plan: _SplitPlan,
+    rejected: int,
+    results: dict[int, ShardResult],
+    where: str | None = None,
+) -> str:
+    rejects = [r for i in sorted(results) for r in results[i].rejects]
+    examples = "; ".join(f"{reject_source(r, plan.items)}: {r['reason']}" for r in rejects[:5])
+    return (
+        f"{plan.split}: {rejected} of {len(plan.items)} files rejected"
+        + (f" (up to shard {where})" if where else "")
+        + f", more than --max-reject-fraction {config.max_reject_fraction} allows (e.g. "
+        f"{examples}). Fix or remove the files, or raise --max-reject-fraction; finished shards "
+        "are kept and a rerun resumes"
+    )
+
+
+def _finish_split(
+    config: ShardConfig,
+    plan: _SplitPlan,
+    storage: Storage,
+    state: _State,
+    results: dict[int, ShardResult],
+) -> Manifest:
+    """Rank 0, once every shard is made: the samples table and the manifest, then no records."""
+    split = plan.split
+    missing = [i for i in range(plan.n_shards) if i not in results]
+    with ThreadPoolExecutor(8, thread_name_prefix="read-progress") as pool:  # many GETs on S3
+        found = pool.map(lambda i: _finished_shard(storage, state, i, plan.digest), missing)
+        for index, result in zip(missing, found, strict=True):
+            if result is None:
+                raise ShardBuildError(
+                    f"{storage.uri(shard_name(split, index))}: no valid progress record after "
+                    "every rank finished (was the output changed meanwhile?); rerun to rebuild it"
+                )
+            results[index] = result
+    records: list[ShardRecord] = []
+    rejects: list[dict] = []
+    rows: list[list] = []
+    for index in range(plan.n_shards):
+        result = results[index]
+        if result.record is not None:
+            records.append(result.record)
+            rows.extend([row[0], result.record.name, *row[1:]] for row in result.rows)
+        rejects.extend(result.rejects)
+    if len(rejects) > config.max_reject_fraction * len(plan.items):
+        raise ShardBuildError(_too_many_rejects(config, plan, len(rejects), results))
+    if not records:
+        raise ShardBuildError(
+            f"{split}: no samples: all {len(plan.items)} selected files were rejected (see "
+            f"{storage.uri(PROGRESS_DIR)}); a split with no samples cannot be trained or "
+            "evaluated. Fix the files, or leave the split out with --split"
+        )
+    log_rejects(split, rejects, plan.items)
+    manifest = Manifest(
+        split=split,
+        encrypted=plan.identity["key_fingerprint"] is not None,
+        key_fingerprint=plan.identity["key_fingerprint"],
+        block_size=plan.identity["block_size"],
+        transforms=plan.identity["transforms"],
+        image_shape=plan.shape,
+        classes=plan.classes,
+        source_digest=plan.identity["source_digest"],
+        options=plan.identity["options"],
+        tool_version=__version__,
+        shards=records,
+        rejects=rejects,
+        samples_table=samples_table_name(split),
+    )
+    storage.write_bytes(samples_table_name(split), samples_table_bytes(rows))
+    write_manifest(storage, manifest)  # last: its presence means the split is complete
+    state.clear()
+    return manifest
+
+
+def _finished_and_same(storage: Storage, split: str, identity: dict, overwrite: bool) -> bool:
+    if not storage.exists(manifest_name(split)):
+        return False
+    try:
+        existing = load_manifest(storage, split)
+    except ManifestError:
+        if overwrite:
+            return False
+        raise
+    current = {
+        "options": existing.options,
+        "classes": existing.classes,
+        "source_digest": existing.source_digest,
+        "key_fingerprint": existing.key_fingerprint,
+        "block_size": existing.block_size,
+        "transforms": existing.transforms,
+    }
+    if current == identity:
+        return True
+    if not overwrite:
+        raise ShardBuildError(
+            f"{storage.uri(manifest_name(split))}: finished shards made with different options "
+            f"or key are there ({_diff(current, identity)}); pass --overwrite to replace them, "
+            "or choose another --out"
+        )
+    _remove_split(storage, split, _State(storage, split))
+    return False
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = [k for k in new if old.get(k) != new.get(k)]
+    opts = old.get("options", {}), new.get("options", {})
+    if "options" in keys:
+        keys.remove("options")
+        keys += [f"options.{k}" for k in opts[1] if opts[0].get(k) != opts[1].get(k)]
+    return "differs in " + ", ".join(keys)
+
+
+def _remove_split(storage: Storage, split: str, state: _State) -> None:
+    for name in storage.list():
+        if name.startswith(f"{split}-") and name.endswith((".tar", ".idx")):
+            storage.remove(name)
+    storage.remove(manifest_name(split))
+    storage.remove(samples_table_name(split))
+    state.clear()
+
+
+def _finished_shard(storage: Storage, state: _State, index: int, digest: str) -> ShardResult | None:
+    entry = state.read_shard(index)
+    if entry is None or entry.get("identity_digest") != digest:
+        return None  # not made, or made under another key or options: rebuild it
+    record = ShardRecord(**entry["record"]) if entry["record"] else None
+    if record is not None and (
+        not storage.exists(record.name) or storage.size(record.name) != record.bytes
+    ):
+        return None  # recorded but missing or different: rebuild it
+    return ShardResult(record, entry["rejects"], entry["rows"])
+
+
+class _Publisher:
+    """Moves finished shards (DALI index, then shard, then progress record) to the output on
+    one background thread, in order. At most ``PUBLISH_QUEUE`` shards wait or move at once;
+    ``submit`` waits for the oldest beyond that, so staging disk and memory stay bounded."""
+
+    def __init__(self, storage: Storage, state: _State, plan: _SplitPlan) -> None:
+        self.storage, self.state, self.plan = storage, state, plan
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-publish")
+        self._pending: deque[Future] = deque()
+
+    def submit(self, index: int, result: ShardResult, index_text: str | None) -> None:
+        while len(self._pending) >= PUBLISH_QUEUE:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._publish, index, result, index_text))
+
+    def _publish(self, index: int, result: ShardResult, index_text: str | None) -> None:
+        if result.record is not None:
+            name = result.record.name
+            staged = self.storage.staging_path(name)
+            try:
+                self.storage.write_bytes(index_name(name), index_text.encode())  # before its shard
+                self.storage.put(staged, name)
+            except OSError as exc:
+                staged.unlink(missing_ok=True)
+                raise ShardBuildError(
+                    f"{self.storage.uri(name)}: could not write the finished shard ({exc}); "
+                    "finished shards are kept and a rerun resumes"
+                ) from exc
+        self.state.write_shard(index, result, self.plan)
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        """Let queued shards finish publishing; errors here are logged (one is being raised)."""
+        for future in self._pending:
+            with contextlib.suppress(BaseException):
+                future.result()
+        self._pending.clear()
+        self._pool.shutdown()
+
+
+def _batches(items: Sequence[SourceItem], size: int) -> Iterator[Sequence[SourceItem]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _decode_ahead(
+    pool: ThreadPoolExecutor, batches: Iterable[Sequence[SourceItem]], config: ShardConfig, decoder
+) -> Iterator[tuple[list[DecodeError | None], Any]]:
+    """``_decode_stage`` of each batch, in order, with the next batch always decoding on
+    ``pool`` meanwhile, across shard boundaries (so a shard's tail never idles the decoder)."""
+    src, pending = Path(config.src), None
+    try:
+        for batch in batches:
+            future = pool.submit(_decode_stage, src, batch, config.max_pixels, decoder)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()
+            pending = None
+    finally:  # closed early (an error): let the decode in flight end before the decoder closes
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                pending.result()
+
+
+def _decode_stage(
+    src: Path, batch: Sequence[SourceItem], max_pixels: int, decoder
+) -> tuple[list[DecodeError | None], Any]:
+    """Read, check and decode one batch. Returns a ``DecodeError`` or None per item, and the
+    decoded images stacked into one array (numpy, or a CUDA tensor from the GPU decoder)."""
+    blobs = [(src / it.path).read_bytes() for it in batch]
+    errors: list[DecodeError | None] = [probe(b, max_pixels) for b in blobs]
+    good = [i for i, e in enumerate(errors) if e is None]
+    images = []
+    for i, image in zip(good, decoder.decode([blobs[i] for i in good]), strict=True):
+        if isinstance(image, DecodeError):
+            errors[i] = image
+        else:
+            images.append(image)
+    if not images:
+        return errors, None
+    if isinstance(images[0], np.ndarray):
+        return errors, np.stack(images)
+    import torch
+
+    return errors, torch.stack(images)
+
+
+def _build_shard(
+    config: ShardConfig,
+    split: str,
+    index: int,
+    chunk: Sequence[SourceItem],
+    first: int,
+    key: Key | None,
+    storage: Storage,
+    decoded_batches: Iterator[tuple[list[DecodeError | None], Any]],
+    write_pool: ThreadPoolExecutor,
+    stats: BuildStats,
+    encrypt_on: str = "auto",
+) -> tuple[ShardResult, str | None]:
+    """One shard, in three overlapping stages: batch k+1 decodes (``decoded_batches``, one
+    batch ahead even across shards) while batch k is encrypted here and batch k-1 is written
+    (another thread). Returns its result and DALI index text; the shard is left at its staging
+    path, for ``_Publisher`` to move."""
+    name = shard_name(split, index)
+    tmp = storage.staging_path(name)
+    rejects: list[dict] = []
+    rows: list[list] = []
+    batches = list(_batches(chunk, config.batch_size))
+    writer = ShardWriter(tmp, name)
+    writing: Future | None = None
+    try:
+        position = first
+        for batch in batches:
+            errors, decoded = next(decoded_batches)
+            started, cpu = time.perf_counter(), time.thread_time()
+            images = iter(_encrypt_batch(decoded, key, encrypt_on))
+            stats.encrypt_seconds += time.perf_counter() - started
+            stats.encrypt_cpu_seconds += time.thread_time() - cpu
+            samples = []
+            for offset, (item, error) in enumerate(zip(batch, errors, strict=True)):
+                sample_key = f"{position + offset:08d}"
+                if error is not None:
+                    rejects.append(
+                        reject_entry(item, sample_key, error.reason, encrypted=key is not None)
+                    )
+                    continue
+                source = item.path if key is None else None  # encrypted: names no source
+                files = sample_files(next(images), item.label, source, split)
+                samples.append((sample_key, files))
+                rows.append([sample_key, item.label, source])
+            position += len(batch)
+            if writing is not None:
+                writing.result()
+            writing = write_pool.submit(_write_samples, writer, samples)
+        writing.result()
+        record = writer.close()
+    except BaseException:
+        if writing is not None:  # let the writer finish before cleaning up
+            with contextlib.suppress(BaseException):  # the first error is re-raised below
+                writing.result()
+        writer.abort()
+        raise
+    stats.images += len(chunk)
+    if record.samples == 0:
+        tmp.unlink(missing_ok=True)
+        return ShardResult(None, rejects, []), None
+    return ShardResult(record, rejects, rows), writer.index_text()
+
+
+def _encrypt_batch(batch: Any, key: Key | None, device: str = "auto") -> list[np.ndarray]:
+    """Encrypt a decoded batch where it is (numpy, or a CUDA tensor: no host round trip) or
+    on ``device``, then hand numpy images to the writer."""
+    if batch is None:
+        return []
+    if key is not None:
+        if device != "auto":  # already resolved for this rank by encryption_device()
+            import torch
+
+            target = torch.device(device)
+            if isinstance(batch, np.ndarray) and target.type != "cpu":
+                batch = torch.from_numpy(batch).to(target)
+            elif isinstance(batch, torch.Tensor):
+                batch = batch.to(target)
+        batch = encrypt(batch, key)
+    return list(batch if isinstance(batch, np.ndarray) else batch.cpu().numpy())
+
+
+def _write_samples(writer: ShardWriter, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    for key, files in samples:
+        writer.write(key, files)
+
+
+def build_shards(
+    config: ShardConfig,
+    key: Key | None,
+    *,
+    stats: BuildStats | None = None,
+    group: WorkGroup | None = None,
+) -> dict[str, Manifest]:
+    """Make every split in ``config.splits``; ``key=None`` writes plain shards (``--plain``).
+
+    ``stats``, when given, receives what the run did (images made, time spent encrypting).
+    ``group`` (``WorkGroup.from_env()`` under torchrun) shares the shards among ranks; rank 0
+    holds the output's lock and returns the manifests, the other ranks an empty dict.
+    """
+    if (key is None) != config.plain:
+        raise ValueError("pass a key to encrypt, or plain=True (and no key) for plain shards")
+    if key is not None and config.size % key.block_size:
+        raise ValueError(
+            f"--size {config.size} is not a multiple of the key's block size {key.block_size}; "
+            f"use e.g. --size {config.size - config.size % key.block_size}"
+        )
+    group = group or WorkGroup()
+    # a bad --encrypt-device or a missing GPU fails now, before anything is written
+    encryption_device(
+        config.encrypt_device, decode_device(config.device, config.decoder), group.local_rank
+    )
+    storage = Storage(config.out)
+    logger.debug("config: %s", asdict(config))
+    stats = stats if stats is not None else BuildStats()
+    started, cpu = time.perf_counter(), time.process_time()
+    lock = (
+        OutputLock(storage, run_id=group.run_id, force=config.force_unlock)
+        if group.is_primary
+        else None
+    )
+    try:
+        with lock or contextlib.nullcontext():
+            manifests = {}
+            for split in config.splits:
+                manifest = build_split(config, split, key, storage, stats, group=group, lock=lock)
+                if manifest is not None:
+                    manifests[split] = manifest
+    except BaseException as exc:
+        group.fail(str(exc) or type(exc).__name__)
+        raise
+    stats.seconds += time.perf_counter() - started
+    stats.cpu_seconds += time.process_time() - cpu
+    return manifests

@@ -1,0 +1,172 @@
+"""Source listings: an ImageNet-style folder, its classes, and a deterministic subset of it.
+
+``SRC/{split}/{class}/{file}``. Class index = position of the class folder name in sorted order
+(as torchvision's ImageFolder does), or in the order of a ``--classes`` file. Subsets and the
+sample order are decided by a hash of (seed, path), never by an RNG whose stream could change.
+For encrypted output that hash is keyed (HMAC-SHA256 with the key's order key, see
+``pipeline/cipher/keys.py``): with SHA-256 alone, anyone holding the public source listing and the
+default seed could recompute which source file sits at every position of every shard, and a
+public dataset's files are then known plaintext for the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class SourceError(ValueError):
+    """A source tree that cannot be used; the message names the path and says what to do."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    path: str  # relative to the source root, POSIX separators
+    label: int
+    split: str
+    size: int  # bytes on disk, part of the listing digest
+
+
+def read_classes_file(path: str | os.PathLike) -> list[str]:
+    """One class folder name per line; blank lines and '#' comments ignored."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read the classes file ({exc.strerror})") from None
+    names = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not names:
+        raise SourceError(f"{path}: the classes file lists no class")
+    if len(set(names)) != len(names):
+        raise SourceError(f"{path}: the classes file repeats a class name")
+    return names
+
+
+def find_classes(root: str | os.PathLike, split: str) -> list[str]:
+    """Sorted class folder names under ``root/split``."""
+    split_dir = Path(root) / split
+    if not Path(root).is_dir():
+        raise SourceError(
+            f"{root}: source folder not found; pass --src pointing at an ImageNet-style root"
+        )
+    if not split_dir.is_dir():
+        raise SourceError(
+            f"{split_dir}: no '{split}' folder; expected {root}/{split}/<class>/<image>"
+        )
+    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise SourceError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<image>")
+    return names
+
+
+def list_split(root: str | os.PathLike, split: str, classes: Sequence[str]) -> list[SourceItem]:
+    """Every image file of ``split``, labelled by position in ``classes``, sorted by path."""
+    root = Path(root)
+    present = set(find_classes(root, split))
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise SourceError(f"{root / split}: class folder(s) {missing[:5]} missing")
+    extra = sorted(present - set(classes))
+    if extra:
+        logger.warning(
+            "%s: ignoring %d folder(s) not in the class list, e.g. %s",
+            root / split,
+            len(extra),
+            extra[:3],
+        )
+    items = []
+    for label, name in enumerate(classes):
+        class_dir = root / split / name
+        files = sorted(
+            p
+            for p in class_dir.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise SourceError(
+                f"{class_dir}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS[:3])}... files); "
+                "add images or remove the folder"
+            )
+        for p in files:
+            items.append(SourceItem(p.relative_to(root).as_posix(), label, split, p.stat().st_size))
+    return items
+
+
+def _digest(data: bytes, order_key: bytes | None) -> bytes:
+    if order_key is None:  # plain shards name their sources anyway
+        return hashlib.sha256(data).digest()
+    return hmac.new(order_key, data, hashlib.sha256).digest()
+
+
+def _rank(seed: int, path: str, order_key: bytes | None) -> bytes:
+    return _digest(b"%d\x00%s" % (seed, path.encode()), order_key)
+
+
+def select_subset(
+    items: Sequence[SourceItem],
+    *,
+    per_class: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    order_key: bytes | None = None,
+) -> list[SourceItem]:
+    """Keep up to ``per_class`` and/or ``fraction`` of each class, chosen by ``seed``; then
+    order all kept samples by a seeded hash so that every shard mixes the classes. With
+    ``order_key`` (``Key.order_key``; for encrypted output) the hash is keyed."""
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"per_class must be at least 1, got {per_class}")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    by_class: dict[int, list[SourceItem]] = {}
+    for item in items:
+        by_class.setdefault(item.label, []).append(item)
+    kept = []
+    for members in by_class.values():
+        members = sorted(members, key=lambda it: _rank(seed, it.path, order_key))
+        n = len(members)
+        if fraction is not None:
+            n = max(1, math.ceil(fraction * n))
+        if per_class is not None:
+            n = min(n, per_class)
+        kept.extend(members[:n])
+    return sorted(kept, key=lambda it: _rank(seed, "order/" + it.path, order_key))
+
+
+def listing_digest(items: Sequence[SourceItem], *, order_key: bytes | None = None) -> str:
+    """SHA-256 over the selected (split, label, path, size) lines, in shard order; keyed
+    (HMAC-SHA256) with ``order_key``, so that it confirms no guess of the listing."""
+    lines = "".join(f"{it.split}\t{it.label}\t{it.path}\t{it.size}\n" for it in items)
+    return _digest(lines.encode(), order_key).hex()
+
+
+def select_split(
+    src: str | os.PathLike,
+    split: str,
+    *,
+    classes_file: str | None = None,
+    per_class: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+    order_key: bytes | None = None,
+) -> tuple[list[str], list[SourceItem]]:
+    """The class names of ``split`` and its selected items in shard order: sample ``k`` of the
+    split's shards (key ``f"{k:08d}"``) comes from ``items[k]``."""
+    classes = read_classes_file(classes_file) if classes_file else find_classes(src, split)
+    items = select_subset(
+        list_split(src, split, classes),
+        per_class=per_class,
+        fraction=fraction,
+        seed=seed,
+        order_key=order_key,
+    )
+    return classes, items

@@ -1,0 +1,169 @@
+"""Re-read shards and check them against their manifest: hash, size, sample count, shapes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from pipeline.shards.format import SAMPLE_EXTENSIONS, ShardRecord, index_name
+from pipeline.shards.manifest import Manifest, ManifestError, load_manifest, manifest_name
+from pipeline.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifyReport:
+    checked_shards: int = 0
+    checked_samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class _Hasher:
+    """Reads a stream for tarfile while hashing and counting every byte."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _samples(tar: tarfile.TarFile, seen: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples in tar order; ``seen`` collects each member's "ext offset size name" entry."""
+    current, files = None, {}
+    for member in tar:
+        if not member.isfile():
+            raise ValueError(f"unexpected tar member {member.name!r} (type {member.type!r})")
+        key, _, ext = member.name.partition(".")
+        seen.append(f"{ext} {member.offset_data} {member.size} {member.name}")
+        if key != current:
+            if current is not None:
+                yield current, files
+            current, files = key, {}
+        files[ext] = tar.extractfile(member).read()
+    if current is not None:
+        yield current, files
+
+
+def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest) -> str | None:
+    if sorted(files) != sorted(SAMPLE_EXTENSIONS):
+        return f"sample {key} has files {sorted(files)}, expected {list(SAMPLE_EXTENSIONS)}"
+    expected = 1
+    for d in manifest.image_shape:
+        expected *= d
+    if len(files["u8"]) != expected:
+        return (
+            f"sample {key}: {len(files['u8'])} image bytes, expected {expected} "
+            f"for shape {manifest.image_shape}"
+        )
+    try:
+        meta = json.loads(files["json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return f"sample {key}: {key}.json is not JSON ({type(exc).__name__})"
+    if not isinstance(meta, dict):
+        return f"sample {key}: {key}.json holds a {type(meta).__name__}, expected an object"
+    if meta.get("shape") != list(manifest.image_shape):
+        return (
+            f"sample {key}: shape {meta.get('shape')} is not the manifest's {manifest.image_shape}"
+        )
+    if manifest.encrypted and manifest.version >= 2 and "source" in meta:
+        return f"sample {key}: names its source file in encrypted shards (known plaintext)"
+    try:
+        label = int(files["cls"].decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return f"sample {key}: {key}.cls is not a class index ({files['cls'][:20]!r})"
+    if not 0 <= label < len(manifest.classes):
+        return f"sample {key}: class {label} outside 0..{len(manifest.classes) - 1}"
+    return None
+
+
+def verify_shard(
+    storage: Storage, record: ShardRecord, manifest: Manifest
+) -> tuple[list[str], int]:
+    """Problems found in one shard (empty if it is sound) and the samples read."""
+    uri = storage.uri(record.name)
+    if not storage.exists(record.name):
+        return [f"{uri}: missing"], 0
+    problems, count, members = [], 0, []
+    with storage.open(record.name, "rb") as f:
+        hasher = _Hasher(f)
+        try:
+            with tarfile.open(fileobj=hasher, mode="r|") as tar:
+                for key, files in _samples(tar, members):
+                    count += 1
+                    issue = _check_sample(key, files, manifest)
+                    if issue:
+                        problems.append(f"{uri}: {issue}")
+            hasher.drain()
+        except (tarfile.TarError, ValueError, OSError) as exc:
+            problems.append(f"{uri}: unreadable tar ({type(exc).__name__}: {exc})")
+            hasher.drain()
+    if hasher.size != record.bytes:
+        problems.append(f"{uri}: {hasher.size} bytes, manifest says {record.bytes} (truncated?)")
+    if hasher.sha256.hexdigest() != record.sha256:
+        problems.append(f"{uri}: SHA-256 mismatch (the file was changed or damaged)")
+    if count != record.samples:
+        problems.append(f"{uri}: {count} samples, manifest says {record.samples}")
+    if not problems:
+        problems.extend(_check_index(storage, record, members))
+    return problems, count
+
+
+def _check_index(storage: Storage, record: ShardRecord, members: list[str]) -> list[str]:
+    """The DALI index must list exactly the tar's members, at their offsets."""
+    uri = storage.uri(index_name(record.name))
+    if not storage.exists(index_name(record.name)):
+        return [f"{uri}: missing DALI index of {record.name}"]
+    lines = storage.read_bytes(index_name(record.name)).decode().splitlines()
+    tokens = [line.split() for line in lines[1:]]
+    listed = [" ".join(t[i : i + 4]) for t in tokens for i in range(0, len(t), 4)]
+    if lines[:1] != [f"v1.2 {record.samples}"] or sorted(listed) != sorted(members):
+        return [f"{uri}: DALI index does not match {record.name}; rerun make_shards"]
+    return []
+
+
+def verify_shards(url: str, splits: tuple[str, ...] = ("train", "val")) -> VerifyReport:
+    """Check every shard of every split that has a manifest under ``url``."""
+    storage, report = Storage(url), VerifyReport()
+    found = [s for s in splits if storage.exists(manifest_name(s))]
+    if not found:
+        report.problems.append(
+            f"{url}: no manifest ({', '.join(manifest_name(s) for s in splits)}); "
+            "an unfinished or missing make_shards run"
+        )
+        return report
+    for split in found:
+        try:
+            manifest = load_manifest(storage, split)
+        except ManifestError as exc:
+            report.problems.append(str(exc))
+            continue
+        if manifest.encrypted and manifest.version < 2:
+            logger.warning(
+                "%s: made by an older version whose encrypted samples name their source files "
+                "(known plaintext for anyone who can fetch them); rebuild with make_shards "
+                "--overwrite and keep the --source-map with the key",
+                storage.uri(manifest_name(split)),
+            )
+        for record in manifest.shards:
+            problems, count = verify_shard(storage, record, manifest)
+            report.problems.extend(problems)
+            report.checked_shards += 1
+            report.checked_samples += count
+    return report

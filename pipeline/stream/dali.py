@@ -1,0 +1,136 @@
+"""The DALI loader backend (``--loader dali``): the same shards through ``fn.readers.webdataset``.
+
+Rank r reads shard part r of ``world_size`` (DALI's ``shard_id``/``num_shards``: contiguous,
+equal up to one sample) in every epoch (``stick_to_shard``: by default DALI moves each reader on
+to the next part after an epoch, and the padding flags, computed for the rank's own part, would
+then count a padded duplicate and drop a real sample; all ranks together still cover the data
+every epoch), shuffled by DALI's own seeded buffer, padded to the largest part with
+``pad_last_batch`` so every rank runs the same number of batches; padding is flagged
+``valid=False`` like the webdataset loader's. Block-aligned random crops (``fn.slice`` at
+offsets drawn from the block grid) or the centre crop on the grid; on ``device="gpu"`` the
+images go to the GPU inside the pipeline. It yields the same ``(images uint8 NHWC, labels,
+valid)`` batches as ``make_loader``.
+
+Unlike the webdataset loader, its order is not a pure function of (seed, epoch): DALI keeps
+one RNG across epochs, so a resumed run restarts the interrupted epoch's order instead of
+replaying it exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.offline.dali import _dali
+from pipeline.shards.format import index_name
+from pipeline.shards.manifest import load_manifest
+from pipeline.storage import Storage
+from pipeline.stream.crop import crop_geometry
+from pipeline.stream.dataset import LoaderConfig
+
+logger = logging.getLogger(__name__)
+
+
+class DaliShardLoader:
+    """Batches ``(images, labels, valid)`` of one rank, read by DALI."""
+
+    def __init__(
+        self,
+        data: str,
+        split: str,
+        *,
+        config: LoaderConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str = "cpu",
+    ) -> None:
+        fn, pipeline_def, types = _dali()
+        self.storage = Storage(data)
+        self.manifest = load_manifest(self.storage, split)
+        self.config, self.device = config, device
+        height, width, channels = self.manifest.image_shape
+        crop, block = crop_geometry(
+            self.manifest, crop_size=config.crop_size, crop_grid=config.crop_grid
+        )
+        total = self.manifest.total_samples
+        lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+        self.real = hi - lo  # DALI's shard_id/num_shards split, before padding
+        self.padded = math.ceil(total / world_size)
+        self.batches = math.ceil(self.padded / config.batch_size)
+        paths = [self.storage.uri(s.name) for s in self.manifest.shards]
+        self._tmp = tempfile.TemporaryDirectory(prefix="dali-index-")
+        index_paths = []
+        for record in self.manifest.shards:  # DALI wants local index files, even for s3://
+            local = Path(self._tmp.name) / index_name(record.name)
+            local.write_bytes(self.storage.read_bytes(index_name(record.name)))
+            index_paths.append(str(local))
+        offsets = [float(v) for v in range(0, height - crop + 1, block)]
+        centre = float((height - crop) // 2 // block * block)
+
+        @pipeline_def(
+            batch_size=config.batch_size,
+            num_threads=max(1, config.num_workers),
+            # the rank's own GPU (train/ddp.py sets cuda:LOCAL_RANK as current), not always 0
+            device_id=torch.cuda.current_device() if device == "gpu" else None,
+            seed=config.seed + 1000 * rank,
+        )
+        def pipe():
+            image, label = fn.readers.webdataset(
+                paths=paths, index_paths=index_paths, ext=["u8", "cls"],
+                dtypes=[types.UINT8, types.UINT8], shard_id=rank, num_shards=world_size,
+                random_shuffle=config.train, initial_fill=max(1, config.shuffle_buffer),
+                pad_last_batch=True, stick_to_shard=True, missing_component_behavior="error",
+                name="reader",
+            )  # fmt: skip
+            image = fn.reshape(image, shape=[height, width, channels])
+            if device == "gpu":
+                image = image.gpu()
+            if crop < height:
+                if config.train:
+                    anchor = fn.random.uniform(values=offsets, shape=[2])
+                else:
+                    anchor = types.Constant(np.array([centre, centre], np.float32))
+                shape = types.Constant(np.array([crop, crop], np.float32))
+                image = fn.slice(image, anchor, shape, axes=[0, 1],
+                                 normalized_anchor=False, normalized_shape=False)  # fmt: skip
+            return image, label
+
+        self._pipe = pipe()
+        self._pipe.build()
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """DALI reshuffles every epoch by itself; kept for the same interface."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        seen = 0
+        for _ in range(self.batches):
+            images, labels = self._pipe.run()
+            batch = _to_torch(images, self.device)
+            label = torch.tensor(
+                [int(np.asarray(labels.at(i)).tobytes()) for i in range(len(labels))]
+            )
+            index = torch.arange(seen, seen + len(label))
+            seen += len(label)
+            yield batch, label, index < self.real
+        self._pipe.reset()
+
+
+def _to_torch(images: Any, device: str) -> torch.Tensor:
+    if device == "gpu":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        tensor = images.as_tensor()
+        out = torch.empty(tuple(tensor.shape()), dtype=torch.uint8, device="cuda")
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream())
+        return out
+    return torch.from_numpy(images.as_array())

@@ -1,0 +1,63 @@
+"""Remote shard files that survive dropped connections (any fsspec URL: s3://, gs://, ...)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+
+class ResumableFile(io.RawIOBase):
+    """A read-only fsspec file that survives dropped connections: on an I/O error it reopens
+    the object and continues from the byte where it broke, with backoff, ``retries`` times."""
+
+    def __init__(self, url: str, *, start: int = 0, retries: int = 5, backoff: float = 0.5) -> None:
+        import fsspec
+
+        self.url, self.retries, self.backoff = url, retries, backoff
+        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self.position = start
+        self.reopened = 0
+        self._file = self._open()
+
+    def _open(self):
+        f = self.fs.open(self.path, "rb", block_size=8 << 20, cache_type="readahead")
+        if self.position:
+            f.seek(self.position)
+        return f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        for attempt in range(self.retries + 1):
+            try:
+                data = self._file.read(len(buffer))
+                break
+            except Exception as exc:  # the transports raise many types; all mean "try again"
+                if attempt == self.retries:
+                    raise OSError(
+                        f"{self.url}: read failed at byte {self.position}: {exc}"
+                    ) from exc
+                logger.warning("%s: %s at byte %d; reopening", self.url, exc, self.position)
+                time.sleep(self.backoff * 2**attempt)
+                with contextlib.suppress(Exception):  # the connection is gone anyway
+                    self._file.close()
+                self.fs.invalidate_cache()
+                self._file = self._open()
+                self.reopened += 1
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def open_remote(url: str, *, start: int = 0) -> io.BufferedReader:
+    """``url`` opened for buffered reading from byte ``start``, with reconnects."""
+    return io.BufferedReader(ResumableFile(url, start=start), buffer_size=1 << 20)

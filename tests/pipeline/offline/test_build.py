@@ -1,0 +1,330 @@
+"""The offline stage as a library: shards, manifest, exact decryption, rejects, refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import Key, decrypt
+from pipeline.offline.build import ShardBuildError, ShardConfig, build_shards, samples_per_shard
+from pipeline.offline.decode import decode_pil
+from pipeline.offline.sources import SourceError
+from pipeline.shards.manifest import load_manifest
+from pipeline.storage import Storage
+from tests.conftest import FIXED_SECRET, sources_by_key, write_jpeg_tree
+
+
+def config(src, out, **kw) -> ShardConfig:
+    base = dict(src=str(src), out=str(out), size=64, shard_size="5", decoder="pil", batch_size=4)
+    return ShardConfig(**{**base, **kw})
+
+
+def read_samples(path: Path) -> list[dict]:
+    samples: dict[str, dict] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, {"key": key})[ext] = tar.extractfile(member).read()
+    return [samples[k] for k in sorted(samples)]
+
+
+def test_shards_manifest_and_exact_decryption(jpeg_tree, tmp_path):
+    key = Key(FIXED_SECRET)
+    manifests = build_shards(config(jpeg_tree, tmp_path / "out"), key)
+    train = manifests["train"]
+    assert train.total_samples == 24 and [s.samples for s in train.shards] == [5, 5, 5, 5, 4]
+    assert train.encrypted and train.key_fingerprint == key.fingerprint
+    assert train.block_size == 4 and train.transforms == ["shuffle", "np", "ffx"]
+    assert train.image_shape == [64, 64, 3] and train.classes == [f"n{c:08d}" for c in range(3)]
+    assert manifests["val"].total_samples == 9
+    assert FIXED_SECRET.hex() not in (tmp_path / "out" / "train.manifest.json").read_text()
+
+    labels = []
+    sources = sources_by_key(jpeg_tree, tmp_path / "out", key, "train")
+    for record in train.shards:
+        path = tmp_path / "out" / record.name
+        assert path.stat().st_size == record.bytes
+        for sample in read_samples(path):
+            meta = json.loads(sample["json"])
+            assert set(meta) == {"shape", "split"}  # no source in encrypted shards
+            image = np.frombuffer(sample["u8"], np.uint8).reshape(meta["shape"])
+            source = decode_pil((jpeg_tree / sources[sample["key"]]).read_bytes(), 64)
+            assert np.array_equal(decrypt(image, key), source)  # lossless, same decoder
+            assert not np.array_equal(image, source)
+            assert sources[sample["key"]].split("/")[1] == train.classes[int(sample["cls"])]
+            labels.append(int(sample["cls"]))
+    assert sorted(set(labels[:10])) != [labels[0]]  # shards mix the classes
+
+
+def test_samples_table_lists_every_sample(jpeg_tree, tmp_path):
+    import pyarrow.parquet as pq
+
+    manifest = build_shards(config(jpeg_tree, tmp_path, plain=True, splits=("train",)), None)
+    manifest = manifest["train"]
+    table = pq.read_table(tmp_path / manifest.samples_table).to_pylist()
+    assert len(table) == manifest.total_samples == 24
+    for record in manifest.shards:
+        in_tar = [
+            (int(s["cls"]), json.loads(s["json"])["source"])
+            for s in read_samples(tmp_path / record.name)
+        ]
+        listed = [(r["label"], r["source"]) for r in table if r["shard"] == record.name]
+        assert listed == in_tar
+
+
+def test_plain_shards(jpeg_tree, tmp_path):
+    manifest = build_shards(config(jpeg_tree, tmp_path, plain=True, splits=("val",)), None)["val"]
+    assert not manifest.encrypted and manifest.key_fingerprint is None
+    sample = read_samples(tmp_path / manifest.shards[0].name)[0]
+    meta = json.loads(sample["json"])
+    source = decode_pil((jpeg_tree / meta["source"]).read_bytes(), 64)
+    assert np.array_equal(np.frombuffer(sample["u8"], np.uint8).reshape(64, 64, 3), source)
+
+
+def test_subset_is_deterministic_and_seeded(jpeg_tree, tmp_path):
+    def sources(out, seed):
+        cfg = config(jpeg_tree, out, per_class=2, seed=seed, splits=("train",), plain=True)
+        build_shards(cfg, None)
+        return [
+            json.loads(s["json"])["source"]
+            for p in sorted(Path(out).glob("train-*.tar"))
+            for s in read_samples(p)
+        ]
+
+    a = sources(tmp_path / "a", 0)
+    assert len(a) == 6
+    assert a == sources(tmp_path / "b", 0)
+    assert a != sources(tmp_path / "c", 1)
+
+
+def test_finished_output_is_not_redone_and_other_options_are_refused(jpeg_tree, tmp_path):
+    key = Key(FIXED_SECRET)
+    build_shards(config(jpeg_tree, tmp_path, splits=("val",)), key)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    build_shards(config(jpeg_tree, tmp_path, splits=("val",)), key)  # a no-op
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with pytest.raises(ShardBuildError, match="key_fingerprint.*--overwrite"):
+        build_shards(config(jpeg_tree, tmp_path, splits=("val",)), Key(bytes(32)))
+    with pytest.raises(ShardBuildError, match="options.size"):
+        build_shards(config(jpeg_tree, tmp_path, splits=("val",), size=32), key)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    other = build_shards(
+        config(jpeg_tree, tmp_path, splits=("val",), size=32, overwrite=True), key
+    )["val"]
+    assert other.image_shape == [32, 32, 3]
+
+
+def add_bad_files(root: Path) -> dict[str, str]:
+    """ImageNet's real-world oddities, in class 0 of train. Returns name -> expected fate."""
+    folder = root / "train" / "n00000000"
+    good = Image.open(next(folder.glob("*.JPEG"))).convert("RGB")
+    (folder / "zero.JPEG").write_bytes(b"")
+    data = (folder / next(folder.glob("img_*.JPEG")).name).read_bytes()
+    (folder / "truncated.JPEG").write_bytes(data[: len(data) // 2])
+    (folder / "notes.JPEG").write_text("this is not an image\n")
+    good.convert("CMYK").save(folder / "cmyk.JPEG", quality=95)
+    good.convert("L").save(folder / "gray.JPEG", quality=95)
+    good.save(folder / "png_named.JPEG", format="PNG")
+    Image.new("RGB", (3000, 2500), (10, 200, 30)).save(folder / "huge.JPEG", quality=50)
+    return {
+        "zero.JPEG": "reject",
+        "truncated.JPEG": "reject",
+        "notes.JPEG": "reject",
+        "huge.JPEG": "reject",
+        "cmyk.JPEG": "keep",
+        "gray.JPEG": "keep",
+        "png_named.JPEG": "keep",
+    }
+
+
+@pytest.mark.parametrize("decoder", ["pil", "dali"])
+def test_real_world_files_are_converted_or_rejected(tmp_path, decoder):
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is installed on Linux x86_64 only")
+    src = write_jpeg_tree(tmp_path / "src", classes=2, train=6, val=2)
+    fates = add_bad_files(src)
+    cfg = config(src, tmp_path / "out", plain=True, splits=("train",), max_pixels=5_000_000,
+                 decoder=decoder, device="cpu")  # fmt: skip
+    # stops at the first shard that takes the rejects over the limit, naming it
+    match = r"train: \d of 19 files rejected \(up to shard train-\d{6}\.tar\).*--max-reject-fr"
+    with pytest.raises(ShardBuildError, match=match):
+        build_shards(cfg, None)
+    assert not (tmp_path / "out" / "train.manifest.json").exists()
+
+    manifest = build_shards(
+        config(src, tmp_path / "out", plain=True, splits=("train",), max_pixels=5_000_000,
+               max_reject_fraction=0.25, decoder=decoder, device="cpu"),
+        None,
+    )["train"]  # fmt: skip
+    rejected = {Path(r["source"]).name: r["reason"] for r in manifest.rejects}
+    assert set(rejected) == {n for n, fate in fates.items() if fate == "reject"}
+    assert "empty" in rejected["zero.JPEG"]
+    assert "not a recognised image" in rejected["notes.JPEG"]
+    assert "--max-pixels" in rejected["huge.JPEG"]
+    assert manifest.total_samples == 19 - 4
+    kept = {}
+    for record in manifest.shards:
+        for s in read_samples(tmp_path / "out" / record.name):
+            name = Path(json.loads(s["json"])["source"]).name
+            kept[name] = np.frombuffer(s["u8"], np.uint8).reshape(64, 64, 3)
+    folder = src / "train" / "n00000000"
+    for name in ("cmyk.JPEG", "gray.JPEG", "png_named.JPEG"):
+        expected = np.asarray(
+            Image.open(folder / name).convert("RGB").resize((85, 64), Image.Resampling.BILINEAR)
+        )[:, 10:74]
+        assert np.abs(kept[name].astype(int) - expected).mean() < 2  # RGB, right way round
+    gray = kept["gray.JPEG"].astype(int)
+    assert np.array_equal(gray[..., 0], gray[..., 1])
+
+
+def test_bad_sources_are_clear_errors(tmp_path):
+    with pytest.raises(SourceError, match="not found"):
+        build_shards(config(tmp_path / "missing", tmp_path / "o", plain=True), None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no 'train' folder"):
+        build_shards(config(tmp_path / "empty", tmp_path / "o", plain=True), None)
+    src = write_jpeg_tree(tmp_path / "src", classes=2, train=2, val=1)
+    (src / "train" / "n00000009").mkdir()
+    with pytest.raises(SourceError, match="n00000009: empty class folder"):
+        build_shards(config(src, tmp_path / "o", plain=True), None)
+    shutil.rmtree(src / "train" / "n00000009")
+    with pytest.raises(ValueError, match="not a multiple of the key's block size 8"):
+        build_shards(config(src, tmp_path / "o", size=60), Key(FIXED_SECRET, block_size=8))
+
+
+def test_classes_file_sets_label_order(tmp_path):
+    src = write_jpeg_tree(tmp_path / "src", classes=3, train=2, val=1)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("n00000002\nn00000000\nn00000001\n")
+    manifest = build_shards(
+        config(src, tmp_path / "o", plain=True, splits=("val",), classes_file=str(classes)), None
+    )["val"]
+    assert manifest.classes == ["n00000002", "n00000000", "n00000001"]
+    for s in read_samples(tmp_path / "o" / manifest.shards[0].name):
+        folder = json.loads(s["json"])["source"].split("/")[1]
+        assert manifest.classes[int(s["cls"])] == folder
+
+
+@pytest.mark.parametrize(
+    "text, expected", [("1000", 1000), ("1", 1), ("1MB", 64), ("2GiB", 137_518)]
+)
+def test_shard_size_parsing(text, expected):
+    assert samples_per_shard(text, 12288) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "ten", "5TB", ""])
+def test_shard_size_rejects_nonsense(text):
+    with pytest.raises(ValueError, match="shard-size"):
+        samples_per_shard(text, 12288)
+
+
+def test_tar_is_gnu_format_and_reproducible(jpeg_tree, tmp_path):
+    key = Key(FIXED_SECRET)
+    a = build_shards(config(jpeg_tree, tmp_path / "a", splits=("val",)), key)["val"]
+    b = build_shards(config(jpeg_tree, tmp_path / "b", splits=("val",)), key)["val"]
+    assert a.to_json() == b.to_json()
+    for record in a.shards:
+        data = (tmp_path / "a" / record.name).read_bytes()
+        assert data == (tmp_path / "b" / record.name).read_bytes()
+        assert data[257:265] == b"ustar  \x00"  # GNU magic; PAX would add 'x' headers
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            assert all(m.type == tarfile.REGTYPE and m.mtime == 0 for m in tar.getmembers())
+    assert load_manifest(Storage(tmp_path / "a"), "val").total_samples == 9
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        ),
+    ],
+)
+def test_the_encryption_device_does_not_change_the_bytes(jpeg_tree, tmp_path, device):
+    key = Key(FIXED_SECRET)
+    ref = build_shards(config(jpeg_tree, tmp_path / "a", splits=("val",)), key)["val"]
+    other = build_shards(
+        config(jpeg_tree, tmp_path / "b", splits=("val",), encrypt_device=device), key
+    )["val"]
+    assert [s.sha256 for s in other.shards] == [s.sha256 for s in ref.shards]
+    with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
+        build_shards(config(jpeg_tree, tmp_path / "c", encrypt_device="gpu0"), key)
+    assert not (tmp_path / "c").exists()
+
+
+def test_progress_made_under_another_key_never_counts(jpeg_tree, tmp_path, monkeypatch):
+    """Two runs interleaved: records of shards made with key A, options file of key B."""
+    from pipeline.offline import build
+
+    key_a, key_b = Key(FIXED_SECRET), Key(bytes(32))
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:  # run A dies after its shards, before its manifest
+        m.setattr(build, "_finish_split", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            build_shards(config(jpeg_tree, out, splits=("val",)), key_a)
+    records = sorted((out / "_progress").glob("val.0*.json"))
+    assert records and json.loads(records[0].read_text())["key_fingerprint"] == key_a.fingerprint
+    identity_b = build._plan_split(config(jpeg_tree, out, splits=("val",)), "val", key_b).identity
+    (out / "_progress" / "val.options.json").write_bytes(build._dumps(identity_b))
+
+    build_shards(config(jpeg_tree, out, splits=("val",)), key_b)
+    build_shards(config(jpeg_tree, tmp_path / "clean", splits=("val",)), key_b)
+    made = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert made == {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
+
+
+def test_a_split_with_no_samples_is_an_error_naming_it(tmp_path):
+    src = write_jpeg_tree(tmp_path / "src", classes=2, train=2, val=2)
+    for path in (src / "val").rglob("*.JPEG"):
+        path.write_bytes(b"not an image")
+    with pytest.raises(ShardBuildError, match="val: no samples: all 4 selected files"):
+        build_shards(config(src, tmp_path / "o", plain=True, max_reject_fraction=1.0), None)
+    assert (tmp_path / "o" / "train.manifest.json").exists()
+    assert not (tmp_path / "o" / "val.manifest.json").exists()
+
+
+def test_publishing_runs_behind_the_builder_in_a_bounded_queue(jpeg_tree, tmp_path):
+    """Two finished shards may wait for a slow store; the third waits for the first."""
+    import threading
+
+    from pipeline.offline import build
+
+    class SlowStore(Storage):  # a real local store whose writes wait for the test's signal
+        gate = threading.Event()
+
+        def write_bytes(self, name: str, data: bytes) -> None:
+            self.gate.wait(timeout=30)
+            super().write_bytes(name, data)
+
+    storage = SlowStore(tmp_path)
+    plan = build._plan_split(config(jpeg_tree, tmp_path), "val", Key(FIXED_SECRET))
+    publisher = build._Publisher(storage, build._State(storage, "val"), plan)
+    empty = build.ShardResult(None, [], [])
+    started = time.monotonic()
+    publisher.submit(0, empty, None)
+    publisher.submit(1, empty, None)
+    assert time.monotonic() - started < 1  # the builder went on while nothing was written
+    third = threading.Thread(target=publisher.submit, args=(2, empty, None))
+    third.start()
+    third.join(timeout=0.5)
+    assert third.is_alive()  # the queue is full: the builder waits
+    SlowStore.gate.set()
+    third.join(timeout=30)
+    publisher.drain()
+    publisher.close()
+    assert sorted(p.name for p in (tmp_path / "_progress").iterdir()) == [
+        "val.000000.json", "val.000001.json", "val.000002.json"]  # fmt: skip

@@ -1,0 +1,67 @@
+"""The ranks' store protocol, with a real TCPStore on loopback and two groups in one process."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch.distributed as dist
+
+from pipeline.offline import workgroup
+from pipeline.offline.workgroup import WorkGroup, WorkGroupError
+from tests.conftest import free_port
+
+
+@pytest.fixture
+def pair(monkeypatch):
+    monkeypatch.setattr(workgroup, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(workgroup, "CHECK_EVERY_S", 0.0)
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, 2, is_master=True, wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", port, 2, is_master=False)
+    groups = [WorkGroup(rank=r, world_size=2, store=s) for r, s in enumerate((server, client))]
+    yield groups
+    for group in groups:
+        group.close()
+
+
+def test_shards_are_split_by_index_modulo_world_size():
+    owners = [[WorkGroup(rank=r, world_size=3).owns(i) for r in range(3)] for i in range(7)]
+    assert all(sum(o) == 1 for o in owners)
+    assert [o.index(True) for o in owners] == [0, 1, 2, 0, 1, 2, 0]
+    assert all(WorkGroup().owns(i) for i in range(5))  # one process owns every shard
+
+
+def test_rank_zero_shares_a_value_and_waits_for_every_rank(pair):
+    zero, one = pair
+    got = []
+    reader = threading.Thread(target=lambda: got.append(one.share("setup")))
+    reader.start()
+    time.sleep(0.2)
+    assert not got  # waits for rank 0
+    zero.share("setup", "build:abc")
+    reader.join(timeout=10)
+    assert got == ["build:abc"]
+    one.done("built")
+    zero.done("built")
+    zero.wait_all("built")
+
+
+def test_a_failure_posted_by_one_rank_stops_the_others(pair):
+    zero, one = pair
+    one.fail("train-000003.tar: too many rejects")
+    with pytest.raises(WorkGroupError, match="stopping: rank 1: train-000003.tar: too many"):
+        zero.wait_all("built")
+    with pytest.raises(WorkGroupError, match="rank 1"):
+        zero.check()
+
+
+def test_a_rank_without_heartbeat_is_declared_gone(pair, monkeypatch):
+    zero, one = pair
+    monkeypatch.setattr(workgroup, "DEAD_AFTER_S", 0.5)
+    one.close()  # as if killed: its heartbeat stops, nothing is posted
+    started = time.monotonic()
+    with pytest.raises(WorkGroupError, match="rank 1 gave no sign of life"):
+        zero.wait_all("built")
+    assert time.monotonic() - started < 10
