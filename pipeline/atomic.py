@@ -9,12 +9,15 @@ may be remote, has its own route (``pipeline.storage.Storage``).
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
 
 
 @contextmanager
@@ -42,6 +45,10 @@ def atomic_open(
             os.link(tmp, path)  # atomic, and fails if the name is taken
         else:
             os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None and exc.errno in _FULL:  # write() errors name no file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

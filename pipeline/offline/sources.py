@@ -52,6 +52,22 @@ def read_classes_file(path: str | os.PathLike) -> list[str]:
     return names
 
 
+def escaped(path: str | os.PathLike) -> str:
+    """``path`` printable: bytes that are not UTF-8 shown as ``\\xNN`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _check_utf8(path: Path) -> None:
+    """Names go into manifests, tables and messages as UTF-8: refuse one that is not."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SourceError(
+            f"{escaped(path)}: the file name is not valid UTF-8; rename it "
+            "(for example with convmv) and run again"
+        ) from None
+
+
 def find_classes(root: str | os.PathLike, split: str) -> list[str]:
     """Sorted class folder names under ``root/split``."""
     split_dir = Path(root) / split
@@ -63,7 +79,10 @@ def find_classes(root: str | os.PathLike, split: str) -> list[str]:
         raise SourceError(
             f"{split_dir}: no '{split}' folder; expected {root}/{split}/<class>/<image>"
         )
-    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = [p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for p in folders:
+        _check_utf8(p)
+    names = sorted(p.name for p in folders)
     if not names:
         raise SourceError(f"{split_dir}: no class folders; expected {split_dir}/<class>/<image>")
     return names
@@ -98,6 +117,7 @@ def list_split(root: str | os.PathLike, split: str, classes: Sequence[str]) -> l
                 "add images or remove the folder"
             )
         for p in files:
+            _check_utf8(p)
             items.append(SourceItem(p.relative_to(root).as_posix(), label, split, p.stat().st_size))
     return items
 

@@ -206,3 +206,47 @@ def test_an_os_error_is_one_line_and_leaves_nothing_behind(tree, key_file, tmp_p
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("make_shards: error:") and str(blocker) in lines[-1]
     assert list(tmp_path.iterdir()) == [blocker] and blocker.read_text() == "not a folder"
+
+
+def _file_size_limit(limit: int):
+    """For the child: files larger than ``limit`` bytes fail with EFBIG, as a full disk fails
+    with ENOSPC (same write error path; a real full disk needs a mount this test cannot make)."""
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_failed_write_is_one_line_removes_partial_files_and_a_rerun_finishes(
+    tree, key_file, tmp_path
+):
+    out = tmp_path / "shards"
+    full = tool("make_shards.py", *shard_args(tree, key_file, out),
+                preexec_fn=_file_size_limit(64 * 1024))  # fmt: skip
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("make_shards: error:") and "File too large" in last, last
+    assert "train-000000.tar" in last  # names the shard it was writing
+    assert not [p for p in out.rglob("*") if p.name.endswith((".partial", ".tmp"))]
+    done = tool("make_shards.py", *shard_args(tree, key_file, out))
+    assert done.returncode == 0, done.stderr
+    assert tool("verify_shards.py", str(out)).returncode == 0
+
+
+def test_a_non_utf8_file_name_is_named_escaped_and_finished_splits_are_kept(key_file, tmp_path):
+    from tests.conftest import write_jpeg_tree
+
+    src = write_jpeg_tree(tmp_path / "src", classes=2, train=2, val=2, size=(96, 96))
+    folder = src / "val" / "n00000000"
+    first = sorted(folder.iterdir())[0]
+    os.rename(first, os.path.join(os.fsencode(folder), b"caf\xe9.JPEG"))
+    out = tmp_path / "shards"
+    done = tool("make_shards.py", *shard_args(src, key_file, out))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "caf\\xe9.JPEG" in last and "not valid UTF-8" in last, last
+    assert (out / "train.manifest.json").exists()  # the split before it is finished and kept
+    assert not (out / "val.manifest.json").exists()
