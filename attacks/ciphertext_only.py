@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +50,15 @@ _VALUES = np.arange(256)
 LINEAR_TOLERANCE = 16.0  # mean |map - identity| (grey levels) under which a map is always linear
 
 
+class EstimateTimeout(TimeoutError):
+    """The estimate ran out of its time budget: the point says nothing about the key."""
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise EstimateTimeout("the ciphertext-only estimate ran out of its time budget")
+
+
 @dataclass(frozen=True)
 class Estimate:
     op: BlockOp  # the estimated encryption
@@ -60,13 +70,14 @@ def _entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def mutual_information(blocks: np.ndarray) -> np.ndarray:
+def mutual_information(blocks: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
     """(L, L) plug-in mutual information (nats) between the byte positions of (n, L) blocks."""
     codes = blocks.astype(np.int32)
     n_pos = codes.shape[1]
     single = [_entropy(np.bincount(codes[:, i], minlength=256)) for i in range(n_pos)]
     mi = np.zeros((n_pos, n_pos))
     for i in range(n_pos):
+        _check_deadline(deadline)
         high = codes[:, i] * 256
         for j in range(i + 1, n_pos):
             joint = _entropy(np.bincount(high + codes[:, j], minlength=65536))
@@ -96,6 +107,7 @@ def match_structure(
     *,
     restarts: int = 4,
     kicks: int = 500,
+    deadline: float | None = None,
 ) -> np.ndarray:
     """The permutation p maximising sum_ij cipher[i, j] * plain[p[i], p[j]].
 
@@ -116,6 +128,7 @@ def match_structure(
         current = _descend(a, b, rng.permutation(n), tol)
         current_score = score(current)
         for _ in range(kicks):
+            _check_deadline(deadline)
             trial = current.copy()
             for _ in range(3):
                 i, j = rng.choice(n, size=2, replace=False)
@@ -331,12 +344,15 @@ def estimate_key(
     rounds: int = 8,
     restarts: int = 4,
     max_values: int = 50_000_000,
+    time_budget_s: float | None = None,
 ) -> Estimate:
     """Estimate the encryption from (n, L) cipher blocks and (m, L) natural plain blocks.
 
     At most ``max_values`` cipher bytes are used (a random subset of the blocks), which bounds
     the memory of the regression and the time of the mutual information at large block sizes.
+    Past ``time_budget_s`` seconds it raises ``EstimateTimeout``.
     """
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     n_pos = block_length(block_size)
     if cipher_blocks.shape[1] != n_pos or plain_blocks.shape[1] != n_pos:
         raise ValueError(f"blocks must have {n_pos} bytes for block size {block_size}")
@@ -345,10 +361,11 @@ def estimate_key(
         cipher_blocks = cipher_blocks[np.sort(keep)]
     if "shuffle" in transforms:
         index = match_structure(
-            mutual_information(cipher_blocks),
-            mutual_information(plain_blocks),
+            mutual_information(cipher_blocks, deadline=deadline),
+            mutual_information(plain_blocks, deadline=deadline),
             rng,
             restarts=restarts,
+            deadline=deadline,
         )
     else:
         index = np.arange(n_pos)
@@ -356,6 +373,7 @@ def estimate_key(
     inv = fit.initial()
     op = None
     for step in range(rounds):
+        _check_deadline(deadline)
         inv = fit.refine(inv)
         op = fit.project(inv)
         if "shuffle" in transforms and step == rounds // 2:  # once the maps have settled
