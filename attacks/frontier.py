@@ -1,0 +1,574 @@
+"""The security frontier: how much of a fresh key the ciphertext-only estimate recovers, by
+block size and by the number of leaked blocks, with the spread over keys.
+
+    python -m attacks.frontier                          # embedded photos -> report/frontier
+    python -m attacks.frontier --block-sizes 4,8 --keys 5 --budgets 1e4,1e5,1e6 \\
+        --time-budget-s 600 --readme README.md          # make frontier
+    python -m attacks.frontier --data /data/imagenet    # your images (SRC/train/<class>/*)
+    python -m attacks.frontier --data s3://bucket/plain # or plain shards, local or S3
+    python -m attacks.frontier --block-sizes 4 --checkpoint runs/demo/protected/checkpoint.pt \\
+        --key runs/demo/k.bin --model-data runs/demo/shards   # also that model's accuracy
+
+For each block size, each leaked-data budget (in blocks) and each of ``--keys`` fresh keys of
+the scheme, the leaked blocks are encrypted with the key and the key is estimated from them
+(``attacks.ciphertext_only``) with the attacker's natural-image statistics taken from other
+images: other photos for the embedded photos, other files (or other samples) for ``--data``.
+Every key part is reported as the median and range over the keys. A point where the data has
+fewer blocks than the budget, or where an estimate runs out of ``--time-budget-s``, is "not
+measured": it says nothing about the key. No model is needed; the 96 candidates that image
+statistics cannot tell apart (block symmetries, each also negated) are resolved in the
+attacker's favour (by eye or with a model an attacker tells an upright, positive image from
+the others). The fresh keys come from ``--seed``: measurement keys, never printed or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from attacks import frontier_report
+from attacks.audit import AuditError
+from attacks.ciphertext_only import EstimateTimeout, estimate_key
+from attacks.keyspace import key_recovery, random_material, to_blocks
+from pipeline import BlockOp, KeyFileError, apply_op
+from pipeline.blockwise import TRANSFORMS, check_block_size, check_transforms
+from pipeline.checkpoint import CheckpointError
+from pipeline.manifest import ManifestError
+from pipeline.sources import SourceError
+
+logger = logging.getLogger("attacks.frontier")
+
+PARTS = ("permutation", "np_mask", "ffx_mask", "ffx_table", "byte_maps", "key_recovered")
+
+
+class FrontierError(ValueError):
+    """A frontier that cannot run: no images, encrypted shards, a README without the block..."""
+
+
+@dataclass(frozen=True)
+class FrontierConfig:
+    block_sizes: tuple[int, ...] = (4, 8, 16)
+    transforms: tuple[str, ...] = TRANSFORMS
+    keys: int = 3
+    budgets: tuple[int, ...] = (10_000, 100_000, 1_000_000)
+    time_budget_s: float = 600.0
+    data: str | None = None  # None: the embedded photos
+    image_size: int = 224  # --data image folders: shorter side resized, centre crop
+    statistics_images: int = 200  # --data: images whose plain statistics the attacker holds
+    statistics_blocks: int = 200_000  # at most this many statistics blocks (a random subset)
+    checkpoints: tuple[str, ...] = ()
+    model_keys: tuple[str, ...] = ()
+    model_data: tuple[str, ...] = ()
+    out: str = "report/frontier"
+    readme: str | None = None
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class Inputs:
+    """Plain images: the leaked ones (encrypted with each fresh key) and the statistics ones."""
+
+    leaked: np.ndarray
+    statistics: np.ndarray
+    description: str
+    meta: dict = field(default_factory=dict)
+
+
+def _rng(config: FrontierConfig, *names: object) -> np.random.Generator:
+    """An independent, reproducible stream per purpose (``names``), from ``--seed``."""
+    tag = hashlib.sha256(repr(names).encode()).digest()
+    return np.random.default_rng([config.seed, int.from_bytes(tag[:8], "little")])
+
+
+def load_inputs(config: FrontierConfig) -> Inputs:
+    """The embedded photos split by photo, or ``--data`` (an image folder or plain shards)
+    split by image, sampled to what the largest budget needs at the smallest block size."""
+    if config.data is None:
+        from pipeline.photos import split_photos
+
+        split = split_photos(seed=config.seed)
+        return Inputs(
+            split.leaked,
+            split.statistics,
+            f"the embedded photos ({len(split.leaked)} crops of "
+            f"{', '.join(split.leaked_photos)} leaked; statistics from "
+            f"{len(split.statistics)} crops of {', '.join(split.statistics_photos)})",
+            {
+                "leaked_photos": list(split.leaked_photos),
+                "statistics_photos": list(split.statistics_photos),
+            },
+        )
+    return _load_data(config)
+
+
+def _images_needed(config: FrontierConfig, size: int) -> int:
+    per_image = (size // min(config.block_sizes)) ** 2
+    return max(1, math.ceil(max(config.budgets) / per_image))
+
+
+def _load_data(config: FrontierConfig) -> Inputs:
+    from pipeline.storage import Storage
+
+    data = config.data
+    assert data is not None
+    if Storage(data).exists("train.manifest.json"):
+        return _load_shards(config, data)
+    if "://" in data:
+        raise FrontierError(
+            f"{data}: no train.manifest.json there; remote --data must be shards "
+            "(tools/make_shards.py --plain), image folders only locally"
+        )
+    return _load_folder(config, Path(data))
+
+
+def _load_folder(config: FrontierConfig, root: Path) -> Inputs:
+    from pipeline.decode import decode_pil
+    from pipeline.sources import find_classes, list_split
+
+    split = "train" if (root / "train").is_dir() else "val"
+    items = list_split(root, split, find_classes(root, split))
+    order = _rng(config, "data").permutation(len(items))
+    n_stats = config.statistics_images
+    n_leaked = _images_needed(config, config.image_size)
+    if len(items) <= n_stats:
+        raise FrontierError(
+            f"{root / split}: {len(items)} images, but --statistics-images {n_stats} plus leaked "
+            "images need more; lower --statistics-images"
+        )
+    chosen = [items[i] for i in order[: n_stats + n_leaked]]
+
+    def decode(item) -> np.ndarray:
+        path = root / item.path
+        try:
+            return decode_pil(path.read_bytes(), config.image_size)
+        except Exception as exc:
+            raise FrontierError(
+                f"{path}: cannot decode it ({exc}); remove or replace the file"
+            ) from None
+
+    images = np.stack([decode(item) for item in tqdm(chosen, desc="images", leave=False)])
+    return Inputs(
+        images[n_stats:],
+        images[:n_stats],
+        f"`{root}` ({split}: {len(images) - n_stats} of {len(items)} images leaked, statistics "
+        f"from {n_stats} other images, {config.image_size}x{config.image_size} centre crops)",
+    )
+
+
+def _load_shards(config: FrontierConfig, data: str) -> Inputs:
+    from pipeline.evaluation import load_split
+    from pipeline.manifest import load_manifest
+    from pipeline.storage import Storage
+
+    manifest = load_manifest(Storage(data), "train")
+    if manifest.encrypted:
+        raise FrontierError(
+            f"{data}: shards encrypted with key {manifest.key_fingerprint}; the frontier "
+            "encrypts with fresh keys itself and needs plain shards (tools/make_shards.py "
+            "--plain), or use --checkpoint/--key/--model-data for an encrypted model's own data"
+        )
+    size = manifest.image_shape[0]
+    n_stats = config.statistics_images
+    limit = n_stats + _images_needed(config, size)
+    # shards are in the offline stage's hashed order, so the first images are a sample
+    images = load_split(data, "train", limit=limit).images
+    if len(images) <= n_stats:
+        raise FrontierError(
+            f"{data}: {len(images)} train images, too few for --statistics-images {n_stats}"
+        )
+    return Inputs(
+        images[n_stats:],
+        images[:n_stats],
+        f"`{data}` (plain shards: {len(images) - n_stats} of {manifest.total_samples} train "
+        f"images leaked, statistics from {n_stats} other images)",
+    )
+
+
+def measured_budgets(config: FrontierConfig, available: int) -> list[tuple[int, int | None]]:
+    """(budget, blocks used or None when the data has too few) for each budget, plus one
+    point with every available block when some budget exceeds them."""
+    points = [(b, b if b <= available else None) for b in sorted(set(config.budgets))]
+    if any(used is None for _, used in points) and available not in config.budgets:
+        points.append((available, available))
+        points.sort(key=lambda p: (p[0], p[1] is None))
+    return points
+
+
+def _summarise(values: list[float]) -> dict:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "all": values,
+    }
+
+
+def _estimate_point(
+    config: FrontierConfig,
+    cipher: np.ndarray,
+    plain_stats: np.ndarray,
+    truth: BlockOp,
+    block_size: int,
+    rng: np.random.Generator,
+) -> tuple[dict, float, int]:
+    """One key at one budget: the recovery by part, seconds, and candidates resolved."""
+
+    def oracle(op: BlockOp) -> float:
+        return key_recovery(op, truth, config.transforms)["key_recovered"]
+
+    started = time.perf_counter()
+    estimate = estimate_key(
+        cipher,
+        plain_stats,
+        block_size,
+        config.transforms,
+        rng=rng,
+        scorer=oracle,
+        time_budget_s=config.time_budget_s,
+    )
+    seconds = time.perf_counter() - started
+    recovered = key_recovery(estimate.op, truth, config.transforms)
+    return (
+        {**recovered["parts"], "key_recovered": recovered["key_recovered"]},
+        seconds,
+        estimate.candidates,
+    )
+
+
+def _block_size_points(
+    config: FrontierConfig, inputs: Inputs, block_size: int, bar: tqdm
+) -> list[dict]:
+    leaked = to_blocks(inputs.leaked, block_size)
+    stats = to_blocks(inputs.statistics, block_size)
+    rng = _rng(config, "statistics", block_size)
+    if len(stats) > config.statistics_blocks:
+        stats = stats[np.sort(rng.choice(len(stats), config.statistics_blocks, replace=False))]
+    key_rng = _rng(config, "keys", block_size)
+    truths = [
+        random_material(block_size, config.transforms, key_rng).encrypt_op
+        for _ in range(config.keys)
+    ]
+    points, out_of_time = [], False
+    for budget, used in measured_budgets(config, len(leaked)):
+        point = {
+            "block_size": block_size,
+            "transforms": list(config.transforms),
+            "budget_blocks": budget,
+            "leaked_blocks": used,
+            "keys": config.keys,
+            "statistics_blocks": len(stats),
+        }
+        if used is None:
+            point.update(measured=False, reason=f"the data has {len(leaked):,} blocks")
+        elif out_of_time:
+            point.update(measured=False, reason="a smaller budget ran out of time")
+        if "measured" in point:
+            bar.update(config.keys)
+            points.append(point)
+            continue
+        results, seconds, candidates = [], [], 1
+        for k, truth in enumerate(truths):
+            sample_rng = _rng(config, "sample", block_size, budget, k)
+            chosen = np.sort(sample_rng.choice(len(leaked), used, replace=False))
+            m = block_size
+            # each block is an M x M image, so the blocks encrypt on their own
+            cipher = to_blocks(apply_op(leaked[chosen].reshape(-1, m, m, 3), truth), m)
+            try:
+                parts, s, candidates = _estimate_point(config, cipher, stats, truth, m, sample_rng)
+                results.append(parts)
+                seconds.append(s)
+            except EstimateTimeout:
+                seconds.append(config.time_budget_s)
+                bar.update(config.keys - k)
+                break  # the other keys would run out too: their time says nothing either
+            bar.update(1)
+        point["seconds"] = _summarise(seconds)
+        if len(results) < config.keys:
+            out_of_time = True
+            point.update(
+                measured=False,
+                reason=f"key {len(results) + 1} of {config.keys} ran out of the "
+                f"{config.time_budget_s:g} s time budget",
+            )
+        else:
+            point.update(measured=True, candidates=candidates)
+            point["parts"] = {
+                p: _summarise([r[p] for r in results]) for p in PARTS if p in results[0]
+            }
+        points.append(point)
+        logger.info("frontier: %s", frontier_report.point_line(point))
+    return points
+
+
+def model_points(config: FrontierConfig, block_sizes: set[int]) -> list[dict]:
+    """For each ``--checkpoint`` (with its ``--key`` and ``--model-data``) whose block size is
+    measured: the ciphertext-only estimate of its own key from its own encrypted train shards,
+    at each budget, and the model's top-1 with that key (the audit's evaluation path)."""
+    from attacks.audit import AuditConfig, prepare
+    from pipeline import load_key
+    from pipeline.evaluation import predict
+
+    rows = []
+    for checkpoint, key_file, data in zip(
+        config.checkpoints, config.model_keys, config.model_data, strict=True
+    ):
+        key = load_key(key_file)
+        if key.block_size not in block_sizes:
+            logger.warning(
+                "frontier: %s has block size %d, not measured here; skipped",
+                checkpoint,
+                key.block_size,
+            )
+            continue
+        audit = prepare(
+            AuditConfig(
+                checkpoint=checkpoint,
+                key=key_file,
+                data=data,
+                seed=config.seed,
+                device=config.device,
+                attacker_images=100,
+                leaked_images=10**9,  # every train image (capped below)
+                scenarios=("ciphertext_only",),
+                known_pairs=(),
+                finetune_fractions=(),
+            )
+        )
+        natural = audit.attacker_set()[0]
+        leaked = to_blocks(audit.train_encrypted[len(natural) :], key.block_size)
+
+        def confidence(op: BlockOp, natural=natural, audit=audit) -> float:
+            logits = torch.from_numpy(predict(audit.model, apply_op(natural, op)))
+            return float(logits.softmax(1).max(1).values.mean())
+
+        for budget, used in measured_budgets(config, len(leaked)):
+            row = {
+                "checkpoint": checkpoint,
+                "key_fingerprint": key.fingerprint,
+                "block_size": key.block_size,
+                "budget_blocks": budget,
+                "leaked_blocks": used,
+                "top1_correct_key": audit.correct_top1,
+            }
+            if used is None:
+                rows.append(
+                    {
+                        **row,
+                        "measured": False,
+                        "reason": f"the model's train shards have {len(leaked):,} blocks",
+                    }
+                )
+                continue
+            rng = _rng(config, "model", checkpoint, budget)
+            chosen = np.sort(rng.choice(len(leaked), used, replace=False))
+            started = time.perf_counter()
+            try:
+                estimate = estimate_key(
+                    leaked[chosen],
+                    to_blocks(natural, key.block_size),
+                    key.block_size,
+                    key.transforms,
+                    rng=rng,
+                    scorer=confidence,
+                    time_budget_s=config.time_budget_s,
+                )
+            except EstimateTimeout:
+                rows.append(
+                    {
+                        **row,
+                        "measured": False,
+                        "reason": f"ran out of the {config.time_budget_s:g} s time budget",
+                    }
+                )
+                continue
+            recovered = audit.recovery(estimate.op)
+            rows.append(
+                {
+                    **row,
+                    "measured": True,
+                    "top1_estimated_key": audit.accuracy(estimate.op),
+                    "key_recovered": recovered["key_recovered"],
+                    "parts": recovered["parts"],
+                    "seconds": time.perf_counter() - started,
+                    "statistics_images": len(natural),
+                }
+            )
+    return rows
+
+
+def run_frontier(config: FrontierConfig) -> dict:
+    started = time.perf_counter()
+    readme = Path(config.readme) if config.readme else None
+    if readme is not None:  # fail before hours of work, not after
+        try:
+            frontier_report.check_readme(readme)
+        except ValueError as exc:
+            raise FrontierError(str(exc)) from None
+    inputs = load_inputs(config)
+    for m in config.block_sizes:
+        if inputs.leaked.shape[1] % m or inputs.statistics.shape[1] % m:
+            raise FrontierError(
+                f"images of {inputs.leaked.shape[1]}x{inputs.leaked.shape[2]} do not divide into "
+                f"{m}x{m} blocks; choose --image-size a multiple of every block size"
+            )
+    logger.info("frontier: %s", inputs.description)
+    points: list[dict] = []
+    total = len(config.block_sizes) * config.keys * (len(set(config.budgets)) + 1)
+    with tqdm(total=total, desc="frontier", unit="estimate") as bar:
+        for m in config.block_sizes:
+            points += _block_size_points(config, inputs, m, bar)
+        bar.total = bar.n
+    models = model_points(config, set(config.block_sizes)) if config.checkpoints else []
+    result = {
+        "meta": {
+            "data": inputs.description,
+            **inputs.meta,
+            "keys": config.keys,
+            "transforms": list(config.transforms),
+            "seed": config.seed,
+            "time_budget_s": config.time_budget_s,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+        "points": points,
+        "models": models,
+    }
+    out = Path(config.out)
+    table = frontier_report.write_frontier(out, result)
+    if readme is not None:
+        frontier_report.update_readme(readme, result)
+    print(table, end="", flush=True)
+    logger.info("frontier: %s; wrote %s", frontier_report.summary(result), out / "frontier.md")
+    return result
+
+
+def _ints(text: str, name: str, p: argparse.ArgumentParser) -> tuple[int, ...]:
+    try:
+        values = tuple(int(float(v)) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v < 1 for v in values):
+        p.error(f"--{name} {text!r}: give comma-separated whole numbers >= 1, e.g. 1e4,1e5")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> FrontierConfig:
+    d = {f.name: f.default for f in fields(FrontierConfig) if f.default is not f.default_factory}
+    p = argparse.ArgumentParser(
+        prog="python -m attacks.frontier",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--block-sizes", default="4,8,16", help="block sizes M (default 4,8,16)")
+    p.add_argument(
+        "--transforms",
+        default=",".join(TRANSFORMS),
+        help=f"the scheme's transforms, in order (default {','.join(TRANSFORMS)})",
+    )
+    p.add_argument("--keys", type=int, default=d["keys"], help="fresh keys per point")
+    p.add_argument("--budgets", default="1e4,1e5,1e6", help="leaked blocks per point")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=d["time_budget_s"],
+        help="seconds one estimate may take; longer ones are 'not measured'",
+    )
+    p.add_argument(
+        "--data",
+        help="an image folder (SRC/train/<class>/*) or plain shards, local "
+        "or an fsspec URL (default: the embedded photos)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=d["image_size"],
+        help="--data image folders: the centre crop's size",
+    )
+    p.add_argument(
+        "--statistics-images",
+        type=int,
+        default=d["statistics_images"],
+        help="--data: images whose plain statistics the attacker holds",
+    )
+    p.add_argument("--statistics-blocks", type=int, default=d["statistics_blocks"])
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        help="a protected model (repeatable); its --key and --model-data follow",
+    )
+    p.add_argument("--key", action="append", default=[], help="the key of each --checkpoint")
+    p.add_argument(
+        "--model-data",
+        action="append",
+        default=[],
+        help="the encrypted shards each --checkpoint was trained on",
+    )
+    p.add_argument("--out", default=d["out"], help=f"report folder (default {d['out']})")
+    p.add_argument("--readme", help="also update the generated frontier block in this README")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--device", default=d["device"], help="where the --checkpoint models run")
+    a = p.parse_args(argv)
+    try:
+        block_sizes = tuple(check_block_size(m) for m in _ints(a.block_sizes, "block-sizes", p))
+        transforms = check_transforms([t for t in a.transforms.split(",") if t])
+    except ValueError as exc:
+        p.error(str(exc))
+    if not (len(a.checkpoint) == len(a.key) == len(a.model_data)):
+        p.error("give one --key and one --model-data per --checkpoint")
+    for name in ("keys", "image_size", "statistics_images", "statistics_blocks"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.time_budget_s <= 0:
+        p.error("--time-budget-s must be positive")
+    return FrontierConfig(
+        block_sizes=block_sizes,
+        transforms=transforms,
+        keys=a.keys,
+        budgets=_ints(a.budgets, "budgets", p),
+        time_budget_s=a.time_budget_s,
+        data=a.data,
+        image_size=a.image_size,
+        statistics_images=a.statistics_images,
+        statistics_blocks=a.statistics_blocks,
+        checkpoints=tuple(a.checkpoint),
+        model_keys=tuple(a.key),
+        model_data=tuple(a.model_data),
+        out=a.out,
+        readme=a.readme,
+        seed=a.seed,
+        device=a.device,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = parse_args(argv)
+    try:
+        run_frontier(config)
+    except (
+        FrontierError,
+        AuditError,
+        SourceError,
+        CheckpointError,
+        ManifestError,
+        KeyFileError,
+        OSError,
+    ) as exc:
+        logger.error("frontier: error: %s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

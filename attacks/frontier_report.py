@@ -1,0 +1,221 @@
+"""The frontier's outputs: frontier.json, frontier.md (a table), frontier.png, the README block.
+
+``frontier.json`` is ``{"meta", "points", "models"}``: one point per (block size, leaked
+blocks) with, when measured, each key part's median, range and per-key values over the fresh
+keys, and the seconds per estimate; a point that is not measured carries the reason instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.atomic import atomic_open, atomic_write
+
+README_BEGIN = "<!-- frontier-report:begin -->"
+README_END = "<!-- frontier-report:end -->"
+
+COLUMNS = {
+    "permutation": "permutation",
+    "np_mask": "NP mask",
+    "ffx_mask": "FFX mask",
+    "ffx_table": "FFX table",
+    "byte_maps": "byte maps",
+    "key_recovered": "key recovered",
+}
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.0f}%"
+
+
+def _cell(summary: dict | None) -> str:
+    if summary is None:
+        return "-"
+    lo, mid, hi = summary["min"], summary["median"], summary["max"]
+    if _pct(lo) == _pct(hi):
+        return _pct(mid)
+    return f"{_pct(mid)} ({_pct(lo)}-{_pct(hi)})"
+
+
+def _blocks(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _seconds(point: dict) -> str:
+    s = point.get("seconds")
+    if s is None:
+        return "-"
+    return (
+        f"{s['median']:.0f}"
+        if s["min"] == s["max"]
+        else (f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})")
+    )
+
+
+def table(points: Sequence[dict]) -> str:
+    lines = [
+        "| M | leaked blocks | keys | " + " | ".join(COLUMNS.values()) + " | s per estimate |",
+        "|---|---|---|" + "---|" * len(COLUMNS) + "---|",
+    ]
+    for p in points:
+        head = f"| {p['block_size']} | {_blocks(p['leaked_blocks'] or p['budget_blocks'])} | "
+        if not p["measured"]:
+            text = f"**not measured**: {p['reason']}"
+            lines.append(
+                head + f"{p['keys']} | {text} |" + " |" * (len(COLUMNS) - 1) + f" {_seconds(p)} |"
+            )
+            continue
+        cells = [_cell(p["parts"].get(part)) for part in COLUMNS]
+        lines.append(head + f"{p['keys']} | " + " | ".join(cells) + f" | {_seconds(p)} |")
+    return "\n".join(lines) + "\n"
+
+
+def model_table(models: Sequence[dict]) -> str:
+    if not models:
+        return ""
+    lines = [
+        "| model | M | leaked blocks | top-1 with the estimated key | correct key | "
+        "key recovered |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in models:
+        head = f"| `{r['checkpoint']}` | {r['block_size']} | {_blocks(r['budget_blocks'])} | "
+        if not r["measured"]:
+            lines.append(
+                head + f"**not measured**: {r['reason']} | {_pct(r['top1_correct_key'])} | - |"
+            )
+        else:
+            lines.append(
+                head + f"{100 * r['top1_estimated_key']:.1f}% | "
+                f"{100 * r['top1_correct_key']:.1f}% | {_pct(r['key_recovered'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def point_line(point: dict) -> str:
+    """One point in one line (for the log): never a key byte, only fractions recovered."""
+    where = f"M={point['block_size']} {_blocks(point['leaked_blocks'] or point['budget_blocks'])}"
+    if not point["measured"]:
+        return f"{where} blocks: not measured ({point['reason']})"
+    parts = ", ".join(f"{COLUMNS[k]} {_cell(v)}" for k, v in point["parts"].items())
+    return f"{where} blocks, {point['keys']} keys: {parts}; {_seconds(point)} s per estimate"
+
+
+def summary(result: dict) -> str:
+    points = result["points"]
+    measured = [p for p in points if p["measured"]]
+    text = f"{len(measured)} of {len(points)} points measured in {result['meta']['seconds']:.0f} s"
+    best = {}
+    for p in measured:  # the most leaked data measured per block size
+        if p["leaked_blocks"] >= best.get(p["block_size"], {}).get("leaked_blocks", -1):
+            best[p["block_size"]] = p
+    for m, p in sorted(best.items()):
+        key = p["parts"]["key_recovered"]
+        text += f"; M={m} at {p['leaked_blocks']:,} blocks: key recovered {_cell(key)}" + (
+            f", permutation {_cell(p['parts']['permutation'])}"
+            if "permutation" in p["parts"]
+            else ""
+        )
+    return text
+
+
+def notes(result: dict) -> str:
+    meta = result["meta"]
+    return (
+        f"Data: {meta['data']}. Transforms {'+'.join(meta['transforms'])}; {meta['keys']} fresh "
+        f"key(s) per point (median, and the range over keys in brackets); at most "
+        f"{meta['time_budget_s']:g} s per estimate. The attacker's statistics never come from "
+        "the leaked images. The candidates that image statistics cannot tell apart (block "
+        "symmetries, each also negated) are resolved in the attacker's favour. A point marked "
+        "not measured ran out of time or data: it says nothing about the key.\n"
+    )
+
+
+def markdown(result: dict) -> str:
+    parts = [
+        "# Security frontier: what the ciphertext-only estimate recovers\n",
+        notes(result),
+        table(result["points"]),
+    ]
+    if result["models"]:
+        parts += [
+            "## Protected models, with their key estimated the same way\n",
+            model_table(result["models"]),
+        ]
+    parts.append("![frontier](frontier.png)\n")
+    return "\n".join(parts)
+
+
+def chart(points: Sequence[dict], path: Path) -> None:
+    """One panel per key part; in each, recovery against leaked blocks (log x), one line per
+    block size, the range over keys shaded. Points not measured are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [p for p in COLUMNS if any(p in q.get("parts", {}) for q in points)]
+    fig, axes = plt.subplots(
+        1, max(1, len(parts)), figsize=(2.6 * max(1, len(parts)), 2.8), sharey=True, squeeze=False
+    )
+    for ax, part in zip(axes[0], parts, strict=False):
+        for m in sorted({p["block_size"] for p in points}):
+            rows = [p for p in points if p["block_size"] == m and p["measured"]]
+            if not rows:
+                continue
+            x = [p["leaked_blocks"] for p in rows]
+            med = [100 * p["parts"][part]["median"] for p in rows]
+            lo = [100 * p["parts"][part]["min"] for p in rows]
+            hi = [100 * p["parts"][part]["max"] for p in rows]
+            (line,) = ax.plot(x, med, "o-", label=f"M={m}", markersize=4)
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_title(COLUMNS[part], fontsize=9)
+        ax.set_xlabel("leaked blocks", fontsize=8)
+        ax.set_ylim(-3, 103)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("recovered (%)", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][-1].legend(handles, labels, fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_open(path) as f:
+        fig.savefig(f, dpi=100, format="png")
+    plt.close(fig)
+
+
+def write_frontier(out: Path, result: dict) -> str:
+    """frontier.json, frontier.md and frontier.png under ``out`` (atomically); the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "frontier.json", json.dumps(result, indent=1) + "\n")
+    chart(result["points"], out / "frontier.png")
+    atomic_write(out / "frontier.md", markdown(result))
+    return table(result["points"]) + model_table(result["models"])
+
+
+def check_readme(readme: Path) -> None:
+    text = readme.read_text() if readme.is_file() else ""
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(
+            f"{readme}: --readme needs a file with a {README_BEGIN} ... {README_END} block to "
+            "replace"
+        )
+
+
+def update_readme(readme: Path, result: dict) -> None:
+    """Replace the generated block between the README's markers with the latest table."""
+    check_readme(readme)
+    text = readme.read_text()
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    models = model_table(result["models"])
+    block = (
+        f"{README_BEGIN}\n_Generated by `python -m attacks.frontier` (`make frontier`) in "
+        f"{result['meta']['seconds'] / 60:.0f} min; do not edit by hand._\n\n"
+        f"{notes(result)}\n{table(result['points'])}"
+        + (f"\n{models}" if models else "")
+        + README_END
+    )
+    atomic_write(readme, head + block + tail)
