@@ -124,6 +124,11 @@ def _load_data(config: FrontierConfig) -> Inputs:
     assert data is not None
     if Storage(data).exists("train.manifest.json"):
         return _load_shards(config, data)
+    if "://" not in data and not Path(data).exists():
+        raise FrontierError(
+            f"--data {data}: not found; pass an image folder (SRC/train/<class>/<image>) or "
+            "plain shards (a folder or URL with train.manifest.json)"
+        )
     if "://" in data:
         raise FrontierError(
             f"{data}: no train.manifest.json there; remote --data must be shards "

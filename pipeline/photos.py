@@ -15,6 +15,7 @@ ciphertext-only attack). ``write_photos_tree`` writes the crops as an ImageNet-s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -101,6 +102,7 @@ def photo_crops(
     return np.stack(crops).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=2)
 def split_photos(
     *,
     seed: int = 0,
@@ -111,7 +113,8 @@ def split_photos(
 ) -> PhotoSplit:
     """Crops of the embedded photos, split by photo: ``statistics_groups`` photo groups give
     the attacker's statistics images, the others the leaked images. Deterministic given
-    ``seed``; the crops of each set are in a seeded random order."""
+    ``seed``; the crops of each set are in a seeded random order. The arrays are read-only
+    (one copy is cached per process)."""
     if not 1 <= statistics_groups < len(GROUPS):
         raise ValueError(
             f"statistics_groups must be between 1 and {len(GROUPS) - 1}, got {statistics_groups}"
@@ -129,7 +132,9 @@ def split_photos(
             for p in photos[name]
         ]
         stacked = np.concatenate(parts)
-        return stacked[rng.permutation(len(stacked))]
+        shuffled = stacked[rng.permutation(len(stacked))]
+        shuffled.flags.writeable = False
+        return shuffled
 
     return PhotoSplit(crops(leaked_names), crops(stats_names), leaked_names, stats_names)
 

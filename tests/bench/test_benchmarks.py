@@ -66,3 +66,19 @@ def test_bench_loader_writes_results(tmp_path):
     for name in ("loader_img_s", "jpeg_loader_img_s", "loader_vs_jpeg_ratio", "loader_peak_rss_mb"):
         assert results[name] > 0
     assert len(results["loader_rss_mb_by_shard_count"]) == 2
+
+
+def test_bench_frontier_writes_results(tmp_path):
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_frontier.py"), "--block-sizes", "4",
+         "--blocks", "300,600", "--statistics-blocks", "2000", "--time-budget-s", "120",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["frontier_m4_estimate_s_at_300_blocks"] > 0
+    assert results["frontier_m4_estimate_s_at_600_blocks"] > 0
+    assert results["frontier_m4_s_per_1e6_blocks_extrapolated"] > 0
+    assert "extrapolated" in results["frontier_bench_machine"]
