@@ -41,10 +41,10 @@ from attacks.audit import AuditError
 from attacks.ciphertext_only import EstimateTimeout, estimate_key
 from attacks.keyspace import key_recovery, random_material, to_blocks
 from pipeline import BlockOp, KeyFileError, apply_op
-from pipeline.blockwise import TRANSFORMS, check_block_size, check_transforms
-from pipeline.checkpoint import CheckpointError
-from pipeline.manifest import ManifestError
-from pipeline.sources import SourceError
+from pipeline.cipher.blockwise import TRANSFORMS, check_block_size, check_transforms
+from pipeline.model.checkpoint import CheckpointError
+from pipeline.offline.sources import SourceError
+from pipeline.shards.manifest import ManifestError
 
 logger = logging.getLogger("attacks.frontier")
 
@@ -95,7 +95,7 @@ def load_inputs(config: FrontierConfig) -> Inputs:
     """The embedded photos split by photo, or ``--data`` (an image folder or plain shards)
     split by image, sampled to what the largest budget needs at the smallest block size."""
     if config.data is None:
-        from pipeline.photos import split_photos
+        from pipeline.offline.photos import split_photos
 
         split = split_photos(seed=config.seed)
         return Inputs(
@@ -138,8 +138,8 @@ def _load_data(config: FrontierConfig) -> Inputs:
 
 
 def _load_folder(config: FrontierConfig, root: Path) -> Inputs:
-    from pipeline.decode import decode_pil
-    from pipeline.sources import find_classes, list_split
+    from pipeline.offline.decode import decode_pil
+    from pipeline.offline.sources import find_classes, list_split
 
     split = "train" if (root / "train").is_dir() else "val"
     items = list_split(root, split, find_classes(root, split))
@@ -172,8 +172,8 @@ def _load_folder(config: FrontierConfig, root: Path) -> Inputs:
 
 
 def _load_shards(config: FrontierConfig, data: str) -> Inputs:
-    from pipeline.evaluation import load_split
-    from pipeline.manifest import load_manifest
+    from pipeline.model.evaluation import load_split
+    from pipeline.shards.manifest import load_manifest
     from pipeline.storage import Storage
 
     manifest = load_manifest(Storage(data), "train")
@@ -322,7 +322,7 @@ def model_points(config: FrontierConfig, block_sizes: set[int]) -> list[dict]:
     at each budget, and the model's top-1 with that key (the audit's evaluation path)."""
     from attacks.audit import AuditConfig, prepare
     from pipeline import load_key
-    from pipeline.evaluation import predict
+    from pipeline.model.evaluation import predict
 
     rows = []
     for checkpoint, key_file, data in zip(

@@ -25,8 +25,8 @@ import numpy as np
 from attacks.ciphertext_only import EstimateTimeout, estimate_key
 from attacks.keyspace import random_material, to_blocks
 from pipeline import apply_op
-from pipeline.blockwise import TRANSFORMS
-from pipeline.photos import split_photos
+from pipeline.cipher.blockwise import TRANSFORMS
+from pipeline.offline.photos import split_photos
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results import merge_results  # noqa: E402

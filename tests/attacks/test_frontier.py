@@ -124,7 +124,7 @@ def test_budgets_beyond_the_data_add_a_point_with_all_of_it():
 
 
 def test_an_image_folder_as_data(tmp_path):
-    from pipeline.photos import write_photos_tree
+    from pipeline.offline.photos import write_photos_tree
 
     tree = write_photos_tree(tmp_path / "tree", size=32, scales=(0.5,))
     done = frontier(*TINY, "--data", str(tree), "--image-size", "32", "--statistics-images",

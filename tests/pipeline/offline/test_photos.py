@@ -9,7 +9,13 @@ import json
 import numpy as np
 from PIL import Image
 
-from pipeline.photos import GROUPS, load_photos, photo_crops, split_photos, write_photos_tree
+from pipeline.offline.photos import (
+    GROUPS,
+    load_photos,
+    photo_crops,
+    split_photos,
+    write_photos_tree,
+)
 
 
 def _hashes(crops: np.ndarray) -> list[str]:

@@ -1,7 +1,7 @@
 """The embedded natural photos: colour photos shipped inside scikit-learn and scikit-image.
 
-The digits (``pipeline.digits``) are grey, upscaled and flat, so they say nothing about how the
-key holds on photos. These are real colour photos that ship in the wheels (no network): two
+The digits (``pipeline.offline.digits``) are grey, upscaled and flat, so they say nothing about
+how the key holds on photos. These are real colour photos that ship in the wheels (no network): two
 from scikit-learn's ``load_sample_images`` and six from ``skimage.data`` (the two stereo
 motorcycle views are one scene, so one group). Each photo is cut into square crops at several
 scales and the 16 pixel shifts of 0-3 px (each gives blocks of another alignment for block
@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+
+from pipeline.offline.digits import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +139,6 @@ def split_photos(
         return shuffled
 
     return PhotoSplit(crops(leaked_names), crops(stats_names), leaked_names, stats_names)
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "keyprotect"
 
 
 def write_photos_tree(
