@@ -19,28 +19,34 @@ measured": it says nothing about the key. No model is needed; the 96 candidates 
 statistics cannot tell apart (block symmetries, each also negated) are resolved in the
 attacker's favour (by eye or with a model an attacker tells an upright, positive image from
 the others). The fresh keys come from ``--seed``: measurement keys, never printed or written.
+``frontier.json`` is written after every point; a rerun with the same configuration (and the
+same estimator) into the same ``--out`` resumes from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attacks import frontier_report
 from attacks.audit import AuditError
 from attacks.ciphertext_only import EstimateTimeout, estimate_key
 from attacks.keyspace import key_recovery, random_material, to_blocks
 from pipeline import BlockOp, KeyFileError, apply_op
+from pipeline.atomic import atomic_write
 from pipeline.cipher.blockwise import TRANSFORMS, check_block_size, check_transforms
 from pipeline.model.checkpoint import CheckpointError
 from pipeline.offline.sources import SourceError
@@ -252,8 +258,15 @@ def _estimate_point(
 
 
 def _block_size_points(
-    config: FrontierConfig, inputs: Inputs, block_size: int, bar: tqdm
+    config: FrontierConfig,
+    inputs: Inputs,
+    block_size: int,
+    bar: tqdm,
+    done: dict[tuple[int, int], dict],
+    save: Callable[[list[dict]], None],
 ) -> list[dict]:
+    """Every budget's point at one block size; points in ``done`` (an earlier run of the same
+    configuration) are kept, and ``save`` gets the points so far after each new one."""
     leaked = to_blocks(inputs.leaked, block_size)
     stats = to_blocks(inputs.statistics, block_size)
     rng = _rng(config, "statistics", block_size)
@@ -266,6 +279,12 @@ def _block_size_points(
     ]
     points, out_of_time = [], False
     for budget, used in measured_budgets(config, len(leaked)):
+        if (block_size, budget) in done:
+            point = done[block_size, budget]
+            out_of_time = out_of_time or "time" in point.get("reason", "")
+            points.append(point)
+            bar.update(config.keys)
+            continue
         point = {
             "block_size": block_size,
             "transforms": list(config.transforms),
@@ -281,6 +300,7 @@ def _block_size_points(
         if "measured" in point:
             bar.update(config.keys)
             points.append(point)
+            save(points)
             continue
         results, seconds, candidates = [], [], 1
         for k, truth in enumerate(truths):
@@ -312,6 +332,7 @@ def _block_size_points(
                 p: _summarise([r[p] for r in results]) for p in PARTS if p in results[0]
             }
         points.append(point)
+        save(points)
         logger.info("frontier: %s", frontier_report.point_line(point))
     return points
 
@@ -412,6 +433,33 @@ def model_points(config: FrontierConfig, block_sizes: set[int]) -> list[dict]:
     return rows
 
 
+def _signature(config: FrontierConfig, inputs: Inputs) -> dict:
+    """What a point's result depends on: a later run with the same signature reuses it."""
+    import attacks.ciphertext_only
+
+    estimator = Path(attacks.ciphertext_only.__file__).read_bytes()
+    return {
+        "data": inputs.description,
+        "transforms": list(config.transforms),
+        "keys": config.keys,
+        "seed": config.seed,
+        "time_budget_s": config.time_budget_s,
+        "statistics_blocks": config.statistics_blocks,
+        "estimator_sha256": hashlib.sha256(estimator).hexdigest()[:16],
+    }
+
+
+def _earlier_points(path: Path, signature: dict) -> dict[tuple[int, int], dict]:
+    """The points of an earlier run of the same configuration at ``path``, if any."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if earlier.get("meta", {}).get("signature") != signature:
+        return {}
+    return {(p["block_size"], p["budget_blocks"]): p for p in earlier.get("points", [])}
+
+
 def run_frontier(config: FrontierConfig) -> dict:
     started = time.perf_counter()
     readme = Path(config.readme) if config.readme else None
@@ -428,27 +476,28 @@ def run_frontier(config: FrontierConfig) -> dict:
                 f"{m}x{m} blocks; choose --image-size a multiple of every block size"
             )
     logger.info("frontier: %s", inputs.description)
+    out = Path(config.out)
+    signature = _signature(config, inputs)
+    done = _earlier_points(out / "frontier.json", signature)
+    if done:
+        logger.info("frontier: resuming: %d point(s) from %s", len(done), out / "frontier.json")
+    meta = {"data": inputs.description, **inputs.meta, "keys": config.keys,
+            "transforms": list(config.transforms), "seed": config.seed,
+            "time_budget_s": config.time_budget_s, "signature": signature}  # fmt: skip
     points: list[dict] = []
+
+    def save(block_points: list[dict]) -> None:  # a long run resumes from here
+        partial = {"meta": {**meta, "complete": False}, "points": points + block_points}
+        atomic_write(out / "frontier.json", json.dumps(partial, indent=1) + "\n")
+
     total = len(config.block_sizes) * config.keys * (len(set(config.budgets)) + 1)
-    with tqdm(total=total, desc="frontier", unit="estimate") as bar:
+    with logging_redirect_tqdm(), tqdm(total=total, desc="frontier", unit="estimate") as bar:
         for m in config.block_sizes:
-            points += _block_size_points(config, inputs, m, bar)
+            points += _block_size_points(config, inputs, m, bar, done, save)
         bar.total = bar.n
     models = model_points(config, set(config.block_sizes)) if config.checkpoints else []
-    result = {
-        "meta": {
-            "data": inputs.description,
-            **inputs.meta,
-            "keys": config.keys,
-            "transforms": list(config.transforms),
-            "seed": config.seed,
-            "time_budget_s": config.time_budget_s,
-            "seconds": round(time.perf_counter() - started, 1),
-        },
-        "points": points,
-        "models": models,
-    }
-    out = Path(config.out)
+    meta.update(complete=True, seconds=round(time.perf_counter() - started, 1))
+    result = {"meta": meta, "points": points, "models": models}
     table = frontier_report.write_frontier(out, result)
     if readme is not None:
         frontier_report.update_readme(readme, result)

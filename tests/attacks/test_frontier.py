@@ -115,6 +115,11 @@ def test_points_out_of_time_or_data_are_not_measured(tmp_path):
     table = (tmp_path / "frontier.md").read_text()
     assert table.count("**not measured**") == 3
     assert "0 of 3 points measured" in done.stderr
+    # a rerun of the same configuration resumes: it reuses every point written so far
+    again = frontier(*TINY, "--budgets", "2000,1e9", "--time-budget-s", "0.001", "--out",
+                     str(tmp_path))  # fmt: skip
+    assert again.returncode == 0 and "resuming: 3 point(s)" in again.stderr
+    assert json.loads((tmp_path / "frontier.json").read_text())["points"] == points
 
 
 def test_budgets_beyond_the_data_add_a_point_with_all_of_it():
