@@ -8,6 +8,8 @@
 - ``ciphertext_only``: the key estimated from leaked encrypted shards and image statistics.
 - ``finetune``: fine-tuning a stolen model on a few plain images.
 - ``audit``: every scenario on one model, written as ``report/`` (Markdown, JSON, PNGs).
+- ``frontier``: what the ciphertext-only estimate recovers of fresh keys, by block size and
+  leaked blocks, with no model (``python -m attacks.frontier``, ``report/frontier``).
 """
 
 from attacks.audit import SCENARIOS, AuditConfig, AuditError, run_audit
