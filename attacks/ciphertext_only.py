@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,78 +56,255 @@ class Estimate:
     candidates: int  # symmetric candidates the scorer chose among (1: no scorer)
 
 
-def _entropy(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+class EstimateTimeout(RuntimeError):
+    """The estimate ran past its time budget: the point is not measured (it says nothing about
+    what the key resists)."""
 
 
-def mutual_information(blocks: np.ndarray) -> np.ndarray:
-    """(L, L) plug-in mutual information (nats) between the byte positions of (n, L) blocks."""
-    codes = blocks.astype(np.int32)
-    n_pos = codes.shape[1]
-    single = [_entropy(np.bincount(codes[:, i], minlength=256)) for i in range(n_pos)]
-    mi = np.zeros((n_pos, n_pos))
-    for i in range(n_pos):
-        high = codes[:, i] * 256
-        for j in range(i + 1, n_pos):
-            joint = _entropy(np.bincount(high + codes[:, j], minlength=65536))
-            mi[i, j] = mi[j, i] = single[i] + single[j] - joint
-    return mi
+class _Clock:
+    def __init__(self, budget_s: float | None) -> None:
+        self.budget_s = budget_s
+        self.start = time.monotonic()
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def check(self, step: str) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise EstimateTimeout(f"the ciphertext-only estimate ran past its time budget of "
+                                  f"{self.budget_s:g} s during {step}")  # fmt: skip
 
 
-def _descend(a: np.ndarray, b: np.ndarray, p: np.ndarray, tol: float) -> np.ndarray:
-    """Best-improvement pair swaps until none helps; the gain of every swap at once comes
-    from one matrix product (a, b symmetric with zero diagonals)."""
-    while True:
-        bp = b[np.ix_(p, p)]
-        c = a @ bp
-        d = np.diag(c)
-        gain = 2 * (c + c.T - d[:, None] - d[None, :] + 2 * a * bp)
-        np.fill_diagonal(gain, 0)
-        r, s = np.unravel_index(int(np.argmax(gain)), gain.shape)
-        if gain[r, s] <= tol:
-            return p
-        p[[r, s]] = p[[s, r]]
+def _roughness(counts: np.ndarray) -> np.ndarray:
+    """Total variation of each value histogram: natural histograms are smooth, and stay so
+    under a negation; the FFX table scrambles them."""
+    h = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    return np.abs(np.diff(h, axis=1)).sum(1)
 
 
-def match_structure(
+def _otsu(values: np.ndarray) -> float:
+    """The split of the sorted values with the largest between-class variance."""
+    ordered = np.sort(values)
+    k = np.arange(1, len(ordered))
+    csum = np.cumsum(ordered)
+    low = csum[:-1] / k
+    high = (csum[-1] - csum[:-1]) / (len(ordered) - k)
+    best = int(np.argmax(k * (len(ordered) - k) * (high - low) ** 2))
+    return float((ordered[best] + ordered[best + 1]) / 2)
+
+
+def table_positions(counts: np.ndarray) -> np.ndarray:
+    """Which positions go through the FFX table, from the roughness of their histograms."""
+    rough = _roughness(counts)
+    if len(rough) < 2:
+        return np.zeros(len(rough), bool)
+    return rough > _otsu(rough)
+
+
+def _conditional_means(key: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(256, k) mean of the columns of x for each value of ``key``, and the value counts."""
+    order = np.argsort(key, kind="stable")
+    counts = np.bincount(key, minlength=256)
+    seen = counts > 0
+    sums = np.zeros((256, x.shape[1]))
+    starts = np.searchsorted(key[order], _VALUES[seen])
+    sums[seen] = np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
+    return sums / np.maximum(counts, 1)[:, None], counts
+
+
+def estimate_table_inverse(
     cipher: np.ndarray,
-    plain: np.ndarray,
+    table: np.ndarray,
+    plain_hist: np.ndarray,
+    inside: bool,
     rng: np.random.Generator,
     *,
-    restarts: int = 4,
-    kicks: int = 500,
+    references: int = 24,
+    partners: int = 4,
 ) -> np.ndarray:
-    """The permutation p maximising sum_ij cipher[i, j] * plain[p[i], p[j]].
+    """The shared FFX table's inverse (cipher byte -> plain byte), up to a negation.
 
-    Iterated local search: descend by pair swaps, then repeatedly perturb the best solution
-    with a few random swaps and descend again; a few independent starts.
+    For a few table positions, the mean of the most dependent linear positions given each
+    cipher byte is a monotone function of the plain byte (linear positions are the identity
+    or a negation); these profiles, aligned to one another (NP bits flip them), are pooled,
+    ranked and matched to the plain value distribution.
     """
-    a, b = cipher.copy(), plain.copy()
+    linear = np.flatnonzero(~table)
+    x = cipher[:, linear].astype(np.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    chosen = rng.choice(np.flatnonzero(table), size=min(references, int(table.sum())),
+                        replace=False)  # fmt: skip
+    profiles = []
+    for i in chosen:
+        means, counts = _conditional_means(cipher[:, i], x)
+        w = counts / counts.sum()
+        strength = (w[:, None] * means**2).sum(0)  # variance explained, per linear position
+        best = np.argsort(-strength)[:partners]
+        first = means[:, best[0]]
+        profile = sum(np.sign((w * means[:, j] * first).sum()) * strength[j] * means[:, j]
+                      for j in best) / strength[best].sum()  # fmt: skip
+        profiles.append((profile, counts))
+    ref, ref_counts = profiles[0]
+    total, weight = ref * ref_counts, ref_counts.astype(np.float64)
+    for profile, counts in profiles[1:]:
+        options = [(profile, counts)]
+        if not inside:  # NP after FFX flips the cipher byte: align on the flipped profile too
+            options.append((profile[::-1], counts[::-1]))
+        scores = [(np.minimum(c, ref_counts) * p * ref).sum() for p, c in options]
+        k = int(np.argmax(np.abs(scores)))
+        sign = 1.0 if scores[k] >= 0 else -1.0
+        total += sign * options[k][0] * options[k][1]
+        weight += options[k][1]
+    return _specify(total / np.maximum(weight, 1), weight, _cdf(plain_hist))
+
+
+def decode_linear(cipher: np.ndarray, table: np.ndarray, table_inverse: np.ndarray,
+                  inside: bool) -> np.ndarray:  # fmt: skip
+    """(n, L) float32: every position made a monotone function of its plain byte (up to a
+    negation): the table positions through the estimated inverse table."""
+    out = cipher.astype(np.float32)
+    inv = table_inverse.astype(np.float32)
+    for i in np.flatnonzero(table):
+        values = cipher[:, i]
+        if not inside:  # NP after FFX: undo it first where that makes the histogram smoother
+            counts = np.bincount(values, minlength=256)
+            straight, flipped = np.bincount(inv.astype(np.int64), weights=counts, minlength=256), \
+                np.bincount(inv[::-1].astype(np.int64), weights=counts, minlength=256)  # fmt: skip
+            if _roughness(flipped[None])[0] < _roughness(straight[None])[0]:
+                values = 255 - values
+        out[:, i] = inv[values]
+    return out
+
+
+def correlation(blocks: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """(L, L) Pearson correlation of the columns of (n, L) blocks, in float32 chunks (one
+    BLAS product per chunk); constant columns correlate 0 with everything."""
+    mean = blocks.mean(0, dtype=np.float64).astype(np.float32)
+    gram = np.zeros((blocks.shape[1],) * 2)
+    for start in range(0, len(blocks), chunk):
+        x = blocks[start : start + chunk].astype(np.float32) - mean
+        gram += x.T @ x
+    scale = np.sqrt(np.diag(gram))
+    scale[scale == 0] = np.inf
+    return (gram / scale[:, None] / scale[None, :]).astype(np.float32)
+
+
+def dependence(blocks: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    """(L, L) absolute partial correlations between the positions of (n, L) blocks.
+
+    Partial correlations of natural images are local (a Markov field): large between
+    neighbouring pixels and between the channels of one pixel, near zero beyond, so they
+    draw the block's grid; the plain correlations themselves stay large across a block.
+    """
+    r = correlation(blocks).astype(np.float64)
+    precision = np.linalg.inv(r + ridge * np.eye(len(r)))
+    d = np.sqrt(np.abs(np.diag(precision)))
+    out = np.abs(precision / d[:, None] / d[None, :])
+    np.fill_diagonal(out, 0)
+    return out
+
+
+def spectral_placement(a: np.ndarray, block_size: int, *, angles: int = 90) -> np.ndarray:
+    """A first placement of the positions of dependence graph ``a`` on the block's grid.
+
+    The two slowest non-constant modes of a grid-like graph are cos(pi (y + 1/2) / M) and
+    the same in x, mixed by an unknown rotation; the rotation is the one whose coordinates
+    best take M levels, and positions go to pixels (three each) by a linear assignment.
+    Channels within a pixel are left to the local search.
+    """
+    m, n_pos = block_size, len(a)
+    if m < 2:
+        return np.arange(n_pos)
+    degree = np.maximum(a.sum(1), 1e-12)
+    _, vectors = np.linalg.eigh(a / np.sqrt(degree[:, None] * degree[None, :]))
+    v = vectors[:, ::-1][:, 1:3] / np.sqrt(degree)[:, None]  # skip the constant mode
+    levels = np.cos(np.pi * (np.arange(m) + 0.5) / m)
+    target = np.repeat(levels, 3 * m)
+    levels = (levels - target.mean()) / target.std()
+    target = np.sort((target - target.mean()) / target.std())
+    best, best_residual = v, np.inf
+    for theta in np.linspace(0, np.pi / 2, angles, endpoint=False):
+        rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+        uv = v @ rotation
+        uv = (uv - uv.mean(0)) / np.maximum(uv.std(0), 1e-12)
+        residual = float(((np.sort(uv, axis=0) - target[:, None]) ** 2).sum())
+        if residual < best_residual:
+            best, best_residual = uv, residual
+    py, px = np.divmod(np.arange(m * m), m)
+    cost = (best[:, :1] - levels[py][None, :]) ** 2 + (best[:, 1:] - levels[px][None, :]) ** 2
+    rows, cols = linear_sum_assignment(np.repeat(cost, 3, axis=1))  # column: pixel * 3 + slot
+    index = np.empty(n_pos, np.int64)
+    index[rows] = cols
+    return index
+
+
+def descend(
+    a: np.ndarray, b: np.ndarray, p: np.ndarray, *, clock: _Clock | None = None,
+    tol: float = 1e-9,
+) -> np.ndarray:  # fmt: skip
+    """Best-improvement pair swaps for max sum_ij a[i, j] b[p[i], p[j]] (a, b symmetric, zero
+    diagonals) until none helps. The gain of every swap comes from C = A B_p, which each swap
+    changes by a rank-one update and a column swap: O(L^2) per step."""
+    p = p.copy()
+    bp = b[np.ix_(p, p)]
+    c = a @ bp
+    n_pos = len(p)
+    for step in itertools.count():
+        if clock is not None and step % 64 == 0:
+            clock.check("the placement search")
+        d = np.diag(c)
+        gain = c + c.T
+        gain -= d[:, None]
+        gain -= d[None, :]
+        gain += 2 * a * bp
+        np.fill_diagonal(gain, 0)
+        u, v = divmod(int(np.argmax(gain)), n_pos)
+        if gain[u, v] <= tol:
+            return p
+        c += np.outer(a[:, u] - a[:, v], bp[v] - bp[u])
+        c[:, [u, v]] = c[:, [v, u]]
+        bp[[u, v]] = bp[[v, u]]
+        bp[:, [u, v]] = bp[:, [v, u]]
+        p[[u, v]] = p[[v, u]]
+    raise AssertionError("unreachable")
+
+
+def place_positions(
+    a: np.ndarray,
+    b: np.ndarray,
+    block_size: int,
+    rng: np.random.Generator,
+    *,
+    kicks: int = 0,
+    clock: _Clock | None = None,
+) -> np.ndarray:
+    """The permutation p (cipher position -> plain position) that lays the cipher dependence
+    graph ``a`` onto the plain one ``b``: a spectral first placement, a swap descent, then
+    ``kicks`` rounds of a few random swaps and a descent, kept where they help. Of the 48 block
+    symmetries, the one ``b`` prefers (natural images are not quite isotropic)."""
+    a, b = a.copy(), b.copy()
     np.fill_diagonal(a, 0)
     np.fill_diagonal(b, 0)
-    n = len(a)
     tol = 1e-9 * max(1.0, float(np.abs(a).sum() * np.abs(b).max()))
 
     def score(p: np.ndarray) -> float:
         return float((a * b[np.ix_(p, p)]).sum())
 
-    best, best_score = np.arange(n), -np.inf
-    for _ in range(restarts):
-        current = _descend(a, b, rng.permutation(n), tol)
-        current_score = score(current)
-        for _ in range(kicks):
-            trial = current.copy()
-            for _ in range(3):
-                i, j = rng.choice(n, size=2, replace=False)
-                trial[[i, j]] = trial[[j, i]]
-            trial = _descend(a, b, trial, tol)
-            trial_score = score(trial)
-            if trial_score > current_score + tol:
-                current, current_score = trial, trial_score
-        if current_score > best_score:
-            best, best_score = current, current_score
-    return best
+    best = descend(a, b, spectral_placement(a, block_size), clock=clock, tol=tol)
+    best_score = score(best)
+    n_pos = len(best)
+    for _ in range(kicks if n_pos > 3 else 0):
+        trial = best.copy()
+        for _ in range(3):
+            i, j = rng.choice(n_pos, size=2, replace=False)
+            trial[[i, j]] = trial[[j, i]]
+        trial = descend(a, b, trial, clock=clock, tol=tol)
+        trial_score = score(trial)
+        if trial_score > best_score + tol:
+            best, best_score = trial, trial_score
+    candidates = [sigma[best] for sigma in block_symmetries(block_size)]
+    return candidates[int(np.argmax([score(p) for p in candidates]))]
 
 
 def block_symmetries(block_size: int) -> list[np.ndarray]:
@@ -202,14 +380,16 @@ class _ByteMapFit:
         index: np.ndarray,
         block_size: int,
         transforms: tuple[str, ...],
+        table: np.ndarray,
         neighbours: int = 6,
     ) -> None:
         self.cipher, self.transforms, self.block_size = cipher, transforms, block_size
+        self.table = table  # the table positions, from the histograms' roughness
         self.n_neighbours = neighbours
         n_pos = cipher.shape[1]
         self.counts = np.stack([np.bincount(cipher[:, i], minlength=256) for i in range(n_pos)])
         self.plain_hist = np.stack([np.bincount(plain[:, q], minlength=256) for q in range(n_pos)])
-        self.corr = np.nan_to_num(np.corrcoef(plain.T.astype(np.float64)))
+        self.corr = correlation(plain).astype(np.float64)
         np.fill_diagonal(self.corr, -np.inf)
         self.set_index(index)
 
@@ -242,14 +422,19 @@ class _ByteMapFit:
                 best, best_cost = candidate, cost
         return best
 
-    def initial(self) -> np.ndarray:
-        """Identity or negation per position, whichever fits the plain histogram better."""
+    def initial(self, table_inverse: np.ndarray) -> np.ndarray:
+        """Identity or negation per position, whichever fits the plain histogram better; at
+        the table positions, the estimated inverse table or its negation."""
         inv = np.tile(_VALUES.astype(np.float64), (len(self.counts), 1))
-        if "np" not in self.transforms:
-            return inv
         for i, hist in enumerate(self.counts):
-            if _w1(hist[::-1], self.target_hist[i]) < _w1(hist, self.target_hist[i]):
-                inv[i] = 255 - _VALUES
+            options = [_VALUES.astype(np.float64)]
+            if self.table[i]:
+                options = [table_inverse, table_inverse[::-1]]
+            if "np" in self.transforms:
+                options += [255 - o for o in options]
+            costs = [_w1(np.bincount(o.astype(np.int64), weights=hist, minlength=256),
+                         self.target_hist[i]) for o in options]  # fmt: skip
+            inv[i] = options[int(np.argmin(costs))]
         return inv
 
     def refine(self, inv: np.ndarray) -> np.ndarray:
@@ -274,10 +459,7 @@ class _ByteMapFit:
         off_id = (mass * np.abs(inv - _VALUES)).sum(1)
         off_neg = (mass * np.abs(inv - (255 - _VALUES))).sum(1)
         flip = (off_neg < off_id) if "np" in self.transforms else np.zeros(n_pos, bool)
-        table_pos = np.zeros(n_pos, bool)
-        if "ffx" in self.transforms:
-            off = np.minimum(off_id, off_neg) if "np" in self.transforms else off_id
-            table_pos = off > _split_point(off)
+        table_pos = self.table
         xor_in = np.zeros(n_pos, np.uint8)
         xor_out = np.where(flip & ~table_pos, 0xFF, 0).astype(np.uint8)
         table = np.arange(256, dtype=np.uint8)
@@ -329,33 +511,52 @@ def estimate_key(
     rng: np.random.Generator,
     scorer: Callable[[BlockOp], float] | None = None,
     rounds: int = 8,
-    restarts: int = 4,
+    kicks: int = 20,
     max_values: int = 50_000_000,
+    dependence_blocks: int = 100_000,
+    time_budget_s: float | None = None,
 ) -> Estimate:
     """Estimate the encryption from (n, L) cipher blocks and (m, L) natural plain blocks.
 
     At most ``max_values`` cipher bytes are used (a random subset of the blocks), which bounds
-    the memory of the regression and the time of the mutual information at large block sizes.
+    the memory of the byte-map regression; the dependence graphs use at most
+    ``dependence_blocks`` blocks of each side. Past ``time_budget_s`` seconds (checked between
+    steps and inside the long loops) it raises ``EstimateTimeout``: a point it cannot reach
+    is not measured, which says nothing about the key.
     """
+    clock = _Clock(time_budget_s)
     n_pos = block_length(block_size)
     if cipher_blocks.shape[1] != n_pos or plain_blocks.shape[1] != n_pos:
         raise ValueError(f"blocks must have {n_pos} bytes for block size {block_size}")
+    if len(cipher_blocks) == 0 or len(plain_blocks) < 2:
+        raise ValueError("need leaked cipher blocks and at least two natural plain blocks")
     if len(cipher_blocks) * n_pos > max_values:
-        keep = rng.choice(len(cipher_blocks), size=max_values // n_pos, replace=False)
+        keep = rng.choice(len(cipher_blocks), size=max(1, max_values // n_pos), replace=False)
         cipher_blocks = cipher_blocks[np.sort(keep)]
+    counts = np.stack([np.bincount(cipher_blocks[:, i], minlength=256) for i in range(n_pos)])
+    table = table_positions(counts) if "ffx" in transforms else np.zeros(n_pos, bool)
+    if table.all() or not table.any():
+        table = np.zeros(n_pos, bool)  # nothing to anchor a table estimate: treat all as linear
+    inside = "np" not in transforms or "ffx" not in transforms or _np_first(transforms)
+    plain_hist = np.stack([np.bincount(plain_blocks[:, q], minlength=256) for q in range(n_pos)])
+    table_inverse = _VALUES.astype(np.float64)
+    if table.any():
+        table_inverse = estimate_table_inverse(cipher_blocks, table, plain_hist.sum(0), inside,
+                                               rng)  # fmt: skip
+    clock.check("the table estimate")
+    index = np.arange(n_pos)
     if "shuffle" in transforms:
-        index = match_structure(
-            mutual_information(cipher_blocks),
-            mutual_information(plain_blocks),
-            rng,
-            restarts=restarts,
-        )
-    else:
-        index = np.arange(n_pos)
-    fit = _ByteMapFit(cipher_blocks, plain_blocks, index, block_size, transforms)
-    inv = fit.initial()
+        sample = _subsample(cipher_blocks, dependence_blocks, rng)
+        a = dependence(decode_linear(sample, table, table_inverse, inside))
+        b = dependence(_subsample(plain_blocks, dependence_blocks, rng))
+        clock.check("the dependence graphs")
+        index = place_positions(a, b, block_size, rng, kicks=kicks, clock=clock)
+    logger.debug("placement done after %.1f s", clock.elapsed())
+    fit = _ByteMapFit(cipher_blocks, plain_blocks, index, block_size, transforms, table)
+    inv = fit.initial(table_inverse)
     op = None
     for step in range(rounds):
+        clock.check("the byte-map regression")
         inv = fit.refine(inv)
         op = fit.project(inv)
         if "shuffle" in transforms and step == rounds // 2:  # once the maps have settled
@@ -363,6 +564,7 @@ def estimate_key(
             op = _with_index(op, fit.index)
         inv = _inverse_maps(op)  # refine from the structured estimate
     assert op is not None
+    logger.debug("byte maps done after %.1f s", clock.elapsed())
     candidates = 1
     if scorer is not None and ("shuffle" in transforms or "np" in transforms):
         indices = [op.index]
@@ -375,9 +577,18 @@ def estimate_key(
             for index in indices
             for neg in negatives
         ]  # fmt: skip
-        scores = [scorer(o) for o in options]
+        scores = []
+        for option in options:
+            clock.check("the scorer's choice among symmetric candidates")
+            scores.append(scorer(option))
         op, candidates = options[int(np.argmax(scores))], len(options)
     return Estimate(op, candidates)
+
+
+def _subsample(blocks: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    if len(blocks) <= limit:
+        return blocks
+    return blocks[np.sort(rng.choice(len(blocks), size=limit, replace=False))]
 
 
 def _inverse_maps(op: BlockOp) -> np.ndarray:
