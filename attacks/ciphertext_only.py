@@ -54,6 +54,10 @@ LINEAR_TOLERANCE = 16.0  # mean |map - identity| (grey levels) under which a map
 class Estimate:
     op: BlockOp  # the estimated encryption
     candidates: int  # symmetric candidates the scorer chose among (1: no scorer)
+    # the estimate under every block symmetry and global negation, which natural-image
+    # statistics barely tell apart: an attacker who can tell an upright photo from a turned
+    # one (by eye, or with a model) picks the right one
+    options: tuple[BlockOp, ...] = ()
 
 
 class EstimateTimeout(RuntimeError):
@@ -109,7 +113,7 @@ def _conditional_means(key: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.n
     seen = counts > 0
     sums = np.zeros((256, x.shape[1]))
     starts = np.searchsorted(key[order], _VALUES[seen])
-    sums[seen] = np.add.reduceat(x[order].astype(np.float64), starts, axis=0)
+    sums[seen] = np.add.reduceat(x[order], starts, axis=0)
     return sums / np.maximum(counts, 1)[:, None], counts
 
 
@@ -120,43 +124,57 @@ def estimate_table_inverse(
     inside: bool,
     rng: np.random.Generator,
     *,
-    references: int = 24,
+    references: int = 48,
     partners: int = 4,
+    iterations: int = 3,
+    clock: _Clock | None = None,
 ) -> np.ndarray:
     """The shared FFX table's inverse (cipher byte -> plain byte), up to a negation.
 
-    For a few table positions, the mean of the most dependent linear positions given each
-    cipher byte is a monotone function of the plain byte (linear positions are the identity
-    or a negation); these profiles, aligned to one another (NP bits flip them), are pooled,
-    ranked and matched to the plain value distribution.
+    For some table positions, the mean of the most dependent other positions given each
+    cipher byte is a monotone function of the plain byte where those positions are linear
+    (the identity or a negation); these profiles, aligned to one another (NP bits flip them),
+    are pooled, ranked and matched to the plain value distribution. The first round reads
+    only the linear positions; later ones also the table positions, decoded by the last
+    round's estimate (a table position's best partners are often table positions too).
     """
-    linear = np.flatnonzero(~table)
-    x = cipher[:, linear].astype(np.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     chosen = rng.choice(np.flatnonzero(table), size=min(references, int(table.sum())),
                         replace=False)  # fmt: skip
-    profiles = []
-    for i in chosen:
-        means, counts = _conditional_means(cipher[:, i], x)
-        w = counts / counts.sum()
-        strength = (w[:, None] * means**2).sum(0)  # variance explained, per linear position
-        best = np.argsort(-strength)[:partners]
-        first = means[:, best[0]]
-        profile = sum(np.sign((w * means[:, j] * first).sum()) * strength[j] * means[:, j]
-                      for j in best) / strength[best].sum()  # fmt: skip
-        profiles.append((profile, counts))
-    ref, ref_counts = profiles[0]
-    total, weight = ref * ref_counts, ref_counts.astype(np.float64)
-    for profile, counts in profiles[1:]:
-        options = [(profile, counts)]
-        if not inside:  # NP after FFX flips the cipher byte: align on the flipped profile too
-            options.append((profile[::-1], counts[::-1]))
-        scores = [(np.minimum(c, ref_counts) * p * ref).sum() for p, c in options]
-        k = int(np.argmax(np.abs(scores)))
-        sign = 1.0 if scores[k] >= 0 else -1.0
-        total += sign * options[k][0] * options[k][1]
-        weight += options[k][1]
-    return _specify(total / np.maximum(weight, 1), weight, _cdf(plain_hist))
+    inverse = None
+    for _ in range(iterations):
+        if inverse is None:
+            x = cipher[:, ~table].astype(np.float32)
+        else:
+            x = decode_linear(cipher, table, inverse, inside)
+        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+        profiles = []
+        for i in chosen:
+            if clock is not None:
+                clock.check("the table estimate")
+            means, counts = _conditional_means(cipher[:, i], x)
+            w = counts / counts.sum()
+            strength = (w[:, None] * means**2).sum(0)  # variance explained, per position
+            if inverse is not None:
+                strength[i] = -np.inf  # not itself
+            best = np.argsort(-strength)[:partners]
+            first = means[:, best[0]]
+            profile = sum(np.sign((w * means[:, j] * first).sum()) * strength[j] * means[:, j]
+                          for j in best) / strength[best].sum()  # fmt: skip
+            profiles.append((profile, counts))
+        ref, ref_counts = profiles[0]
+        total, weight = ref * ref_counts, ref_counts.astype(np.float64)
+        for profile, counts in profiles[1:]:
+            options = [(profile, counts)]
+            if not inside:  # NP after FFX flips the cipher byte: align on the flipped one too
+                options.append((profile[::-1], counts[::-1]))
+            scores = [(np.minimum(c, ref_counts) * p * ref).sum() for p, c in options]
+            k = int(np.argmax(np.abs(scores)))
+            sign = 1.0 if scores[k] >= 0 else -1.0
+            total += sign * options[k][0] * options[k][1]
+            weight += options[k][1]
+        inverse = _specify(total / np.maximum(weight, 1), weight, _cdf(plain_hist))
+    assert inverse is not None
+    return inverse
 
 
 def decode_linear(cipher: np.ndarray, table: np.ndarray, table_inverse: np.ndarray,
@@ -205,38 +223,50 @@ def dependence(blocks: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
     return out
 
 
-def spectral_placement(a: np.ndarray, block_size: int, *, angles: int = 90) -> np.ndarray:
+def spectral_placement(
+    a: np.ndarray, b: np.ndarray, block_size: int, *, modes: int = 5, angles: int = 45
+) -> np.ndarray:
     """A first placement of the positions of dependence graph ``a`` on the block's grid.
 
-    The two slowest non-constant modes of a grid-like graph are cos(pi (y + 1/2) / M) and
-    the same in x, mixed by an unknown rotation; the rotation is the one whose coordinates
-    best take M levels, and positions go to pixels (three each) by a linear assignment.
-    Channels within a pixel are left to the local search.
+    The slow modes of a grid-like graph include cos(pi (y + 1/2) / M) and the same in x,
+    mixed by an unknown rotation (anisotropy and the channels can put other modes between
+    them). For each pair of the slowest ``modes`` modes, the rotation whose coordinates best
+    take M levels places the positions on pixels (three each) by a linear assignment; the
+    pair whose placement scores best against the plain graph ``b`` wins. Channels within a
+    pixel are left to the local search.
     """
     m, n_pos = block_size, len(a)
     if m < 2:
         return np.arange(n_pos)
     degree = np.maximum(a.sum(1), 1e-12)
     _, vectors = np.linalg.eigh(a / np.sqrt(degree[:, None] * degree[None, :]))
-    v = vectors[:, ::-1][:, 1:3] / np.sqrt(degree)[:, None]  # skip the constant mode
+    slow = vectors[:, ::-1][:, 1 : modes + 1] / np.sqrt(degree)[:, None]  # no constant mode
     levels = np.cos(np.pi * (np.arange(m) + 0.5) / m)
     target = np.repeat(levels, 3 * m)
     levels = (levels - target.mean()) / target.std()
     target = np.sort((target - target.mean()) / target.std())
-    best, best_residual = v, np.inf
-    for theta in np.linspace(0, np.pi / 2, angles, endpoint=False):
-        rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
-        uv = v @ rotation
-        uv = (uv - uv.mean(0)) / np.maximum(uv.std(0), 1e-12)
-        residual = float(((np.sort(uv, axis=0) - target[:, None]) ** 2).sum())
-        if residual < best_residual:
-            best, best_residual = uv, residual
     py, px = np.divmod(np.arange(m * m), m)
-    cost = (best[:, :1] - levels[py][None, :]) ** 2 + (best[:, 1:] - levels[px][None, :]) ** 2
-    rows, cols = linear_sum_assignment(np.repeat(cost, 3, axis=1))  # column: pixel * 3 + slot
-    index = np.empty(n_pos, np.int64)
-    index[rows] = cols
-    return index
+    # the plain graph between pixels, channels pooled: the channels are not placed yet
+    pixel_graph = b.reshape(m * m, 3, m * m, 3).sum((1, 3))
+    best, best_score = np.arange(n_pos), -np.inf
+    for j, k in itertools.combinations(range(slow.shape[1]), 2):
+        v = slow[:, [j, k]]
+        fit, fit_residual = v, np.inf
+        for theta in np.linspace(0, np.pi / 2, angles, endpoint=False):
+            rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+            uv = v @ rotation
+            uv = (uv - uv.mean(0)) / np.maximum(uv.std(0), 1e-12)
+            residual = float(((np.sort(uv, axis=0) - target[:, None]) ** 2).sum())
+            if residual < fit_residual:
+                fit, fit_residual = uv, residual
+        cost = (fit[:, :1] - levels[py][None, :]) ** 2 + (fit[:, 1:] - levels[px][None, :]) ** 2
+        rows, cols = linear_sum_assignment(np.repeat(cost, 3, axis=1))  # pixel * 3 + slot
+        index = np.empty(n_pos, np.int64)
+        index[rows] = cols
+        score = float((a * pixel_graph[np.ix_(index // 3, index // 3)]).sum())
+        if score > best_score:
+            best, best_score = index, score
+    return best
 
 
 def descend(
@@ -247,7 +277,8 @@ def descend(
     diagonals) until none helps. The gain of every swap comes from C = A B_p, which each swap
     changes by a rank-one update and a column swap: O(L^2) per step."""
     p = p.copy()
-    bp = b[np.ix_(p, p)]
+    a = a.astype(np.float32)
+    bp = b[np.ix_(p, p)].astype(np.float32)
     c = a @ bp
     n_pos = len(p)
     for step in itertools.count():
@@ -270,39 +301,72 @@ def descend(
     raise AssertionError("unreachable")
 
 
+def graduated_assignment(
+    a: np.ndarray,
+    b: np.ndarray,
+    start: np.ndarray,
+    *,
+    steps: int = 30,
+    inner: int = 2,
+    clock: _Clock | None = None,
+) -> np.ndarray:
+    """Softassign (Gold and Rangarajan's graduated assignment) for max sum a[i, j] b[p_i, p_j]:
+    a doubly stochastic match, half ``start`` and half uniform at first, is moved along the
+    objective's gradient and re-normalised (Sinkhorn) at a rising inverse temperature, then
+    rounded by a linear assignment. Moving every position at once, it gets out of the local
+    optima where pair swaps stop (a row of pixels one step off, say)."""
+    n_pos = len(a)
+    match = np.full((n_pos, n_pos), 0.5 / n_pos, np.float32)
+    match[np.arange(n_pos), start] += 0.5
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    for beta in np.geomspace(0.5, 50.0, steps):
+        if clock is not None:
+            clock.check("the placement search")
+        for _ in range(inner):
+            gradient = a32 @ match @ b32
+            gradient = (gradient - gradient.mean()) / (gradient.std() + 1e-12)
+            match = np.exp(beta * (gradient - gradient.max(1, keepdims=True))) + 1e-30
+            for _ in range(10):  # Sinkhorn
+                match /= match.sum(1, keepdims=True)
+                match /= match.sum(0, keepdims=True)
+    _, cols = linear_sum_assignment(-match)
+    return cols
+
+
 def place_positions(
     a: np.ndarray,
     b: np.ndarray,
     block_size: int,
     rng: np.random.Generator,
     *,
-    kicks: int = 0,
+    restarts: int | None = None,
     clock: _Clock | None = None,
 ) -> np.ndarray:
     """The permutation p (cipher position -> plain position) that lays the cipher dependence
-    graph ``a`` onto the plain one ``b``: a spectral first placement, a swap descent, then
-    ``kicks`` rounds of a few random swaps and a descent, kept where they help. Of the 48 block
+    graph ``a`` onto the plain one ``b``, the best of: a spectral first placement refined by
+    a swap descent; the same refined by graduated assignment, then the descent; and
+    ``restarts`` graduated assignments from random placements, each then descended (by
+    default ceil(768 / L): many where they are cheap, one at M=16). Of the 48 block
     symmetries, the one ``b`` prefers (natural images are not quite isotropic)."""
     a, b = a.copy(), b.copy()
     np.fill_diagonal(a, 0)
     np.fill_diagonal(b, 0)
+    n_pos = len(a)
     tol = 1e-9 * max(1.0, float(np.abs(a).sum() * np.abs(b).max()))
+    if restarts is None:
+        restarts = -(-768 // n_pos)
 
     def score(p: np.ndarray) -> float:
         return float((a * b[np.ix_(p, p)]).sum())
 
-    best = descend(a, b, spectral_placement(a, block_size), clock=clock, tol=tol)
-    best_score = score(best)
-    n_pos = len(best)
-    for _ in range(kicks if n_pos > 3 else 0):
-        trial = best.copy()
-        for _ in range(3):
-            i, j = rng.choice(n_pos, size=2, replace=False)
-            trial[[i, j]] = trial[[j, i]]
-        trial = descend(a, b, trial, clock=clock, tol=tol)
-        trial_score = score(trial)
-        if trial_score > best_score + tol:
-            best, best_score = trial, trial_score
+    start = spectral_placement(a, b, block_size)
+    best, best_score = start, -np.inf
+    firsts = [lambda: start, lambda: graduated_assignment(a, b, start, clock=clock)]
+    firsts += [lambda: graduated_assignment(a, b, rng.permutation(n_pos), clock=clock)] * restarts
+    for first in firsts:
+        found = descend(a, b, first(), clock=clock, tol=tol)
+        if score(found) > best_score:
+            best, best_score = found, score(found)
     candidates = [sigma[best] for sigma in block_symmetries(block_size)]
     return candidates[int(np.argmax([score(p) for p in candidates]))]
 
@@ -511,7 +575,8 @@ def estimate_key(
     rng: np.random.Generator,
     scorer: Callable[[BlockOp], float] | None = None,
     rounds: int = 8,
-    kicks: int = 20,
+    restarts: int | None = None,
+    passes: int = 2,
     max_values: int = 50_000_000,
     dependence_blocks: int = 100_000,
     time_budget_s: float | None = None,
@@ -539,50 +604,62 @@ def estimate_key(
         table = np.zeros(n_pos, bool)  # nothing to anchor a table estimate: treat all as linear
     inside = "np" not in transforms or "ffx" not in transforms or _np_first(transforms)
     plain_hist = np.stack([np.bincount(plain_blocks[:, q], minlength=256) for q in range(n_pos)])
+    sample = _subsample(cipher_blocks, dependence_blocks, rng)
     table_inverse = _VALUES.astype(np.float64)
     if table.any():
-        table_inverse = estimate_table_inverse(cipher_blocks, table, plain_hist.sum(0), inside,
-                                               rng)  # fmt: skip
+        table_inverse = estimate_table_inverse(sample, table, plain_hist.sum(0), inside, rng,
+                                               clock=clock)  # fmt: skip
     clock.check("the table estimate")
-    index = np.arange(n_pos)
-    if "shuffle" in transforms:
-        sample = _subsample(cipher_blocks, dependence_blocks, rng)
-        a = dependence(decode_linear(sample, table, table_inverse, inside))
+    shuffled = "shuffle" in transforms
+    if shuffled:
+        decoded = decode_linear(sample, table, table_inverse, inside)
         b = dependence(_subsample(plain_blocks, dependence_blocks, rng))
-        clock.check("the dependence graphs")
-        index = place_positions(a, b, block_size, rng, kicks=kicks, clock=clock)
-    logger.debug("placement done after %.1f s", clock.elapsed())
-    fit = _ByteMapFit(cipher_blocks, plain_blocks, index, block_size, transforms, table)
-    inv = fit.initial(table_inverse)
     op = None
-    for step in range(rounds):
-        clock.check("the byte-map regression")
-        inv = fit.refine(inv)
-        op = fit.project(inv)
-        if "shuffle" in transforms and step == rounds // 2:  # once the maps have settled
-            fit.set_index(fit.channel_order(op))
-            op = _with_index(op, fit.index)
-        inv = _inverse_maps(op)  # refine from the structured estimate
+    for _ in range(passes if shuffled else 1):
+        index = np.arange(n_pos)
+        if shuffled:
+            a = dependence(decoded)
+            clock.check("the dependence graphs")
+            index = place_positions(a, b, block_size, rng, restarts=restarts, clock=clock)
+            logger.debug("placement done after %.1f s", clock.elapsed())
+        fit = _ByteMapFit(cipher_blocks, plain_blocks, index, block_size, transforms, table)
+        inv = fit.initial(table_inverse)
+        for step in range(rounds):
+            clock.check("the byte-map regression")
+            inv = fit.refine(inv)
+            op = fit.project(inv)
+            if shuffled and step == rounds // 2:  # once the maps have settled
+                fit.set_index(fit.channel_order(op))
+                op = _with_index(op, fit.index)
+            inv = _inverse_maps(op)  # refine from the structured estimate
+        assert op is not None
+        logger.debug("byte maps done after %.1f s", clock.elapsed())
+        if shuffled:  # the next pass reads positions through the fitted maps
+            fitted = np.argsort(byte_maps(op), axis=1).astype(np.float32)
+            decoded = fitted[np.arange(n_pos), sample]
+            table_inverse = np.argsort(op.table).astype(np.float64)
     assert op is not None
-    logger.debug("byte maps done after %.1f s", clock.elapsed())
-    candidates = 1
-    if scorer is not None and ("shuffle" in transforms or "np" in transforms):
+    options = (op,)
+    if "shuffle" in transforms or "np" in transforms:
         indices = [op.index]
         if "shuffle" in transforms:
             indices = [sigma[op.index] for sigma in block_symmetries(block_size)]
         negatives = (0, 0xFF) if "np" in transforms else (0,)
-        options = [
-            BlockOp(block_size, index, op.xor_in ^ np.uint8(neg), op.table_mask, op.table,
-                    op.xor_out)
+        options = tuple(
+            BlockOp(
+                block_size, index, op.xor_in ^ np.uint8(neg), op.table_mask, op.table, op.xor_out
+            )
             for index in indices
             for neg in negatives
-        ]  # fmt: skip
+        )  # fmt: skip (the first is op itself: the identity symmetry, no negation)
+    candidates = 1
+    if scorer is not None and len(options) > 1:
         scores = []
         for option in options:
             clock.check("the scorer's choice among symmetric candidates")
             scores.append(scorer(option))
         op, candidates = options[int(np.argmax(scores))], len(options)
-    return Estimate(op, candidates)
+    return Estimate(op, candidates, options)
 
 
 def _subsample(blocks: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
