@@ -2,31 +2,50 @@
 
 The attacker knows the algorithm and the scheme (block size, transforms, their order: all in
 the manifest), holds encrypted images, and knows what natural images look like (here: the
-statistics of a small set of plain images of the same kind). Every block of every image is
-encrypted with the same per-position maps, so the leaked blocks are many samples of one
-function of a natural block. The estimate proceeds in three steps:
+statistics of plain images of the same kind, never the leaked ones). Every block of every
+image is encrypted with the same per-position maps, so the leaked blocks are many samples of
+one function of a natural block. The estimate:
 
-1. **Permutation.** Mutual information between two byte positions does not change under any
-   per-position bijection (NP or FFX), so the (L, L) mutual-information matrix of the
-   ciphertext is the plain one with rows and columns permuted. The permutation is found by
-   matching the two matrices (a quadratic assignment, solved by best-swap local search from
-   random starts).
-2. **Byte maps.** Each position's inverse map is estimated by regression on its neighbours:
+1. **Table positions.** A natural histogram is smooth, and stays so under a negation; the FFX
+   table scrambles it. Positions split by the roughness of their histograms.
+2. **The table, roughly.** At a table position, the mean of its most dependent other
+   positions given each cipher byte is a monotone function of the plain byte; such profiles,
+   pooled over table positions (NP bits flip them), rank the cipher bytes, and matched to the
+   plain value distribution give the inverse table up to a negation. A few rounds, each also
+   reading the table positions decoded by the last.
+3. **Permutation.** Every position decoded to a monotone function of its plain byte, the
+   partial correlations between positions draw the block's grid: in natural images they are
+   large between neighbouring pixels and between the channels of a pixel, near zero beyond
+   (a Markov field), whatever the image. The cipher graph is laid onto the plain one (a
+   quadratic assignment): a spectral first placement (the slowest modes of a grid-like graph
+   are the cosines along y and x), refined by graduated assignment (softassign) and a pair-swap
+   descent whose every step costs O(L^2), with a few random restarts where L is small.
+4. **Byte maps.** Each position's inverse map is estimated by regression on its neighbours:
    output values are ranked by the mean plain-value estimate of the positions that are most
    correlated with it in natural images, and the ranks are matched to the plain value
    distribution of that position (histogram specification). A few rounds refine all positions
-   together. NP bits show up as decreasing maps; FFX positions as scrambled ones.
-3. **Structure.** The maps are projected onto the scheme: each position is the identity or a
-   negation, or the FFX table with its NP bit; one shared table is fitted to all table
+   together; then the maps are projected onto the scheme: each position is the identity or a
+   negation, or the FFX table with its NP bit, and one shared table is fitted to all table
    positions (a 256 x 256 assignment).
+5. A second pass repeats 3 and 4 with the positions decoded through the fitted maps, which are
+   closer than the rough table of step 2.
 
-Correlations cannot tell the colour channels apart; once the maps have settled, the channels
-are named by the value distributions of the linear positions (red, green and blue differ in
-photos). Natural-image statistics cannot tell a block from its mirror images or rotations, nor
-the channels apart when images are grey, and only the value distribution tells an image from
-its negative (every NP bit flipped); when a scorer is given (the protected model's mean
-confidence on unlabelled plain images) it chooses among those candidates: the 48 block
-symmetries, each also negated.
+Cost: histograms are linear in the leaked blocks; steps 2 and 3 read at most
+``dependence_blocks`` of them (a random sample) and cost O(n L^2) for the correlations plus
+O(L^3) per placement iteration; step 4 reads at most ``max_values`` bytes. So the time grows
+with L^3 (about 64x from M=4 to M=16 for the placement) and stops growing with the leaked data
+past those caps. ``time_budget_s`` bounds it: past it, ``EstimateTimeout`` (a point not
+measured says nothing about the key).
+
+Limits, measured on photos with statistics from other photos: second-order statistics cannot
+tell a block from its mirror images or rotations (a stationary image looks the same turned by
+180 degrees), so the permutation comes out up to one of 48 symmetries (with the channel
+orders), and only the value distribution tells an image from its negative. ``Estimate.options``
+lists all 96 candidates: an attacker who can tell an upright photo from a turned one picks the
+right one; when a scorer is given (the protected model's mean confidence on unlabelled plain
+images) it chooses among them. Correlations cannot name the colour channels; once the maps
+have settled, the value distributions of the linear positions do (red, green and blue differ
+in photos).
 """
 
 from __future__ import annotations
@@ -47,7 +66,6 @@ from pipeline.cipher.blockwise import block_length
 logger = logging.getLogger(__name__)
 
 _VALUES = np.arange(256)
-LINEAR_TOLERANCE = 16.0  # mean |map - identity| (grey levels) under which a map is always linear
 
 
 @dataclass(frozen=True)
@@ -411,22 +429,6 @@ def _specify(order_key: np.ndarray, counts: np.ndarray, target_cdf: np.ndarray) 
 
 def _w1(hist_a: np.ndarray, hist_b: np.ndarray) -> float:
     return float(np.abs(_cdf(hist_a) - _cdf(hist_b)).sum())
-
-
-def _split_point(values: np.ndarray) -> float:
-    """Threshold between the linear positions (maps near the identity or a negation) and the
-    table positions: the split of the sorted values with the largest between-class variance
-    (Otsu). Where all values are small, everything is linear."""
-    ordered = np.sort(values)
-    if ordered[-1] <= LINEAR_TOLERANCE:
-        return LINEAR_TOLERANCE
-    best, threshold = -1.0, LINEAR_TOLERANCE
-    for k in range(1, len(ordered)):
-        low, high = ordered[:k], ordered[k:]
-        between = k * (len(ordered) - k) * (high.mean() - low.mean()) ** 2
-        if between > best:
-            best, threshold = between, (ordered[k - 1] + ordered[k]) / 2
-    return max(threshold, LINEAR_TOLERANCE)
 
 
 def _np_first(transforms: tuple[str, ...]) -> bool:

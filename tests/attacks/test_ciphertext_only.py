@@ -83,31 +83,42 @@ def _photo_blocks(image, block_size, count, rng):
 
 @pytest.fixture(scope="module")
 def photos():
+    """Leaked: scikit-learn's two photos, encrypted. Statistics: scikit-image's colour photos,
+    other scenes. 20,000 blocks of each side, cut at every grid offset."""
     from sklearn.datasets import load_sample_images
 
-    china, flower = load_sample_images().images
-    return china, flower
+    skimage_data = pytest.importorskip("skimage.data")
+    rng_module = np.random.default_rng(7)
+    leaked = np.concatenate([_photo_blocks(im, 8, 10_000, rng_module)
+                             for im in load_sample_images().images])  # fmt: skip
+    names = ("astronaut", "coffee", "chelsea", "rocket")
+    natural = np.concatenate([_photo_blocks(getattr(skimage_data, name)(), 8, 5_000, rng_module)
+                              for name in names])  # fmt: skip
+    return leaked, natural
+
+
+def _encrypt_blocks(blocks, key):
+    m = key.block_size
+    return encrypt(blocks.reshape(-1, m, m, 3), key).reshape(len(blocks), -1)
 
 
 def test_a_tiny_time_budget_raises_promptly(photos, rng):
     key = Key(bytes(range(32)), 8)
-    china, flower = photos
-    leaked = encrypt(_photo_blocks(china, 8, 20_000, rng).reshape(-1, 8, 8, 3), key)
-    natural = _photo_blocks(flower, 8, 20_000, rng)
+    leaked, natural = photos
     start = time.monotonic()
     with pytest.raises(EstimateTimeout, match="time budget"):
-        estimate_key(leaked.reshape(-1, 192), natural, 8, key.transforms, rng=rng,
+        estimate_key(_encrypt_blocks(leaked, key), natural, 8, key.transforms, rng=rng,
                      time_budget_s=0.01)  # fmt: skip
-    assert time.monotonic() - start < 10  # a full estimate here takes about half a minute
+    assert time.monotonic() - start < 10  # a full estimate here takes a minute or more
 
 
 def test_natural_photos_at_block_size_8_give_up_much_of_the_permutation(photos, rng):
-    """One photo leaked encrypted, another as the statistics: no photo is on both sides."""
+    """No photo is on both sides. A lighter estimate than the default (one pass, one restart,
+    fewer byte-map rounds), for time."""
     key = Key(bytes(range(32)), 8)
-    china, flower = photos
-    leaked = encrypt(_photo_blocks(china, 8, 20_000, rng).reshape(-1, 8, 8, 3), key)
-    natural = _photo_blocks(flower, 8, 20_000, rng)
-    estimate = estimate_key(leaked.reshape(-1, 192), natural, 8, key.transforms, rng=rng)
+    leaked, natural = photos
+    estimate = estimate_key(_encrypt_blocks(leaked, key), natural, 8, key.transforms, rng=rng,
+                            passes=1, restarts=1, rounds=4)  # fmt: skip
     truth = key.material.encrypt_op
     found = key_recovery(estimate.op, truth, key.transforms)["parts"]
     best = max(key_recovery(op, truth, key.transforms)["parts"]["permutation"]
@@ -117,7 +128,7 @@ def test_natural_photos_at_block_size_8_give_up_much_of_the_permutation(photos, 
                      key.transforms)["parts"]["permutation"]
         for _ in range(20)
     )  # fmt: skip
-    assert best >= 0.3 > 20 * chance  # chance: 1/192 per position
+    assert best >= 0.15 > 5 * chance  # chance: 1/192 per position; 0.23 when written
     assert found["ffx_mask"] >= 0.9 and found["np_mask"] >= 0.9
 
 
