@@ -38,7 +38,7 @@ from attacks.known_plaintext import solve_key
 from attacks.report import Row, Spread
 from pipeline import BlockOp, KeyFileError, apply_op, decrypt, load_key, paths
 from pipeline.device import DEVICE_CHOICES, model_device, resolve_device
-from pipeline.model.checkpoint import CheckpointError
+from pipeline.model.checkpoint import Checkpoint, CheckpointError
 from pipeline.model.evaluation import EvalSet, load_model, load_split, predict, top1
 from pipeline.model.factory import create_model
 from pipeline.shards.manifest import ManifestError, load_manifest
@@ -92,7 +92,7 @@ class Audit:
 
     config: AuditConfig
     model: torch.nn.Module
-    meta: dict
+    saved: Checkpoint  # the protected model's checkpoint, without its tensors
     val: EvalSet  # plain val images (decrypted with the owner's key)
     encrypted_val: EvalSet
     train_plain: EvalSet  # the attacker's pool of plain images
@@ -140,15 +140,15 @@ class Outcome:
 def prepare(config: AuditConfig) -> Audit:
     key = load_key(config.key)
     device = resolve_device(config.device)
-    model, meta = load_model(config.checkpoint, device)
-    if meta["key_fingerprint"] is None:
+    model, saved = load_model(config.checkpoint, device)
+    if saved.key_fingerprint is None:
         raise AuditError(f"{config.checkpoint}: a model trained on plain data has no key to audit")
-    if meta["key_fingerprint"] != key.fingerprint:
+    if saved.key_fingerprint != key.fingerprint:
         raise AuditError(
-            f"{config.checkpoint}: trained with key {meta['key_fingerprint']}, but {config.key} "
+            f"{config.checkpoint}: trained with key {saved.key_fingerprint}, but {config.key} "
             f"is key {key.fingerprint}; audit a model with its own key"
         )
-    crop = meta["config"].get("crop_size")
+    crop = saved.crop_size
     encrypted_val = load_split(config.data, "val", crop_size=crop, limit=config.eval_images)
     if encrypted_val.key_fingerprint != key.fingerprint:
         raise AuditError(
@@ -174,7 +174,7 @@ def prepare(config: AuditConfig) -> Audit:
         device,
     )
     return Audit(
-        config=config, model=model, meta=meta, val=plain_val, encrypted_val=encrypted_val,
+        config=config, model=model, saved=saved, val=plain_val, encrypted_val=encrypted_val,
         train_plain=train_plain, train_encrypted=train.images, train_total=train_total,
         true_op=key.material.encrypt_op, scheme=(key.block_size, key.transforms),
     )  # fmt: skip
@@ -183,8 +183,8 @@ def prepare(config: AuditConfig) -> Audit:
 def correct_key(a: Audit) -> Outcome:
     rows = [Row("correct_key", a.correct_top1, 1.0)]
     if a.config.baseline:
-        baseline, meta = load_model(a.config.baseline, a.device)
-        if meta["key_fingerprint"] is not None:
+        baseline, base = load_model(a.config.baseline, a.device)
+        if base.key_fingerprint is not None:
             raise AuditError(f"{a.config.baseline}: --baseline must be a model of plain data")
         rows.append(Row("baseline", top1(baseline, a.val)))
     return Outcome(rows)
@@ -279,11 +279,10 @@ def known_plaintext(a: Audit) -> Outcome:
 
 def finetune_attacks(a: Audit) -> Outcome:
     pool = a.train_plain
-    state_config = a.meta["config"]
-    pretrained = a.config.pretrained or state_config.get("pretrained", "package")
+    pretrained = a.config.pretrained or a.saved.pretrained
     torch.manual_seed(a.config.seed)  # the new classifier head: the same on every run
     public = create_model(
-        a.meta["model_name"], num_classes=len(a.meta["classes"]), pretrained=pretrained
+        a.saved.model_name, num_classes=a.saved.num_classes, pretrained=pretrained
     ).to(a.device)
     rows, stolen = [], []
     for fraction in a.config.finetune_fractions:
@@ -346,7 +345,7 @@ def run_audit(config: AuditConfig) -> list[Row]:
         "checkpoint": config.checkpoint,
         "data": config.data,
         "seed": config.seed,
-        "key_fingerprint": audit.meta["key_fingerprint"],
+        "key_fingerprint": audit.saved.key_fingerprint,
         "block_size": audit.scheme[0],
         "transforms": list(audit.scheme[1]),
         "val_images": len(audit.val.labels),

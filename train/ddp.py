@@ -37,12 +37,7 @@ from tqdm import tqdm
 from pipeline import paths
 from pipeline.atomic import atomic_write
 from pipeline.device import resolve_device
-from pipeline.model.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    manifest_digest,
-    save_checkpoint,
-)
+from pipeline.model.checkpoint import Checkpoint, CheckpointError, manifest_digest
 from pipeline.model.factory import create_model
 from pipeline.offline.dali import DaliUnavailableError
 from pipeline.shards.manifest import ManifestError, manifest_name
@@ -93,9 +88,9 @@ RESUME_FREE = ("data (the same shards: checked by digest)", "out", "ckpt_every",
                "dist_timeout")  # fmt: skip
 
 
-def check_resume(state: dict, config: TrainConfig, world_size: int, source: str) -> None:
+def check_resume(saved: Checkpoint, config: TrainConfig, world_size: int, source: str) -> None:
     """Refuse a resume whose settings differ from the checkpoint's, naming every change."""
-    saved = {**state["config"], "world_size": state.get("world_size", len(state["rng"]))}
+    saved = {**saved.config, "world_size": saved.ranks}
     current = {**asdict(config), "world_size": world_size}
     changed = [
         f"{name} {saved.get(name)!r} -> {current[name]!r}"
@@ -381,25 +376,25 @@ def resume(run: Run) -> tuple[int, int]:
     """Load ``--resume`` into the model, optimiser, schedule and this rank's RNGs, after
     checking it continues this very run; returns its (epoch, step in epoch)."""
     config, env = run.config, run.env
-    state = load_checkpoint(config.resume)
-    check_resume(state, config, env.world_size, config.resume)
-    if state["key_fingerprint"] != run.fingerprint:
+    saved = Checkpoint.load(config.resume)
+    check_resume(saved, config, env.world_size, config.resume)
+    if saved.key_fingerprint != run.fingerprint:
         raise TrainError(
-            f"{config.resume}: checkpoint was trained with key {state['key_fingerprint']}, the "
+            f"{config.resume}: checkpoint was trained with key {saved.key_fingerprint}, the "
             f"shards at {config.data} use {run.fingerprint}; resume with the same shards"
         )
-    if state["manifest_digests"] != run.digests:
+    if saved.manifest_digests != run.digests:
         raise TrainError(
             f"{config.resume}: checkpoint was trained on other shards than {config.data}"
         )
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"][env.rank])  # same world size: checked above
+    run.model.load_state_dict(saved.model)
+    run.optimizer.load_state_dict(saved.optimizer)
+    run.scheduler.load_state_dict(saved.scheduler)
+    set_rng_state(saved.rng[env.rank])  # same world size: checked above
     if env.primary:
-        logger.info("resumed from %s at epoch %d, step %d", config.resume, state["epoch"],
-                    state["step_in_epoch"])  # fmt: skip
-    return state["epoch"], state["step_in_epoch"]
+        logger.info("resumed from %s at epoch %d, step %d", config.resume, saved.epoch,
+                    saved.step_in_epoch)  # fmt: skip
+    return saved.epoch, saved.step_in_epoch
 
 
 def distribute(run: Run) -> Run:
@@ -430,18 +425,17 @@ def save_state(run: Run, epoch: int, step_in_epoch: int) -> None:
     else:
         states = [rng_state()]
     if env.primary:
-        save_checkpoint({
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": epoch * run.steps_per_epoch + step_in_epoch, "rng": states,
-            "world_size": env.world_size,
-            "config": asdict(run.config), "manifest_digests": run.digests,
-            "key_fingerprint": run.fingerprint, "classes": manifest.classes,
-            "model_name": run.config.model, "image_shape": manifest.image_shape,
-            "block_size": manifest.block_size, "transforms": list(manifest.transforms),
-            "decoder": manifest.options.get("decoder"),
-        }, run.out / "checkpoint.pt")  # fmt: skip
+        Checkpoint(
+            model_name=run.config.model, classes=tuple(manifest.classes),
+            image_shape=tuple(manifest.image_shape), key_fingerprint=run.fingerprint,
+            block_size=manifest.block_size, transforms=tuple(manifest.transforms),
+            decoder=manifest.options.get("decoder"), config=asdict(run.config),
+            manifest_digests=run.digests, model=run.model.state_dict(),
+            optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+            rng=states, epoch=epoch, step_in_epoch=step_in_epoch,
+            global_step=epoch * run.steps_per_epoch + step_in_epoch,
+            world_size=env.world_size,
+        ).save(run.out / "checkpoint.pt")  # fmt: skip
 
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
