@@ -21,7 +21,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -35,9 +35,10 @@ from attacks.finetune import finetune, stratified_subset
 from attacks.key_search import heuristic_key_search, random_key_search
 from attacks.keyspace import key_recovery, random_material, to_blocks
 from attacks.known_plaintext import solve_key
+from attacks.report import Row, Spread
 from pipeline import BlockOp, KeyFileError, apply_op, decrypt, load_key, paths
 from pipeline.device import DEVICE_CHOICES, model_device, resolve_device
-from pipeline.model.checkpoint import CheckpointError
+from pipeline.model.checkpoint import Checkpoint, CheckpointError
 from pipeline.model.evaluation import EvalSet, load_model, load_split, predict, top1
 from pipeline.model.factory import create_model
 from pipeline.shards.manifest import ManifestError, load_manifest
@@ -91,7 +92,7 @@ class Audit:
 
     config: AuditConfig
     model: torch.nn.Module
-    meta: dict
+    saved: Checkpoint  # the protected model's checkpoint, without its tensors
     val: EvalSet  # plain val images (decrypted with the owner's key)
     encrypted_val: EvalSet
     train_plain: EvalSet  # the attacker's pool of plain images
@@ -99,7 +100,6 @@ class Audit:
     train_total: int
     true_op: BlockOp
     scheme: tuple[int, tuple[str, ...]]
-    estimated: dict[str, BlockOp]
 
     @property
     def device(self) -> torch.device:
@@ -128,18 +128,27 @@ class Audit:
         return key_recovery(op, self.true_op, self.scheme[1])
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What a scenario gives: its report rows, and the keys it ends with (a column each in
+    samples.png: what that key makes of the true ciphertext)."""
+
+    rows: list[Row]
+    keys: dict[str, BlockOp] = field(default_factory=dict)
+
+
 def prepare(config: AuditConfig) -> Audit:
     key = load_key(config.key)
     device = resolve_device(config.device)
-    model, meta = load_model(config.checkpoint, device)
-    if meta["key_fingerprint"] is None:
+    model, saved = load_model(config.checkpoint, device)
+    if saved.key_fingerprint is None:
         raise AuditError(f"{config.checkpoint}: a model trained on plain data has no key to audit")
-    if meta["key_fingerprint"] != key.fingerprint:
+    if saved.key_fingerprint != key.fingerprint:
         raise AuditError(
-            f"{config.checkpoint}: trained with key {meta['key_fingerprint']}, but {config.key} "
+            f"{config.checkpoint}: trained with key {saved.key_fingerprint}, but {config.key} "
             f"is key {key.fingerprint}; audit a model with its own key"
         )
-    crop = meta["config"].get("crop_size")
+    crop = saved.crop_size
     encrypted_val = load_split(config.data, "val", crop_size=crop, limit=config.eval_images)
     if encrypted_val.key_fingerprint != key.fingerprint:
         raise AuditError(
@@ -165,92 +174,69 @@ def prepare(config: AuditConfig) -> Audit:
         device,
     )
     return Audit(
-        config=config, model=model, meta=meta, val=plain_val, encrypted_val=encrypted_val,
+        config=config, model=model, saved=saved, val=plain_val, encrypted_val=encrypted_val,
         train_plain=train_plain, train_encrypted=train.images, train_total=train_total,
         true_op=key.material.encrypt_op, scheme=(key.block_size, key.transforms),
-        estimated={},
     )  # fmt: skip
 
 
-def _row(scenario: str, top1_: float, key_recovered: float | None = None, **budget) -> dict:
-    return {"scenario": scenario, "top1": top1_, "key_recovered": key_recovered, "budget": budget}
-
-
-def correct_key(a: Audit) -> list[dict]:
-    rows = [_row("correct_key", a.correct_top1, 1.0)]
+def correct_key(a: Audit) -> Outcome:
+    rows = [Row("correct_key", a.correct_top1, 1.0)]
     if a.config.baseline:
-        baseline, meta = load_model(a.config.baseline, a.device)
-        if meta["key_fingerprint"] is not None:
+        baseline, base = load_model(a.config.baseline, a.device)
+        if base.key_fingerprint is not None:
             raise AuditError(f"{a.config.baseline}: --baseline must be a model of plain data")
-        rows.append(_row("baseline", top1(baseline, a.val)))
-    return rows
+        rows.append(Row("baseline", top1(baseline, a.val)))
+    return Outcome(rows)
 
 
-def no_key(a: Audit) -> list[dict]:
-    return [_row("no_key", a.accuracy(None))]
+def no_key(a: Audit) -> Outcome:
+    return Outcome([Row("no_key", a.accuracy(None))])
 
 
-def wrong_keys(a: Audit) -> list[dict]:
+def wrong_keys(a: Audit) -> Outcome:
     rng = a.rng("wrong_keys")
-    accuracies = []
-    for i in tqdm(range(a.config.wrong_keys), desc="wrong keys", leave=False):
-        op = random_material(*a.scheme, rng).encrypt_op
-        if i == 0:
-            a.estimated["wrong key"] = op
-        accuracies.append(a.accuracy(op))
-    row = _row("wrong_keys", statistics.fmean(accuracies), keys=len(accuracies))
-    row.update(spread(accuracies))
+    ops = [random_material(*a.scheme, rng).encrypt_op for _ in range(a.config.wrong_keys)]
+    accuracies = [a.accuracy(op) for op in tqdm(ops, desc="wrong keys", leave=False)]
+    row = Row("wrong_keys", statistics.fmean(accuracies), budget={"keys": len(accuracies)},
+              spread=Spread.of(accuracies))  # fmt: skip
     report.wrong_keys_chart(accuracies, a.correct_top1, Path(a.config.out) / "wrong_keys.png")
-    return [row]
+    return Outcome([row], {"wrong key": ops[0]})
 
 
-def spread(values: list[float]) -> dict:
-    """The spread of per-key accuracies: the 95% confidence interval of their mean (normal
-    approximation), the range holding the central 95% of keys, the extremes, and every value."""
-    mean = statistics.fmean(values)
-    half = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    low, high = np.percentile(values, [2.5, 97.5]).tolist()
-    return {"top1_ci95": [mean - half, mean + half], "top1_central95": [low, high],
-            "top1_max": max(values), "top1_min": min(values), "top1_all": list(values)}  # fmt: skip
-
-
-def _estimated_key_row(a: Audit, scenario: str, label: str, op: BlockOp, **budget) -> dict:
-    """The row of an attack that ends with a key: its accuracy and how much of the key it has;
-    the key also goes to the sample grid under ``label``."""
-    a.estimated[label] = op
+def key_row(a: Audit, scenario: str, op: BlockOp, budget: dict, **extra) -> Row:
+    """The row of an attack that ends with a key: its accuracy and how much of the key it has."""
     recovered = a.recovery(op)
-    row = _row(scenario, a.accuracy(op), recovered["key_recovered"], **budget)
-    row["parts"] = recovered["parts"]
-    return row
+    return Row(scenario, a.accuracy(op), recovered["key_recovered"], budget=budget,
+               parts=recovered["parts"], **extra)  # fmt: skip
 
 
-def random_search(a: Audit) -> list[dict]:
+def random_search(a: Audit) -> Outcome:
     images, labels = a.attacker_set()
     found = random_key_search(
         a.model, images, labels, a.scheme, keys=a.config.search_keys,
         rng=a.rng("random_key_search"),
     )  # fmt: skip
-    row = _estimated_key_row(a, "random_key_search", "random key search",
-                             found.material.encrypt_op, keys_tried=found.tried,
-                             attacker_images=len(labels))  # fmt: skip
-    row["attacker_top1"] = found.accuracy
-    return [row]
+    op = found.material.encrypt_op
+    row = key_row(a, "random_key_search", op, {"keys_tried": found.tried,
+                  "attacker_images": len(labels)}, attacker_top1=found.accuracy)  # fmt: skip
+    return Outcome([row], {"random key search": op})
 
 
-def heuristic_search(a: Audit) -> list[dict]:
+def heuristic_search(a: Audit) -> Outcome:
     images, labels = a.attacker_set()
     found = heuristic_key_search(
         a.model, images, labels, a.scheme, steps=a.config.search_steps,
         rng=a.rng("heuristic_key_search"),
     )  # fmt: skip
-    row = _estimated_key_row(a, "heuristic_key_search", "heuristic key search",
-                             found.material.encrypt_op, steps=a.config.search_steps,
-                             attacker_images=len(labels))  # fmt: skip
-    row.update(attacker_top1=found.accuracy, accepted_moves=found.accepted)
-    return [row]
+    op = found.material.encrypt_op
+    row = key_row(a, "heuristic_key_search", op, {"steps": a.config.search_steps,
+                  "attacker_images": len(labels)}, attacker_top1=found.accuracy,
+                  accepted_moves=found.accepted)  # fmt: skip
+    return Outcome([row], {"heuristic key search": op})
 
 
-def ciphertext_only(a: Audit) -> list[dict]:
+def ciphertext_only(a: Audit) -> Outcome:
     block_size, transforms = a.scheme
     natural = a.attacker_set()[0]  # natural-image statistics: plain images, no labels
     # the leaked images are others than those: statistics from the very images whose
@@ -275,29 +261,28 @@ def ciphertext_only(a: Audit) -> list[dict]:
         rng=a.rng("ciphertext_only"),
         scorer=confidence,
     )
-    row = _estimated_key_row(a, "ciphertext_only", "ciphertext-only", estimate.op,
-                             leaked_images=len(leaked), statistics_images=len(natural),
-                             model_ranked_candidates=estimate.candidates)  # fmt: skip
-    return [row]
+    row = key_row(a, "ciphertext_only", estimate.op, {"leaked_images": len(leaked),
+                  "statistics_images": len(natural),
+                  "model_ranked_candidates": estimate.candidates})  # fmt: skip
+    return Outcome([row], {"ciphertext-only": estimate.op})
 
 
-def known_plaintext(a: Audit) -> list[dict]:
-    rows = []
+def known_plaintext(a: Audit) -> Outcome:
+    rows, keys = [], {}
     for k in a.config.known_pairs:
         solved = solve_key(a.train_plain.images[:k], a.train_encrypted[:k], *a.scheme)
-        row = _estimated_key_row(a, f"known_plaintext_{k}", f"known plaintext, k={k}", solved.op,
-                                 pairs=solved.pairs, blocks=solved.blocks)  # fmt: skip
-        rows.append(row)
-    return rows
+        rows.append(key_row(a, f"known_plaintext_{k}", solved.op,
+                            {"pairs": solved.pairs, "blocks": solved.blocks}))  # fmt: skip
+        keys[f"known plaintext, k={k}"] = solved.op
+    return Outcome(rows, keys)
 
 
-def finetune_attacks(a: Audit) -> list[dict]:
+def finetune_attacks(a: Audit) -> Outcome:
     pool = a.train_plain
-    state_config = a.meta["config"]
-    pretrained = a.config.pretrained or state_config.get("pretrained", "package")
+    pretrained = a.config.pretrained or a.saved.pretrained
     torch.manual_seed(a.config.seed)  # the new classifier head: the same on every run
     public = create_model(
-        a.meta["model_name"], num_classes=len(a.meta["classes"]), pretrained=pretrained
+        a.saved.model_name, num_classes=a.saved.num_classes, pretrained=pretrained
     ).to(a.device)
     rows, stolen = [], []
     for fraction in a.config.finetune_fractions:
@@ -321,12 +306,12 @@ def finetune_attacks(a: Audit) -> list[dict]:
             )
             acc = top1(tuned, a.val)
             (stolen if name == "finetune_attack" else rows).append(
-                _row(f"{name}_{tag}", acc, **budget)
+                Row(f"{name}_{tag}", acc, budget=budget)
             )
-    return stolen + rows
+    return Outcome(stolen + rows)
 
 
-def run_audit(config: AuditConfig) -> list[dict]:
+def run_audit(config: AuditConfig) -> list[Row]:
     started = time.perf_counter()
     if config.readme:  # fail before minutes of work, not after
         text = Path(config.readme).read_text() if Path(config.readme).is_file() else ""
@@ -338,47 +323,49 @@ def run_audit(config: AuditConfig) -> list[dict]:
     audit = prepare(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps: dict[str, Callable[[Audit], list[dict]]] = {
+    steps: dict[str, Callable[[Audit], Outcome]] = {
         "correct_key": correct_key, "no_key": no_key, "wrong_keys": wrong_keys,
         "random_key_search": random_search, "heuristic_key_search": heuristic_search,
         "ciphertext_only": ciphertext_only, "known_plaintext": known_plaintext,
         "finetune": finetune_attacks,
     }  # fmt: skip
-    rows: list[dict] = []
+    rows: list[Row] = []
+    keys: dict[str, BlockOp] = {}
     for name, step in steps.items():
         if name not in config.scenarios:
             continue
         t0 = time.perf_counter()
-        new = step(audit)
-        rows += new
-        for row in new:
-            logger.info("audit: %-26s top-1 %5.1f%%", row["scenario"], 100 * row["top1"])
+        outcome = step(audit)
+        rows += outcome.rows
+        keys.update(outcome.keys)
+        for row in outcome.rows:
+            logger.info("audit: %-26s top-1 %5.1f%%", row.scenario, 100 * row.top1)
         logger.info("audit: %s took %.0f s", name, time.perf_counter() - t0)
     meta = {
         "checkpoint": config.checkpoint,
         "data": config.data,
         "seed": config.seed,
-        "key_fingerprint": audit.meta["key_fingerprint"],
+        "key_fingerprint": audit.saved.key_fingerprint,
         "block_size": audit.scheme[0],
         "transforms": list(audit.scheme[1]),
         "val_images": len(audit.val.labels),
         "key_space_bits": load_key(config.key).key_space_bits(),
     }
     report.accuracy_chart(rows, out / "accuracy.png")
-    _samples(audit, out / "samples.png")
+    _samples(audit, keys, out / "samples.png")
     table = report.write_report(out, rows, meta)
     if config.readme:
         report.update_readme(Path(config.readme), rows, meta)
     print(table, end="", flush=True)
     best = max(
-        (r for r in rows if r["scenario"] not in ("correct_key", "baseline")),
-        key=lambda r: r.get("top1_max", r["top1"]),
+        (r for r in rows if r.scenario not in ("correct_key", "baseline")),
+        key=lambda r: r.best_top1,
         default=None,
     )
-    wrong = next((r for r in rows if r["scenario"] == "wrong_keys"), None)
+    wrong = next((r for r in rows if r.spread is not None and r.scenario == "wrong_keys"), None)
     wrong_text = (
-        f", wrong keys {100 * wrong['top1']:.1f}% (95% CI {100 * wrong['top1_ci95'][0]:.1f}-"
-        f"{100 * wrong['top1_ci95'][1]:.1f}%, {wrong['budget']['keys']} keys)"
+        f", wrong keys {100 * wrong.top1:.1f}% (95% CI {100 * wrong.spread.ci95[0]:.1f}-"
+        f"{100 * wrong.spread.ci95[1]:.1f}%, {wrong.budget['keys']} keys)"
         if wrong
         else ""
     )
@@ -386,21 +373,21 @@ def run_audit(config: AuditConfig) -> list[dict]:
         "attacks: %d scenarios in %.0f s; correct key %.1f%%%s, best attack %s %.1f%%; wrote %s",
         len(rows),
         time.perf_counter() - started,
-        100 * rows[0]["top1"] if rows else float("nan"),
+        100 * rows[0].top1 if rows else float("nan"),
         wrong_text,
-        best["scenario"] if best else "-",
-        100 * best.get("top1_max", best["top1"]) if best else 0,
+        best.scenario if best else "-",
+        100 * best.best_top1 if best else 0,
         out / "report.md",
     )
     return rows
 
 
-def _samples(a: Audit, path: Path) -> None:
+def _samples(a: Audit, keys: dict[str, BlockOp], path: Path) -> None:
     _, first = np.unique(a.val.labels, return_index=True)  # one image per class, up to 6
     plain = a.val.images[np.sort(first)[:6]]
     encrypted = apply_op(plain, a.true_op)
     columns = {"plain": plain, "encrypted": encrypted}
-    for name, op in a.estimated.items():  # what each key makes of the true ciphertext
+    for name, op in keys.items():  # what each key makes of the true ciphertext
         columns[f"decrypted:\n{name}"] = apply_op(encrypted, op.inverse())
     report.sample_grid(columns, path)
 

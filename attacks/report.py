@@ -1,16 +1,21 @@
 """The audit's outputs: results.json, report.md, and the figures people look at.
 
-``results.json`` is a list of rows ``{"scenario", "top1", "key_recovered", "budget", ...}``;
-``report.md`` shows the same rows as a table, with the threat model of each scenario and the
-figures: ``accuracy.png`` (a bar per scenario), ``wrong_keys.png`` (the wrong-key distribution)
-and ``samples.png`` (plain, encrypted, and decrypted with a wrong key and each estimated key).
+Each scenario of the audit gives ``Row`` records; they become dicts only here, where they are
+written. ``results.json`` is a list of rows ``{"scenario", "top1", "key_recovered", "budget",
+...}`` (``Row.to_json``); ``report.md`` shows the same rows as a table, with the threat model
+of each scenario and the figures: ``accuracy.png`` (a bar per scenario), ``wrong_keys.png``
+(the wrong-key distribution) and ``samples.png`` (plain, encrypted, and decrypted with a wrong
+key and each estimated key).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +45,56 @@ THREATS = {
 }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write(path, text)
+@dataclass(frozen=True)
+class Spread:
+    """The spread of per-key accuracies: the 95% confidence interval of their mean (normal
+    approximation), the range holding the central 95% of keys, the extremes, and every value."""
+
+    ci95: tuple[float, float]
+    central95: tuple[float, float]
+    max: float
+    min: float
+    values: tuple[float, ...]
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        mean = statistics.fmean(values)
+        half = 1.96 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+        low, high = np.percentile(values, [2.5, 97.5]).tolist()
+        return cls(ci95=(mean - half, mean + half), central95=(low, high), max=max(values),
+                   min=min(values), values=tuple(values))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the report: a scenario's held-out top-1 and what the attacker spent."""
+
+    scenario: str
+    top1: float
+    key_recovered: float | None = None  # for attacks that end with a key
+    budget: dict[str, int | float] = field(default_factory=dict)
+    spread: Spread | None = None  # over many keys (wrong keys): top1 is their mean
+    parts: dict[str, float] | None = None  # key recovered, by part of the scheme
+    attacker_top1: float | None = None  # key searches: top-1 on the attacker's own images
+    accepted_moves: int | None = None  # heuristic key search
+
+    @property
+    def best_top1(self) -> float:
+        """The best accuracy the scenario reached: the best key's, for many keys."""
+        return self.top1 if self.spread is None else self.spread.max
+
+    def to_json(self) -> dict:
+        """The row as results.json holds it (optional fields only when set)."""
+        out: dict = {"scenario": self.scenario, "top1": self.top1,
+                     "key_recovered": self.key_recovered, "budget": dict(self.budget)}  # fmt: skip
+        if self.spread is not None:
+            s = self.spread
+            out.update(top1_ci95=list(s.ci95), top1_central95=list(s.central95),
+                       top1_max=s.max, top1_min=s.min, top1_all=list(s.values))  # fmt: skip
+        extras = {"parts": self.parts, "attacker_top1": self.attacker_top1,
+                  "accepted_moves": self.accepted_moves}  # fmt: skip
+        out.update({k: v for k, v in extras.items() if v is not None})
+        return out
 
 
 def _budget_text(budget: dict) -> str:
@@ -52,95 +105,93 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def table(rows: Sequence[dict]) -> str:
+def table(rows: Sequence[Row]) -> str:
     lines = [
         "| scenario | top-1 | key recovered | budget |",
         "|---|---|---|---|",
     ]
     for row in rows:
-        top1 = _percent(row["top1"])
-        if "top1_ci95" in row:
-            (lo, hi), (a, b) = row["top1_ci95"], row["top1_central95"]
+        top1 = _percent(row.top1)
+        if row.spread is not None:
+            (lo, hi), (a, b) = row.spread.ci95, row.spread.central95
             top1 += (
                 f" (mean; 95% CI {_percent(lo)}-{_percent(hi)}; 95% of keys "
-                f"{_percent(a)}-{_percent(b)}; max {_percent(row['top1_max'])})"
+                f"{_percent(a)}-{_percent(b)}; max {_percent(row.spread.max)})"
             )
-        elif "top1_max" in row:
-            top1 += f" (max {_percent(row['top1_max'])})"
         lines.append(
-            f"| {row['scenario']} | {top1} | {_percent(row['key_recovered'])} | "
-            f"{_budget_text(row['budget'])} |"
+            f"| {row.scenario} | {top1} | {_percent(row.key_recovered)} | "
+            f"{_budget_text(row.budget)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def findings(rows: Sequence[dict]) -> list[str]:
+def findings(rows: Sequence[Row]) -> list[str]:
     """Plain statements of which attacks succeed, measured against the correct key and the
     wrong keys (an attack "succeeds" when it closes at least half the gap between them)."""
-    by = {row["scenario"]: row for row in rows}
+    by = {row.scenario: row for row in rows}
     if "correct_key" not in by:
         return []
-    correct = by["correct_key"]["top1"]
+    correct = by["correct_key"].top1
     floor_row = by.get("wrong_keys") or by.get("no_key")
-    floor = floor_row["top1"] if floor_row else 0.0
+    floor = floor_row.top1 if floor_row else 0.0
     gap = max(correct - floor, 1e-9)
     out = []
-    if "top1_ci95" in by.get("wrong_keys", {}):
-        w = by["wrong_keys"]
-        (lo, hi), (a, b) = w["top1_ci95"], w["top1_central95"]
+    wrong = by.get("wrong_keys")
+    if wrong is not None and wrong.spread is not None:
+        (lo, hi), (a, b) = wrong.spread.ci95, wrong.spread.central95
         out.append(
-            f"**Wrong keys**: {_percent(w['top1'])} on average over {w['budget']['keys']} random "
-            f"keys (95% CI of the mean {_percent(lo)}-{_percent(hi)}); 95% of the keys give "
-            f"{_percent(a)}-{_percent(b)}, against {_percent(correct)} with the key."
+            f"**Wrong keys**: {_percent(wrong.top1)} on average over {wrong.budget['keys']} "
+            f"random keys (95% CI of the mean {_percent(lo)}-{_percent(hi)}); 95% of the keys "
+            f"give {_percent(a)}-{_percent(b)}, against {_percent(correct)} with the key."
         )
     attacks = ["no_key", "random_key_search", "heuristic_key_search", "ciphertext_only"]
-    attacks += [r["scenario"] for r in rows if r["scenario"].startswith("known_plaintext_")]
+    attacks += [r.scenario for r in rows if r.scenario.startswith("known_plaintext_")]
     for name in attacks:
         if name not in by:
             continue
-        top1 = by[name]["top1"]
+        top1 = by[name].top1
         share = (top1 - floor) / gap
         verdict = "succeeds" if share >= 0.5 else "partly succeeds" if share >= 0.1 else "fails"
         out.append(
             f"**{name} {verdict}**: {_percent(top1)} against {_percent(correct)} with the key "
             f"and {_percent(floor)} with wrong keys ({100 * max(share, 0):.0f}% of the gap)."
             + (
-                f" It recovers {_percent(by[name]['key_recovered'])} of the key from "
-                f"{by[name]['budget']['pairs']} known pair(s)."
+                f" It recovers {_percent(by[name].key_recovered)} of the key from "
+                f"{by[name].budget['pairs']} known pair(s)."
                 if name.startswith("known_plaintext_")
                 else ""
             )
         )
-    if "wrong_keys" in by and (by["wrong_keys"]["top1_max"] - floor) / gap >= 0.5:
-        out.append(f"**Some random keys work**: the best of {by['wrong_keys']['budget']['keys']} "
-                   f"reaches {_percent(by['wrong_keys']['top1_max'])}.")  # fmt: skip
+    if wrong is not None and (wrong.best_top1 - floor) / gap >= 0.5:
+        out.append(f"**Some random keys work**: the best of {wrong.budget['keys']} "
+                   f"reaches {_percent(wrong.best_top1)}.")  # fmt: skip
     for row in rows:
-        if not row["scenario"].startswith("finetune_attack_"):
+        if not row.scenario.startswith("finetune_attack_"):
             continue
-        tag = row["scenario"].removeprefix("finetune_attack_")
+        tag = row.scenario.removeprefix("finetune_attack_")
         public = by.get(f"finetune_pretrained_{tag}")
         if public is None:
             continue
-        lead = row["top1"] - public["top1"]
-        images = row["budget"]["images"]
+        lead = row.top1 - public.top1
+        images = row.budget["images"]
         if lead > 0.05:
             out.append(
                 f"**The stolen model gives a head start** ({tag}): fine-tuned on {images} plain "
-                f"images it reaches {_percent(row['top1'])}, the public model "
-                f"{_percent(public['top1'])} with the same images and steps."
+                f"images it reaches {_percent(row.top1)}, the public model "
+                f"{_percent(public.top1)} with the same images and steps."
             )
         else:
             out.append(
-                f"No head start from the stolen model ({tag}): {_percent(row['top1'])} against "
-                f"{_percent(public['top1'])} for the public model on the same {images} images."
+                f"No head start from the stolen model ({tag}): {_percent(row.top1)} against "
+                f"{_percent(public.top1)} for the public model on the same {images} images."
             )
     return out
 
 
-def markdown(rows: Sequence[dict], meta: dict) -> str:
+def markdown(rows: Sequence[Row], meta: dict) -> str:
     threats = []
     for row in rows:
-        base = re.sub(r"_\d+(pct)?$", "", row["scenario"])
+        base = re.sub(r"_\d+(pct)?$", "", row.scenario)
         if base in THREATS and base not in [t[0] for t in threats]:
             threats.append((base, THREATS[base]))
     parts = [
@@ -165,9 +216,9 @@ def markdown(rows: Sequence[dict], meta: dict) -> str:
         "differs from the true one where the images cannot tell them apart.\n",
     ]
     details = [
-        f"- {row['scenario']}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in row["parts"].items())
+        f"- {row.scenario}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in row.parts.items())
         for row in rows
-        if row.get("parts")
+        if row.parts
     ]
     if details:
         parts.append("Key recovered, by part:\n\n" + "\n".join(details) + "\n")
@@ -179,14 +230,14 @@ def markdown(rows: Sequence[dict], meta: dict) -> str:
     return "\n".join(parts)
 
 
-def accuracy_chart(rows: Sequence[dict], path: Path) -> None:
+def accuracy_chart(rows: Sequence[Row], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [row["scenario"] for row in rows]
-    values = [100 * row["top1"] for row in rows]
+    names = [row.scenario for row in rows]
+    values = [100 * row.top1 for row in rows]
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
     bars = ax.barh(names[::-1], values[::-1], color="tab:blue")
     for bar, value in zip(bars, values[::-1], strict=True):
@@ -198,10 +249,10 @@ def accuracy_chart(rows: Sequence[dict], path: Path) -> None:
             fontsize=8,
         )
     for row in rows:
-        if "top1_max" in row:
+        if row.spread is not None:
             ax.plot(
-                100 * row["top1_max"],
-                len(rows) - 1 - names.index(row["scenario"]),
+                100 * row.spread.max,
+                len(rows) - 1 - names.index(row.scenario),
                 "k|",
                 markersize=12,
                 label="wrong keys: max",
@@ -251,15 +302,15 @@ def sample_grid(columns: dict[str, np.ndarray], path: Path) -> None:
     save_image_grid(rows, path, col_titles=names, cell_inches=1.6)
 
 
-def write_report(out: Path, rows: Sequence[dict], meta: dict) -> str:
+def write_report(out: Path, rows: Sequence[Row], meta: dict) -> str:
     """Write results.json and report.md (atomically); returns the Markdown table."""
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps(list(rows), indent=1) + "\n")
-    _atomic_write(out / "report.md", markdown(rows, meta))
+    atomic_write(out / "results.json", json.dumps([r.to_json() for r in rows], indent=1) + "\n")
+    atomic_write(out / "report.md", markdown(rows, meta))
     return table(rows)
 
 
-def update_readme(readme: Path, rows: Sequence[dict], meta: dict) -> None:
+def update_readme(readme: Path, rows: Sequence[Row], meta: dict) -> None:
     """Replace the generated block between the README's markers with the latest table."""
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
@@ -271,4 +322,4 @@ def update_readme(readme: Path, rows: Sequence[dict], meta: dict) -> None:
         f"{meta['val_images']} held-out val images; do not edit by hand._\n\n"
         f"{table(rows)}\n" + "".join(f"- {line}\n" for line in findings(rows)) + README_END
     )
-    _atomic_write(readme, head + block + tail)
+    atomic_write(readme, head + block + tail)

@@ -26,7 +26,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +37,12 @@ from tqdm import tqdm
 from pipeline import paths
 from pipeline.atomic import atomic_write
 from pipeline.device import resolve_device
-from pipeline.model.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    manifest_digest,
-    save_checkpoint,
-)
+from pipeline.model.checkpoint import Checkpoint, CheckpointError, manifest_digest
 from pipeline.model.factory import create_model
 from pipeline.offline.dali import DaliUnavailableError
 from pipeline.shards.manifest import ManifestError, manifest_name
-from pipeline.stream.dataset import LoaderConfig, ShardDataset, make_loader, to_model_input
+from pipeline.stream.dataset import LoaderConfig, to_model_input
+from pipeline.stream.split import SplitLoader, make_split_loader
 
 logger = logging.getLogger("train")
 
@@ -92,9 +88,9 @@ RESUME_FREE = ("data (the same shards: checked by digest)", "out", "ckpt_every",
                "dist_timeout")  # fmt: skip
 
 
-def check_resume(state: dict, config: TrainConfig, world_size: int, source: str) -> None:
+def check_resume(saved: Checkpoint, config: TrainConfig, world_size: int, source: str) -> None:
     """Refuse a resume whose settings differ from the checkpoint's, naming every change."""
-    saved = {**state["config"], "world_size": state.get("world_size", len(state["rng"]))}
+    saved = {**saved.config, "world_size": saved.ranks}
     current = {**asdict(config), "world_size": world_size}
     changed = [
         f"{name} {saved.get(name)!r} -> {current[name]!r}"
@@ -205,7 +201,7 @@ def setup_distributed(timeout: float = TrainConfig.dist_timeout) -> Dist:
     return Dist(rank, world_size, local_rank, device)
 
 
-def check_shards(train: ShardDataset, val: ShardDataset) -> None:
+def check_shards(train: SplitLoader, val: SplitLoader) -> None:
     a, b = train.manifest, val.manifest
     if a.encrypted != b.encrypted:
         raise TrainError(
@@ -261,13 +257,15 @@ def set_rng_state(state: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, loader, env: Dist, autocast) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader: SplitLoader, env: Dist) -> dict[str, float]:
+    """Top-1, top-5 and loss over the whole split, all ranks together (padding excluded)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # top1, top5, count, loss
+    loader.set_epoch(0)
     for images, labels, valid in loader:
         x = to_model_input(images, env.device)
         labels, valid = labels.to(env.device), valid.to(env.device)
-        with autocast:
+        with autocast(env.device):
             logits = model(x).float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hit = top5 == labels[:, None]
@@ -284,60 +282,80 @@ def evaluate(model, loader, env: Dist, autocast) -> dict[str, float]:
             "val_samples": int(count)}  # fmt: skip
 
 
-def manifest_digests(data: ShardDataset, val: ShardDataset) -> dict[str, str]:
+def manifest_digests(train: SplitLoader, val: SplitLoader) -> dict[str, str]:
     return {
-        split: manifest_digest(ds.storage.read_bytes(manifest_name(split)).decode())
-        for split, ds in (("train", data), ("val", val))
+        split: manifest_digest(loader.storage.read_bytes(manifest_name(split)).decode())
+        for split, loader in (("train", train), ("val", val))
     }
 
 
-def open_split(config: TrainConfig, env: Dist, split: str):
-    """A ShardDataset (``--loader webdataset``) or a DaliShardLoader (``--loader dali``)."""
-    loader_config = LoaderConfig(
-        batch_size=config.batch_size,
-        train=split == "train",
-        crop_size=config.crop_size,
-        seed=config.seed,
-        num_workers=config.workers,
-    )
-    if config.loader == "dali":
-        from pipeline.stream.dali import DaliShardLoader
-
-        device = "gpu" if env.device.type == "cuda" else "cpu"
-        return DaliShardLoader(config.data, split, config=loader_config, rank=env.rank,
-                               world_size=env.world_size, device=device)  # fmt: skip
-    return ShardDataset(
-        config.data, split, config=loader_config, rank=env.rank, world_size=env.world_size
-    )
-
-
-def epoch_batches(dataset, epoch: int, skip: int, cuda: bool):
-    """The batches of ``epoch`` from batch ``skip`` on."""
-    if isinstance(dataset, ShardDataset):
-        dataset.set_epoch(epoch)
-        dataset.skip_batches = skip
-        return make_loader(dataset, pin_memory=cuda)
-    return itertools.islice(iter(dataset), skip, None)  # DALI: same count, its own order
+def open_loaders(config: TrainConfig, env: Dist) -> tuple[SplitLoader, SplitLoader]:
+    """This rank's train and val loaders (``--loader``), checked to be shards of one kind."""
+    loaders = []
+    for split in ("train", "val"):
+        loader_config = LoaderConfig(batch_size=config.batch_size, train=split == "train",
+                                     crop_size=config.crop_size, seed=config.seed,
+                                     num_workers=config.workers)  # fmt: skip
+        try:
+            loader = make_split_loader(config.loader, config.data, split, config=loader_config,
+                                       rank=env.rank, world_size=env.world_size,
+                                       device=env.device)  # fmt: skip
+        except ManifestError:
+            if config.data == paths.SHARDS and not Path(paths.SHARDS).exists():
+                raise TrainError(
+                    f"no shards at {paths.SHARDS}; make them with `python tools/make_key.py k.bin "
+                    "&& python tools/make_shards.py --key k.bin`, or pass --data (`make demo` "
+                    "writes runs/demo/shards)"
+                ) from None
+            raise
+        loaders.append(loader)
+    train, val = loaders
+    check_shards(train, val)
+    return train, val
 
 
-def train(config: TrainConfig, env: Dist) -> dict:
+@dataclass(frozen=True)
+class Run:
+    """What the steps of one run share. ``model`` is the bare module (its state, evaluation);
+    ``net`` is what training steps call: ``model`` under DDP and torch.compile when asked for."""
+
+    config: TrainConfig
+    env: Dist
+    train_loader: SplitLoader
+    val_loader: SplitLoader
+    model: torch.nn.Module
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    digests: dict[str, str]  # the shards' manifests: a resume must name the same
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def cuda(self) -> bool:
+        return self.env.device.type == "cuda"
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.train_loader.manifest.key_fingerprint
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 on CUDA; float32 (autocast off) elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def setup(config: TrainConfig, env: Dist) -> Run:
+    """The loaders, the model on the device, AdamW and the warmup-cosine schedule."""
     seed_everything(config.seed)
-    try:
-        train_set = open_split(config, env, "train")
-        val_set = open_split(config, env, "val")
-    except ManifestError:
-        if config.data == paths.SHARDS and not Path(paths.SHARDS).exists():
-            raise TrainError(
-                f"no shards at {paths.SHARDS}; make them with `python tools/make_key.py k.bin && "
-                "python tools/make_shards.py --key k.bin`, or pass --data (`make demo` writes "
-                "runs/demo/shards)"
-            ) from None
-        raise
-    check_shards(train_set, val_set)
-    fingerprint = train_set.manifest.key_fingerprint
-    digests = manifest_digests(train_set, val_set)
-    classes = train_set.manifest.classes
-
+    train_loader, val_loader = open_loaders(config, env)
+    classes = train_loader.manifest.classes
     model = create_model(config.model, num_classes=len(classes), pretrained=config.pretrained)
     cuda = env.device.type == "cuda"
     model = model.to(
@@ -346,152 +364,212 @@ def train(config: TrainConfig, env: Dist) -> dict:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    steps_per_epoch = len(train_set)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
+    total_steps = len(train_loader) * config.epochs
+    warmup = max(1, int(config.warmup_epochs * len(train_loader)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
-    start_epoch, start_step = 0, 0
-    if config.resume:
-        state = load_checkpoint(config.resume)
-        check_resume(state, config, env.world_size, config.resume)
-        if state["key_fingerprint"] != fingerprint:
-            raise TrainError(
-                f"{config.resume}: checkpoint was trained with key {state['key_fingerprint']}, the "
-                f"shards at {config.data} use {fingerprint}; resume with the same shards"
-            )
-        if state["manifest_digests"] != digests:
-            raise TrainError(
-                f"{config.resume}: checkpoint was trained on other shards than {config.data}"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, start_step = state["epoch"], state["step_in_epoch"]
-        set_rng_state(state["rng"][env.rank])  # same world size: checked above
-        if env.primary:
-            logger.info(
-                "resumed from %s at epoch %d, step %d", config.resume, start_epoch, start_step
-            )
-    ddp = (
-        torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-        if dist.is_initialized()
-        else model
-    )
-    net = torch.compile(ddp) if config.compile else ddp
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    return Run(config=config, env=env, train_loader=train_loader, val_loader=val_loader,
+               model=model, net=model, optimizer=optimizer, scheduler=scheduler,
+               digests=manifest_digests(train_loader, val_loader))  # fmt: skip
 
-    out = Path(config.out)
+
+def resume(run: Run) -> tuple[int, int]:
+    """Load ``--resume`` into the model, optimiser, schedule and this rank's RNGs, after
+    checking it continues this very run; returns its (epoch, step in epoch)."""
+    config, env = run.config, run.env
+    saved = Checkpoint.load(config.resume)
+    check_resume(saved, config, env.world_size, config.resume)
+    if saved.key_fingerprint != run.fingerprint:
+        raise TrainError(
+            f"{config.resume}: checkpoint was trained with key {saved.key_fingerprint}, the "
+            f"shards at {config.data} use {run.fingerprint}; resume with the same shards"
+        )
+    if saved.manifest_digests != run.digests:
+        raise TrainError(
+            f"{config.resume}: checkpoint was trained on other shards than {config.data}"
+        )
+    run.model.load_state_dict(saved.model)
+    run.optimizer.load_state_dict(saved.optimizer)
+    run.scheduler.load_state_dict(saved.scheduler)
+    set_rng_state(saved.rng[env.rank])  # same world size: checked above
     if env.primary:
-        atomic_write(out / "config.json", json.dumps(asdict(config), indent=1) + "\n")
-        keep_metrics_before(out / "metrics.jsonl", start_epoch)  # a fresh run: empty
-        (out / "summary.json").unlink(missing_ok=True)  # written again when complete
+        logger.info("resumed from %s at epoch %d, step %d", config.resume, saved.epoch,
+                    saved.step_in_epoch)  # fmt: skip
+    return saved.epoch, saved.step_in_epoch
 
-    def checkpoint(epoch: int, step_in_epoch: int) -> None:
-        states = [None] * env.world_size
-        if env.world_size > 1:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        if env.primary:
-            save_checkpoint({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "global_step": epoch * steps_per_epoch + step_in_epoch, "rng": states,
-                "world_size": env.world_size,
-                "config": asdict(config), "manifest_digests": digests,
-                "key_fingerprint": fingerprint, "classes": classes,
-                "model_name": config.model, "image_shape": train_set.manifest.image_shape,
-                "block_size": train_set.manifest.block_size,
-                "transforms": list(train_set.manifest.transforms),
-                "decoder": train_set.manifest.options.get("decoder"),
-            }, out / "checkpoint.pt")  # fmt: skip
 
+def distribute(run: Run) -> Run:
+    """The run with its training module under DDP (when distributed) and torch.compile."""
+    net = (
+        torch.nn.parallel.DistributedDataParallel(run.model, gradient_as_bucket_view=True)
+        if dist.is_initialized()
+        else run.model
+    )
+    return replace(run, net=torch.compile(net) if run.config.compile else net)
+
+
+def start_outputs(run: Run, start_epoch: int) -> None:
+    """config.json; metrics.jsonl cut back to the epochs before ``start_epoch``; no summary
+    (written again when the run is complete)."""
+    atomic_write(run.out / "config.json", json.dumps(asdict(run.config), indent=1) + "\n")
+    keep_metrics_before(run.out / "metrics.jsonl", start_epoch)  # a fresh run: empty
+    (run.out / "summary.json").unlink(missing_ok=True)
+
+
+def save_state(run: Run, epoch: int, step_in_epoch: int) -> None:
+    """Checkpoint the run at ``(epoch, step_in_epoch)``, with every rank's RNG states (a
+    collective: every rank calls it); rank 0 writes it."""
+    env, manifest = run.env, run.train_loader.manifest
+    states = [None] * env.world_size
+    if env.world_size > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if env.primary:
+        Checkpoint(
+            model_name=run.config.model, classes=tuple(manifest.classes),
+            image_shape=tuple(manifest.image_shape), key_fingerprint=run.fingerprint,
+            block_size=manifest.block_size, transforms=tuple(manifest.transforms),
+            decoder=manifest.options.get("decoder"), config=asdict(run.config),
+            manifest_digests=run.digests, model=run.model.state_dict(),
+            optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+            rng=states, epoch=epoch, step_in_epoch=step_in_epoch,
+            global_step=epoch * run.steps_per_epoch + step_in_epoch,
+            world_size=env.world_size,
+        ).save(run.out / "checkpoint.pt")  # fmt: skip
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One optimiser step; returns the batch's (loss sum, correct, seen), on the device."""
+    x = to_model_input(images, run.env.device)
+    labels = labels.to(run.env.device, non_blocking=True)
+    with autocast(run.env.device):
+        logits = run.net(x)
+        loss = torch.nn.functional.cross_entropy(
+            logits.float(), labels, label_smoothing=run.config.label_smoothing
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    return torch.stack([loss.detach().double() * len(labels),
+                        (logits.argmax(1) == labels).sum().double(),
+                        # a fill, not a host-to-device copy (which would sync)
+                        torch.full((), len(labels), dtype=torch.float64,
+                                   device=run.env.device)])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EpochPass:
+    """One pass over (the rest of) an epoch's training batches."""
+
+    sums: torch.Tensor  # loss sum, correct, seen: over all ranks
+    steps: int  # this rank's steps
+    steps_by_rank: list[int]
+    waited: float  # seconds the host blocked on the loader: a starved GPU
+    seconds: float  # the pass's wall time
+
+
+def train_epoch(run: Run, epoch: int, skip: int, global_step: int) -> EpochPass:
+    """Train on ``epoch``'s batches from batch ``skip`` on, checkpointing every
+    ``--ckpt-every`` steps, until the epoch ends or ``--max-steps`` (counted from the run's
+    ``global_step`` so far) is reached."""
+    config, env = run.config, run.env
+    run.train_loader.set_epoch(epoch, skip_batches=skip)
+    bar = tqdm(total=run.steps_per_epoch, initial=skip, desc=f"epoch {epoch}",
+               disable=not env.primary, leave=False)  # fmt: skip
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)
+    steps, waited, started = 0, 0.0, time.perf_counter()
+    batches = iter(run.train_loader)
+    for step in itertools.count(skip):
+        wait_started = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - wait_started
+        if batch is None:
+            break
+        images, labels, _valid = batch
+        sums += train_step(run, images, labels)
+        bar.update(1)
+        steps += 1
+        mid_epoch = step + 1 < run.steps_per_epoch
+        if config.ckpt_every and (step + 1) % config.ckpt_every == 0 and mid_epoch:
+            save_state(run, epoch, step + 1)
+        if config.max_steps and global_step + steps >= config.max_steps:
+            break
+    bar.close()
+    seconds = time.perf_counter() - started
+    steps_by_rank = [steps]
+    if env.world_size > 1:
+        dist.all_reduce(sums)
+        steps_by_rank = [None] * env.world_size
+        dist.all_gather_object(steps_by_rank, steps)
+    return EpochPass(sums, steps, steps_by_rank, waited, seconds)
+
+
+def epoch_metrics(run: Run, epoch: int, done: EpochPass, started: float) -> dict:
+    """The epoch's line of metrics.jsonl: training figures, then the evaluation on val."""
+    seen = max(1.0, done.sums[2].item())
+    return {"epoch": epoch, "train_loss": done.sums[0].item() / seen,
+            "train_top1": done.sums[1].item() / seen,
+            **evaluate(run.model, run.val_loader, run.env),
+            "lr": run.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
+            "steps_per_rank": run.steps_per_epoch, "steps_by_rank": done.steps_by_rank,
+            # host time blocked on the loader over the epoch's training time: an upper
+            # bound of the share of it the GPU stood idle for want of data
+            "loader_wait_fraction": done.waited / max(1e-9, done.seconds)}  # fmt: skip
+
+
+def log_epoch(run: Run, metrics: dict) -> None:
+    with open(run.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    logger.info("epoch %d: train loss %.3f top1 %.3f | val top1 %.4f top5 %.4f | %.0f s",
+                metrics["epoch"], metrics["train_loss"], metrics["train_top1"],
+                metrics["val_top1"], metrics["val_top5"], metrics["seconds"])  # fmt: skip
+
+
+def write_summary(run: Run, metrics: dict, started: float) -> None:
+    """summary.json, the mark of a complete run (what `make` looks for)."""
+    if not metrics:  # resumed a complete run: nothing left to train
+        metrics = json.loads((run.out / "metrics.jsonl").read_text().splitlines()[-1])
+    summary = {**metrics, "train_seconds": time.perf_counter() - started,
+               "world_size": run.env.world_size, "key_fingerprint": run.fingerprint,
+               "backend": dist.get_backend() if dist.is_initialized() else None,
+               "autocast": "bfloat16" if run.cuda else None, "channels_last": run.cuda,
+               "compiled": run.config.compile}  # fmt: skip
+    atomic_write(run.out / "summary.json", json.dumps(summary, indent=1) + "\n")
+
+
+def train(config: TrainConfig, env: Dist) -> dict:
+    """The whole run: set up, resume, then per epoch train, evaluate, log and checkpoint;
+    returns the last epoch's metrics."""
+    run = setup(config, env)
+    start_epoch, start_step = resume(run) if config.resume else (0, 0)
+    run = distribute(run)
+    if env.primary:
+        start_outputs(run, start_epoch)
     started, done_steps, metrics = time.perf_counter(), 0, {}
-    global_step = start_epoch * steps_per_epoch + start_step  # --max-steps counts across resumes
+    global_step = start_epoch * run.steps_per_epoch + start_step  # --max-steps counts resumes
     position = (start_epoch, start_step)
-    model.train()
+    run.model.train()
     for epoch in range(start_epoch, config.epochs):
         skip = start_step if epoch == start_epoch else 0
-        loader = epoch_batches(train_set, epoch, skip, cuda)
-        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch}",
-                   disable=not env.primary, leave=False)  # fmt: skip
-        sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, seen
-        epoch_steps, waited, epoch_started = 0, 0.0, time.perf_counter()
-        batches = iter(loader)
-        for step in itertools.count(skip):
-            wait_started = time.perf_counter()  # the host blocked on the loader: a starved GPU
-            batch = next(batches, None)
-            waited += time.perf_counter() - wait_started
-            if batch is None:
-                break
-            images, labels, _valid = batch
-            x = to_model_input(images, env.device)
-            labels = labels.to(env.device, non_blocking=True)
-            with autocast:
-                logits = net(x)
-                loss = loss_fn(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            sums += torch.stack([loss.detach().double() * len(labels),
-                                 (logits.argmax(1) == labels).sum().double(),
-                                 # a fill, not a host-to-device copy (which would sync)
-                                 torch.full((), len(labels), dtype=torch.float64,
-                                            device=env.device)])  # fmt: skip
-            bar.update(1)
-            done_steps += 1
-            global_step += 1
-            epoch_steps += 1
-            if (
-                config.ckpt_every
-                and (step + 1) % config.ckpt_every == 0
-                and step + 1 < steps_per_epoch
-            ):
-                checkpoint(epoch, step + 1)
-            if config.max_steps and global_step >= config.max_steps:
-                break
-        bar.close()
-        train_wall = time.perf_counter() - epoch_started
-        steps_by_rank = [epoch_steps]
-        if env.world_size > 1:
-            dist.all_reduce(sums)
-            steps_by_rank = [None] * env.world_size
-            dist.all_gather_object(steps_by_rank, epoch_steps)
-        metrics = {"epoch": epoch, "train_loss": sums[0].item() / max(1.0, sums[2].item()),
-                   "train_top1": sums[1].item() / max(1.0, sums[2].item()),
-                   **evaluate(model, epoch_batches(val_set, 0, 0, cuda), env, autocast),
-                   "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started,
-                   "steps_per_rank": steps_per_epoch, "steps_by_rank": steps_by_rank,
-                   # host time blocked on the loader over the epoch's training time: an upper
-                   # bound of the share of it the GPU stood idle for want of data
-                   "loader_wait_fraction": waited / max(1e-9, train_wall)}  # fmt: skip
+        done = train_epoch(run, epoch, skip, global_step)
+        done_steps += done.steps
+        global_step += done.steps
+        metrics = epoch_metrics(run, epoch, done, started)
         if env.primary:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            logger.info("epoch %d: train loss %.3f top1 %.3f | val top1 %.4f top5 %.4f | %.0f s",
-                        epoch, metrics["train_loss"], metrics["train_top1"], metrics["val_top1"],
-                        metrics["val_top5"], metrics["seconds"])  # fmt: skip
-        in_epoch = skip + epoch_steps
+            log_epoch(run, metrics)
+        in_epoch = skip + done.steps
         # a finished epoch, or one stopped by --max-steps: a resumable mid-epoch checkpoint
-        position = (epoch + 1, 0) if in_epoch >= steps_per_epoch else (epoch, in_epoch)
-        checkpoint(*position)
+        position = (epoch + 1, 0) if in_epoch >= run.steps_per_epoch else (epoch, in_epoch)
+        save_state(run, *position)
         if config.max_steps and global_step >= config.max_steps:
             break
-    if env.primary and position == (config.epochs, 0):  # complete: what `make` looks for
-        if not metrics:  # resumed a complete run: nothing left to train
-            metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-        summary = {**metrics, "train_seconds": time.perf_counter() - started,
-                   "world_size": env.world_size, "key_fingerprint": fingerprint,
-                   "backend": dist.get_backend() if dist.is_initialized() else None,
-                   "autocast": "bfloat16" if cuda else None, "channels_last": cuda,
-                   "compiled": config.compile}  # fmt: skip
-        atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    if env.primary and position == (config.epochs, 0):
+        write_summary(run, metrics, started)
     if env.primary:
         logger.info("train: %d steps per rank on %d rank(s) in %.0f s; val top1 %.4f; wrote %s",
                     done_steps, env.world_size, time.perf_counter() - started,
-                    metrics.get("val_top1", float("nan")), out / "checkpoint.pt")  # fmt: skip
+                    metrics.get("val_top1", float("nan")), run.out / "checkpoint.pt")  # fmt: skip
     return metrics
 
 

@@ -1,18 +1,27 @@
-"""Checkpoints: written atomically, versioned, loaded with ``weights_only=True``.
+"""Checkpoints: one typed record, written atomically (mode 0600), loaded with ``weights_only``.
 
-A checkpoint holds the model and optimiser state, the scheduler, the epoch and step, RNG
-states, the resolved run config, the shards' manifest digests and the key fingerprint: never
-the key itself. It is written with mode 0600 (the weights are what the key protects, and they
-let an attacker who also holds public weights match the two). A checkpoint is untrusted input:
-every field is checked on load (one line naming the field) and the model name must be one of
-timm's own architectures, so nothing in a checkpoint can make a tool reach the network.
+A ``Checkpoint`` holds what the model is and what input it expects (timm name, classes, stored
+image shape, the key's block size, transforms and fingerprint: never the key itself, the
+decoder), how it was trained (the resolved run config, the shards' manifest digests) and the
+state to continue from (weights, optimiser, scheduler, epoch and step, every rank's RNG
+states). train/ddp.py writes it; evaluation, predict, the audit and ``--resume`` read it, by
+attribute.
+
+On disk it is a plain dict of those fields plus ``version`` (what train/ddp.py has always
+written), so older checkpoints load. It is written 0600: the weights are what the key
+protects, and they let an attacker who also holds public weights match the two. A checkpoint
+is untrusted input: every field is checked on load (one line naming the field) and the model
+name must be one of timm's own architectures, so nothing in a checkpoint can make a tool reach
+the network.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -26,7 +35,7 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, damaged, or from another key or data set."""
 
 
-# Field -> allowed types, for everything train/ddp.py writes ("decoder" may be absent).
+# Field -> allowed types on disk, for everything train/ddp.py writes.
 FIELDS: dict[str, tuple[type, ...]] = {
     "model": (dict,),
     "model_name": (str,),
@@ -44,13 +53,99 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "global_step": (int,),
     "rng": (list,),
 }
-OPTIONAL = {"decoder": (str, type(None)), "world_size": (int,)}
+OPTIONAL = {"decoder": (str, type(None)), "world_size": (int,)}  # absent in older checkpoints
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    with atomic_open(path, perm=0o600) as f:
-        torch.save({**state, "version": CHECKPOINT_VERSION}, f)
-    return Path(path)
+@dataclass(frozen=True)
+class Checkpoint:
+    # what the model is and what input it expects (all that inference needs)
+    model_name: str
+    classes: tuple[str, ...]
+    image_shape: tuple[int, int, int]  # stored (height, width, channels)
+    key_fingerprint: str | None  # None: trained on plain images
+    block_size: int | None = None
+    transforms: tuple[str, ...] = ()
+    decoder: str | None = None  # make_shards' decoder; None: PIL
+    # how it was trained
+    config: dict[str, Any] = field(default_factory=dict)  # train/ddp.py's TrainConfig
+    manifest_digests: dict[str, str] = field(default_factory=dict)  # split -> sha256
+    # where training stands (tensors: never in a repr)
+    model: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    optimizer: dict = field(default_factory=dict, repr=False)
+    scheduler: dict = field(default_factory=dict, repr=False)
+    rng: list[dict] = field(default_factory=list, repr=False)  # one per rank
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    world_size: int | None = None  # None in older checkpoints: len(rng)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def crop_size(self) -> int | None:
+        """The crop the run trained and evaluated on (None: the stored size)."""
+        return self.config.get("crop_size")
+
+    @property
+    def pretrained(self) -> str:
+        """The weights the run started from (``package`` when older configs lack it)."""
+        return self.config.get("pretrained", "package")
+
+    @property
+    def ranks(self) -> int:
+        return self.world_size if self.world_size is not None else len(self.rng)
+
+    def without_state(self) -> Checkpoint:
+        """The record without its tensors (weights, optimiser, scheduler, RNG): what describes
+        the model, to hold on to once the weights are in a model."""
+        return replace(self, model={}, optimizer={}, scheduler={}, rng=[])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The on-disk form: a plain dict of the fields (lists, not tuples) and ``version``."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        if state["world_size"] is None:
+            del state["world_size"]
+        state.update(classes=list(self.classes), image_shape=list(self.image_shape),
+                     transforms=list(self.transforms), version=CHECKPOINT_VERSION)  # fmt: skip
+        return state
+
+    @classmethod
+    def from_dict(cls, state: dict, source: str = "<checkpoint>") -> Checkpoint:
+        """A checked record of an on-disk dict; a missing or wrong field is a
+        ``CheckpointError`` naming it."""
+        version = state.get("version") if isinstance(state, dict) else None
+        if version != CHECKPOINT_VERSION:
+            raise CheckpointError(
+                f"{source}: checkpoint version {version} is not {CHECKPOINT_VERSION}"
+            )
+        check_fields(state, source)
+        return cls(**{
+            **{f.name: state[f.name] for f in fields(cls) if f.name in state},
+            "classes": tuple(state["classes"]), "image_shape": tuple(state["image_shape"]),
+            "transforms": tuple(state["transforms"]),
+        })  # fmt: skip
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically, mode 0600 (a reader never sees half a checkpoint)."""
+        with atomic_open(path, perm=0o600) as f:
+            torch.save(self.to_dict(), f)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Checkpoint:
+        """Read with ``weights_only=True`` (no code runs) and check every field."""
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint not found")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types on a damaged file
+            raise CheckpointError(
+                f"{path}: not a readable checkpoint ({type(exc).__name__})"
+            ) from None
+        return cls.from_dict(state, str(path))
 
 
 def check_model_name(name: object, source: str) -> str:
@@ -80,24 +175,11 @@ def check_fields(state: dict, source: str) -> None:
     check_model_name(state["model_name"], source)
     if not state["classes"] or not all(isinstance(c, str) for c in state["classes"]):
         raise CheckpointError(f"{source}: field 'classes' must be a non-empty list of names")
+    if not all(isinstance(t, str) for t in state["transforms"]):
+        raise CheckpointError(f"{source}: field 'transforms' must be a list of names")
     shape = state["image_shape"]
     if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
         raise CheckpointError(f"{source}: field 'image_shape' must be [height, width, channels]")
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types on a damaged file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
-    version = state.get("version") if isinstance(state, dict) else None
-    if version != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {version} is not {CHECKPOINT_VERSION}")
-    check_fields(state, str(path))
-    return state
 
 
 def manifest_digest(text: str) -> str:

@@ -28,7 +28,7 @@ import torch
 from pipeline.cipher.blockwise import encrypt
 from pipeline.cipher.keys import Key, load_key
 from pipeline.device import model_device, resolve_device
-from pipeline.model.checkpoint import CheckpointError
+from pipeline.model.checkpoint import Checkpoint, CheckpointError
 from pipeline.model.evaluation import load_model, predict
 from pipeline.offline.dali import DaliUnavailableError
 from pipeline.offline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_pil, probe
@@ -41,9 +41,9 @@ class ImageFileError(ValueError):
     """An input file that cannot be classified; the message names it and says why."""
 
 
-def check_key(meta: dict, key: Key | None, checkpoint: str) -> None:
+def check_key(saved: Checkpoint, key: Key | None, checkpoint: str) -> None:
     """Refuse a key (or no key) that does not match the checkpoint's ``key_fingerprint``."""
-    expected = meta.get("key_fingerprint")
+    expected = saved.key_fingerprint
     if expected is None and key is not None:
         raise CheckpointError(
             f"{checkpoint}: this model was trained on plain (unencrypted) images, but a key was "
@@ -60,14 +60,14 @@ def check_key(meta: dict, key: Key | None, checkpoint: str) -> None:
             f"{checkpoint}: the model was trained with key {expected}, but the key given has "
             f"fingerprint {key.fingerprint}; pass the key the model was trained with"
         )
-    if meta.get("transforms") and tuple(meta["transforms"]) != key.transforms:
+    if saved.transforms and saved.transforms != key.transforms:
         raise CheckpointError(
-            f"{checkpoint}: the model was trained with transforms {'+'.join(meta['transforms'])}"
+            f"{checkpoint}: the model was trained with transforms {'+'.join(saved.transforms)}"
             f", but the key file says {'+'.join(key.transforms)}"
         )
-    if meta.get("block_size") not in (None, key.block_size):
+    if saved.block_size not in (None, key.block_size):
         raise CheckpointError(
-            f"{checkpoint}: the model was trained with block size {meta['block_size']}, but the "
+            f"{checkpoint}: the model was trained with block size {saved.block_size}, but the "
             f"key file says {key.block_size}"
         )
 
@@ -125,7 +125,7 @@ class ProtectedClassifier:
     def __init__(
         self,
         model: torch.nn.Module,
-        meta: dict,
+        saved: Checkpoint,
         key: Key | None,
         *,
         checkpoint: str = "<checkpoint>",
@@ -133,19 +133,18 @@ class ProtectedClassifier:
     ) -> None:
         """``device``: where to run (``auto``, ``cpu``, ``cuda[:N]``; the model is moved there);
         None: where the model already is."""
-        check_key(meta, key, checkpoint)
+        check_key(saved, key, checkpoint)
         if device is not None:
             model = model.to(resolve_device(device))
         self.model, self.key, self.checkpoint = model.eval(), key, checkpoint
         self.device = model_device(model)
-        self.classes: list[str] = list(meta["classes"])
-        self.image_shape: tuple[int, int, int] = tuple(meta["image_shape"])
+        self.classes: list[str] = list(saved.classes)
+        self.image_shape: tuple[int, int, int] = saved.image_shape
         # decode as the shards were (checkpoints before this field: PIL, which matches DALI's
         # CPU decoder to within a grey level on average)
-        self.decoder: str = meta.get("decoder") or "pil"
-        crop_size = (meta.get("config") or {}).get("crop_size")
-        self.crop, self.grid = check_crop(self.image_shape, meta.get("block_size"),
-                                          crop_size=crop_size)  # fmt: skip
+        self.decoder: str = saved.decoder or "pil"
+        self.crop, self.grid = check_crop(self.image_shape, saved.block_size,
+                                          crop_size=saved.crop_size)  # fmt: skip
 
     @classmethod
     def load(
@@ -159,8 +158,8 @@ class ProtectedClassifier:
         ``device`` (``auto``, ``cpu``, ``cuda[:N]``)."""
         if key is not None and not isinstance(key, Key):
             key = load_key(key)
-        model, meta = load_model(str(checkpoint), device)
-        return cls(model, meta, key, checkpoint=str(checkpoint))
+        model, saved = load_model(checkpoint, device)
+        return cls(model, saved, key, checkpoint=str(checkpoint))
 
     @property
     def stored_size(self) -> int:

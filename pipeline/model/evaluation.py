@@ -7,6 +7,7 @@ them away: the correct key, no key (plain), or a wrong key of the same scheme.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.device import model_device, resolve_device
-from pipeline.model.checkpoint import load_checkpoint
+from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.factory import create_model
 from pipeline.stream.dataset import LoaderConfig, ShardDataset, to_model_input
 
@@ -56,16 +57,17 @@ def load_split(
     )  # fmt: skip
 
 
-def load_model(checkpoint: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_model(
+    checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, Checkpoint]:
     """The trained model of a checkpoint (eval mode) on ``device`` (``auto``, ``cpu``,
-    ``cuda[:N]``), and the checkpoint's metadata."""
+    ``cuda[:N]``), and the checkpoint's record without its tensors."""
     device = resolve_device(device)
-    state = load_checkpoint(checkpoint)
-    model = create_model(state["model_name"], num_classes=len(state["classes"]), pretrained="none")
-    model.load_state_dict(state["model"])
+    saved = Checkpoint.load(checkpoint)
+    model = create_model(saved.model_name, num_classes=saved.num_classes, pretrained="none")
+    model.load_state_dict(saved.model)
     model.to(device, memory_format=torch.channels_last).eval()
-    meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "rng", "scheduler")}
-    return model, meta
+    return model, saved.without_state()
 
 
 def _batches(images: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -210,22 +211,51 @@ def make_decoder(config: ShardConfig, device: str, device_id: int = 0):
     raise ValueError(f"--decoder {config.decoder!r} must be dali or pil")
 
 
-@dataclass
+@dataclass(frozen=True)
+class SplitIdentity:
+    """Everything that shapes a split's bytes: the data options, the classes, the source
+    listing's digest and the key's public parts. A finished split (its manifest), the options
+    file of an unfinished run and every progress record are checked against it."""
+
+    options: dict[str, Any]
+    classes: tuple[str, ...]
+    source_digest: str
+    key_fingerprint: str | None
+    block_size: int | None
+    transforms: tuple[str, ...]
+
+    @classmethod
+    def of_manifest(cls, manifest: Manifest) -> SplitIdentity:
+        return cls(options=manifest.options, classes=tuple(manifest.classes),
+                   source_digest=manifest.source_digest,
+                   key_fingerprint=manifest.key_fingerprint, block_size=manifest.block_size,
+                   transforms=tuple(manifest.transforms))  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        """The form written to ``_progress/SPLIT.options.json`` (and digested)."""
+        return {"options": self.options, "classes": list(self.classes),
+                "source_digest": self.source_digest, "key_fingerprint": self.key_fingerprint,
+                "block_size": self.block_size, "transforms": list(self.transforms)}  # fmt: skip
+
+    def digest(self) -> str:
+        """SHA-256 of the identity: progress records made under anything else never count."""
+        return hashlib.sha256(_dumps(self.to_json())).hexdigest()
+
+
+@dataclass(frozen=True)
 class _SplitPlan:
     """One split's selected items, shard geometry and identity (what shapes its bytes)."""
 
     split: str
     items: list[SourceItem]
-    classes: list[str]
     shape: list[int]
     per_shard: int
     device: str  # where decoding runs
-    identity: dict = field(repr=False)
+    identity: SplitIdentity = field(repr=False)
 
-    @property
+    @cached_property
     def digest(self) -> str:
-        """SHA-256 of the identity: progress records made under anything else never count."""
-        return hashlib.sha256(_dumps(self.identity)).hexdigest()
+        return self.identity.digest()
 
     @property
     def n_shards(self) -> int:
@@ -250,16 +280,16 @@ def _plan_split(config: ShardConfig, split: str, key: Key | None) -> _SplitPlan:
         raise ShardBuildError(f"{split}: no source images selected under {config.src}/{split}")
     device = decode_device(config.device, config.decoder)
     shape = [config.size, config.size, 3]
-    identity = {
-        "options": config.data_options(device),
-        "classes": classes,
-        "source_digest": listing_digest(items, order_key=order_key),
-        "key_fingerprint": None if key is None else key.fingerprint,
-        "block_size": None if key is None else key.block_size,
-        "transforms": [] if key is None else list(key.transforms),
-    }
+    identity = SplitIdentity(
+        options=config.data_options(device),
+        classes=tuple(classes),
+        source_digest=listing_digest(items, order_key=order_key),
+        key_fingerprint=None if key is None else key.fingerprint,
+        block_size=None if key is None else key.block_size,
+        transforms=() if key is None else tuple(key.transforms),
+    )
     per_shard = samples_per_shard(config.shard_size, int(np.prod(shape)))
-    return _SplitPlan(split, items, classes, shape, per_shard, device, identity)
+    return _SplitPlan(split, items, shape, per_shard, device, identity)
 
 
 class _State:
@@ -277,9 +307,9 @@ class _State:
         except FileNotFoundError:
             return None
 
-    def write_options(self, options: dict) -> None:
+    def write_options(self, identity: SplitIdentity) -> None:
         self.storage.fs.makedirs(self.storage.path(PROGRESS_DIR), exist_ok=True)
-        self.storage.write_bytes(self._name("options"), _dumps(options))
+        self.storage.write_bytes(self._name("options"), _dumps(identity.to_json()))
 
     def recorded(self) -> set[int]:
         """The shard indices with a progress record (one listing, not a request per shard)."""
@@ -296,7 +326,7 @@ class _State:
 
     def write_shard(self, index: int, result: ShardResult, plan: _SplitPlan) -> None:
         entry = {
-            "key_fingerprint": plan.identity["key_fingerprint"],
+            "key_fingerprint": plan.identity.key_fingerprint,
             "identity_digest": plan.digest,
             "record": result.record.to_dict() if result.record else None,
             "rejects": result.rejects,
@@ -375,12 +405,12 @@ def _setup_split(config: ShardConfig, plan: _SplitPlan, storage: Storage, state:
             "%s: already complete in %s; nothing to do", split, storage.uri(manifest_name(split))
         )
         return f"complete:{plan.digest}"
-    previous = state.read_options()
-    if previous is not None and previous != plan.identity:
+    previous, current = state.read_options(), plan.identity.to_json()
+    if previous is not None and previous != current:
         if not config.overwrite:
             raise ShardBuildError(
                 f"{storage.uri(PROGRESS_DIR)}: an unfinished {split} run with different options or "
-                f"key is there ({_diff(previous, plan.identity)}); rerun with its options to "
+                f"key is there ({_diff(previous, current)}); rerun with its options to "
                 "resume, or pass --overwrite to start over"
             )
         _remove_split(storage, split, state)
@@ -436,29 +466,18 @@ def _build_own_shards(
     )
     batches = (b for i in todo for b in _batches(plan.chunk(i), config.batch_size))
     decoded = _decode_ahead(pools[0], batches, config, decoder)
+    maker = _ShardMaker(config=config, plan=plan, key=key, storage=storage, decoded=decoded,
+                        write_pool=pools[1], stats=stats, encrypt_on=encrypt_on)  # fmt: skip
     publisher = _Publisher(storage, state, plan)
     try:
         for index in mine:
             group.check()
             if lock is not None:
                 lock.check()
-            chunk = plan.chunk(index)
             result = finished.get(index)
             if result is None:
                 try:
-                    result, index_text = _build_shard(
-                        config,
-                        plan.split,
-                        index,
-                        chunk,
-                        index * plan.per_shard,
-                        key,
-                        storage,
-                        decoded,
-                        pools[1],
-                        stats,
-                        encrypt_on,
-                    )
+                    result, index_text = maker.build(index)
                 except OSError as exc:  # an unreadable source file, a full staging disk, ...
                     raise ShardBuildError(
                         f"{shard_name(plan.split, index)}: {exc}; finished shards are kept and "
@@ -473,7 +492,7 @@ def _build_own_shards(
                         config, plan, rejected, results, shard_name(plan.split, index)
                     )
                 )
-            progress.update(len(chunk))
+            progress.update(len(plan.chunk(index)))
         publisher.drain()
     finally:
         decoded.close()
@@ -540,16 +559,17 @@ def _finish_split(
             "evaluated. Fix the files, or leave the split out with --split"
         )
     log_rejects(split, rejects, plan.items)
+    identity = plan.identity
     manifest = Manifest(
         split=split,
-        encrypted=plan.identity["key_fingerprint"] is not None,
-        key_fingerprint=plan.identity["key_fingerprint"],
-        block_size=plan.identity["block_size"],
-        transforms=plan.identity["transforms"],
+        encrypted=identity.key_fingerprint is not None,
+        key_fingerprint=identity.key_fingerprint,
+        block_size=identity.block_size,
+        transforms=list(identity.transforms),
         image_shape=plan.shape,
-        classes=plan.classes,
-        source_digest=plan.identity["source_digest"],
-        options=plan.identity["options"],
+        classes=list(identity.classes),
+        source_digest=identity.source_digest,
+        options=identity.options,
         tool_version=__version__,
         shards=records,
         rejects=rejects,
@@ -561,30 +581,24 @@ def _finish_split(
     return manifest
 
 
-def _finished_and_same(storage: Storage, split: str, identity: dict, overwrite: bool) -> bool:
+def _finished_and_same(
+    storage: Storage, split: str, identity: SplitIdentity, overwrite: bool
+) -> bool:
     if not storage.exists(manifest_name(split)):
         return False
     try:
-        existing = load_manifest(storage, split)
+        existing = SplitIdentity.of_manifest(load_manifest(storage, split))
     except ManifestError:
         if overwrite:
             return False
         raise
-    current = {
-        "options": existing.options,
-        "classes": existing.classes,
-        "source_digest": existing.source_digest,
-        "key_fingerprint": existing.key_fingerprint,
-        "block_size": existing.block_size,
-        "transforms": existing.transforms,
-    }
-    if current == identity:
+    if existing == identity:
         return True
     if not overwrite:
         raise ShardBuildError(
             f"{storage.uri(manifest_name(split))}: finished shards made with different options "
-            f"or key are there ({_diff(current, identity)}); pass --overwrite to replace them, "
-            "or choose another --out"
+            f"or key are there ({_diff(existing.to_json(), identity.to_json())}); pass "
+            "--overwrite to replace them, or choose another --out"
         )
     _remove_split(storage, split, _State(storage, split))
     return False
@@ -713,67 +727,68 @@ def _decode_stage(
     return errors, torch.stack(images)
 
 
-def _build_shard(
-    config: ShardConfig,
-    split: str,
-    index: int,
-    chunk: Sequence[SourceItem],
-    first: int,
-    key: Key | None,
-    storage: Storage,
-    decoded_batches: Iterator[tuple[list[DecodeError | None], Any]],
-    write_pool: ThreadPoolExecutor,
-    stats: BuildStats,
-    encrypt_on: str = "auto",
-) -> tuple[ShardResult, str | None]:
-    """One shard, in three overlapping stages: batch k+1 decodes (``decoded_batches``, one
-    batch ahead even across shards) while batch k is encrypted here and batch k-1 is written
-    (another thread). Returns its result and DALI index text; the shard is left at its staging
-    path, for ``_Publisher`` to move."""
-    name = shard_name(split, index)
-    tmp = storage.staging_path(name)
-    rejects: list[dict] = []
-    rows: list[list] = []
-    batches = list(_batches(chunk, config.batch_size))
-    writer = ShardWriter(tmp, name)
-    writing: Future | None = None
-    try:
-        position = first
-        for batch in batches:
-            errors, decoded = next(decoded_batches)
-            started, cpu = time.perf_counter(), time.thread_time()
-            images = iter(_encrypt_batch(decoded, key, encrypt_on))
-            stats.encrypt_seconds += time.perf_counter() - started
-            stats.encrypt_cpu_seconds += time.thread_time() - cpu
-            samples = []
-            for offset, (item, error) in enumerate(zip(batch, errors, strict=True)):
-                sample_key = f"{position + offset:08d}"
-                if error is not None:
-                    rejects.append(
-                        reject_entry(item, sample_key, error.reason, encrypted=key is not None)
-                    )
-                    continue
-                source = item.path if key is None else None  # encrypted: names no source
-                files = sample_files(next(images), item.label, source, split)
-                samples.append((sample_key, files))
-                rows.append([sample_key, item.label, source])
-            position += len(batch)
-            if writing is not None:
-                writing.result()
-            writing = write_pool.submit(_write_samples, writer, samples)
-        writing.result()
-        record = writer.close()
-    except BaseException:
-        if writing is not None:  # let the writer finish before cleaning up
-            with contextlib.suppress(BaseException):  # the first error is re-raised below
-                writing.result()
-        writer.abort()
-        raise
-    stats.images += len(chunk)
-    if record.samples == 0:
-        tmp.unlink(missing_ok=True)
-        return ShardResult(None, rejects, []), None
-    return ShardResult(record, rejects, rows), writer.index_text()
+@dataclass(frozen=True)
+class _ShardMaker:
+    """What every shard of one rank's share of a split is made with: the plan, the key, the
+    decoded batches (one batch ahead, across shards), the writer thread and where to encrypt."""
+
+    config: ShardConfig
+    plan: _SplitPlan
+    key: Key | None = field(repr=False)
+    storage: Storage
+    decoded: Iterator[tuple[list[DecodeError | None], Any]]
+    write_pool: ThreadPoolExecutor
+    stats: BuildStats
+    encrypt_on: str = "auto"  # resolved for this rank by encryption_device()
+
+    def build(self, index: int) -> tuple[ShardResult, str | None]:
+        """Shard ``index``, in three overlapping stages: batch k+1 decodes while batch k is
+        encrypted here and batch k-1 is written (another thread). Returns its result and DALI
+        index text; the shard is left at its staging path, for ``_Publisher`` to move."""
+        split, key, chunk = self.plan.split, self.key, self.plan.chunk(index)
+        name = shard_name(split, index)
+        tmp = self.storage.staging_path(name)
+        rejects: list[dict] = []
+        rows: list[list] = []
+        writer = ShardWriter(tmp, name)
+        writing: Future | None = None
+        try:
+            position = index * self.plan.per_shard
+            for batch in _batches(chunk, self.config.batch_size):
+                errors, decoded = next(self.decoded)
+                started, cpu = time.perf_counter(), time.thread_time()
+                images = iter(_encrypt_batch(decoded, key, self.encrypt_on))
+                self.stats.encrypt_seconds += time.perf_counter() - started
+                self.stats.encrypt_cpu_seconds += time.thread_time() - cpu
+                samples = []
+                for offset, (item, error) in enumerate(zip(batch, errors, strict=True)):
+                    sample_key = f"{position + offset:08d}"
+                    if error is not None:
+                        rejects.append(
+                            reject_entry(item, sample_key, error.reason, encrypted=key is not None)
+                        )
+                        continue
+                    source = item.path if key is None else None  # encrypted: names no source
+                    files = sample_files(next(images), item.label, source, split)
+                    samples.append((sample_key, files))
+                    rows.append([sample_key, item.label, source])
+                position += len(batch)
+                if writing is not None:
+                    writing.result()
+                writing = self.write_pool.submit(_write_samples, writer, samples)
+            writing.result()
+            record = writer.close()
+        except BaseException:
+            if writing is not None:  # let the writer finish before cleaning up
+                with contextlib.suppress(BaseException):  # the first error is re-raised below
+                    writing.result()
+            writer.abort()
+            raise
+        self.stats.images += len(chunk)
+        if record.samples == 0:
+            tmp.unlink(missing_ok=True)
+            return ShardResult(None, rejects, []), None
+        return ShardResult(record, rejects, rows), writer.index_text()
 
 
 def _encrypt_batch(batch: Any, key: Key | None, device: str = "auto") -> list[np.ndarray]:

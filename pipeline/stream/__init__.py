@@ -1,2 +1,3 @@
 """Streaming shards to training and evaluation: the webdataset loader (``dataset``) with its
-remote reads, rank/worker ranges and crops, and the DALI loader (``dali``)."""
+remote reads, rank/worker ranges and crops, the DALI loader (``dali``), and both behind one
+interface (``split``)."""

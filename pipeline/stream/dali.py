@@ -55,6 +55,7 @@ class DaliShardLoader:
         self.storage = Storage(data)
         self.manifest = load_manifest(self.storage, split)
         self.config, self.device = config, device
+        self.skip_batches = 0
         height, width, channels = self.manifest.image_shape
         crop, block = crop_geometry(
             self.manifest, crop_size=config.crop_size, crop_grid=config.crop_grid
@@ -108,13 +109,18 @@ class DaliShardLoader:
     def __len__(self) -> int:
         return self.batches
 
-    def set_epoch(self, epoch: int) -> None:
-        """DALI reshuffles every epoch by itself; kept for the same interface."""
+    def set_epoch(self, epoch: int, *, skip_batches: int = 0) -> None:
+        """DALI reshuffles every epoch by itself; the next pass drops its first
+        ``skip_batches`` batches (the same count as an uninterrupted epoch, in DALI's order)."""
+        self.skip_batches = skip_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         seen = 0
-        for _ in range(self.batches):
+        for step in range(self.batches):
             images, labels = self._pipe.run()
+            if step < self.skip_batches:
+                seen += len(labels)
+                continue
             batch = _to_torch(images, self.device)
             label = torch.tensor(
                 [int(np.asarray(labels.at(i)).tobytes()) for i in range(len(labels))]

@@ -18,6 +18,7 @@ from attacks.finetune import finetune
 from attacks.key_search import heuristic_key_search, random_key_search
 from pipeline import TRANSFORMS, Key
 from pipeline.device import model_device, resolve_device
+from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.classifier import ProtectedClassifier
 from pipeline.model.evaluation import EvalSet, predict, top1
 from tests.conftest import FIXED_SECRET
@@ -87,9 +88,9 @@ def test_key_searches_follow_the_model(model, data):
 
 def test_the_classifier_follows_the_model(model, data):
     key = Key(FIXED_SECRET)
-    meta = {"classes": ["a", "b", "c"], "image_shape": [16, 16, 3], "key_fingerprint":
-            key.fingerprint, "block_size": 4, "transforms": list(key.transforms)}  # fmt: skip
-    clf = ProtectedClassifier(model, meta, key)
+    saved = Checkpoint("resnet18", ("a", "b", "c"), (16, 16, 3), key.fingerprint, block_size=4,
+                       transforms=key.transforms)  # fmt: skip
+    clf = ProtectedClassifier(model, saved, key)
     assert clf.device.type == "meta"
     assert clf.logits(data[0]).shape == (12, CLASSES)
     assert_all_on_meta()
@@ -102,17 +103,18 @@ def test_audit_scenarios_follow_the_model(model, data, tmp_path):
     config = audit.AuditConfig(checkpoint="-", key="-", data="-", out=str(tmp_path),
                                wrong_keys=2, attacker_images=8, search_keys=2, search_steps=2,
                                leaked_images=12)  # fmt: skip
+    saved = Checkpoint("resnet18", ("a", "b", "c"), (16, 16, 3), key.fingerprint)
     a = audit.Audit(
-        config=config, model=model, meta={"key_fingerprint": key.fingerprint}, val=plain,
-        encrypted_val=plain, train_plain=plain, train_encrypted=images, train_total=12,
-        true_op=key.material.encrypt_op, scheme=(4, key.transforms), estimated={},
+        config=config, model=model, saved=saved, val=plain, encrypted_val=plain,
+        train_plain=plain, train_encrypted=images, train_total=12,
+        true_op=key.material.encrypt_op, scheme=(4, key.transforms),
     )  # fmt: skip
     assert a.device.type == "meta"
     for scenario in (audit.correct_key, audit.no_key, audit.wrong_keys, audit.random_search,
                      audit.heuristic_search, audit.ciphertext_only,
                      audit.known_plaintext):  # fmt: skip
         SEEN.clear()
-        assert scenario(a), scenario.__name__
+        assert scenario(a).rows, scenario.__name__
         assert_all_on_meta()
 
 

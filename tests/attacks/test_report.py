@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from attacks.report import README_BEGIN, README_END, findings, table, update_readme
-
-
-def _row(scenario, top1, **extra):
-    return {"scenario": scenario, "top1": top1, "key_recovered": None, "budget": {}, **extra}
-
+from attacks.report import README_BEGIN, README_END, Row, Spread, findings, table, update_readme
 
 ROWS = [
-    _row("correct_key", 0.9),
-    _row("no_key", 0.1),
-    _row("wrong_keys", 0.1, top1_max=0.2, budget={"keys": 100}),
-    _row("random_key_search", 0.15),
-    _row("heuristic_key_search", 0.3),
-    _row("ciphertext_only", 0.8),
-    _row("finetune_attack_1pct", 0.7, budget={"images": 10}),
-    _row("finetune_pretrained_1pct", 0.4, budget={"images": 10}),
-    _row("finetune_attack_10pct", 0.91, budget={"images": 100}),
-    _row("finetune_pretrained_10pct", 0.9, budget={"images": 100}),
+    Row("correct_key", 0.9),
+    Row("no_key", 0.1),
+    Row("wrong_keys", 0.1, budget={"keys": 100}, spread=Spread.of([0.0, 0.1, 0.2])),
+    Row("random_key_search", 0.15),
+    Row("heuristic_key_search", 0.3),
+    Row("ciphertext_only", 0.8),
+    Row("finetune_attack_1pct", 0.7, budget={"images": 10}),
+    Row("finetune_pretrained_1pct", 0.4, budget={"images": 10}),
+    Row("finetune_attack_10pct", 0.91, budget={"images": 100}),
+    Row("finetune_pretrained_10pct", 0.9, budget={"images": 100}),
 ]
 
 
@@ -41,22 +36,37 @@ def test_findings_say_which_attacks_succeed():
 
 
 def test_table_shows_the_wrong_key_maximum():
-    assert "| wrong_keys | 10.0% (max 20.0%) | - | keys 100 |" in table(ROWS)
+    assert "max 20.0%) | - | keys 100 |" in table(ROWS)
 
 
 def test_wrong_keys_are_a_mean_with_its_interval():
-    from attacks.audit import spread
-
     values = [0.05, 0.1, 0.15] * 40
-    row = _row("wrong_keys", 0.1, budget={"keys": 120}, **spread(values))
-    lo, hi = row["top1_ci95"]
+    row = Row("wrong_keys", 0.1, budget={"keys": 120}, spread=Spread.of(values))
+    lo, hi = row.spread.ci95
     assert lo == pytest.approx(0.1 - 1.96 * 0.0410 / 120**0.5, abs=1e-4) and hi > 0.1
-    assert row["top1_central95"] == [0.05, 0.15]
+    assert row.spread.central95 == (0.05, 0.15)
     assert "| wrong_keys | 10.0% (mean; 95% CI 9.3%-10.7%; 95% of keys 5.0%-15.0%; max 15.0%)" in (
         table([row])
     )
-    line = findings([_row("correct_key", 0.9), row])[0]
+    line = findings([Row("correct_key", 0.9), row])[0]
     assert line.startswith("**Wrong keys**: 10.0% on average over 120 random keys")
+
+
+def test_rows_become_dicts_only_when_written():
+    """results.json's rows: the fields every row has, then only the optional ones set."""
+    wrong = Row("wrong_keys", 0.1, budget={"keys": 2}, spread=Spread.of([0.05, 0.15]))
+    found = Row("heuristic_key_search", 0.2, 0.5, budget={"steps": 3}, parts={"byte_maps": 0.5},
+                attacker_top1=0.3, accepted_moves=1)  # fmt: skip
+    assert list(wrong.to_json()) == ["scenario", "top1", "key_recovered", "budget", "top1_ci95",
+                                     "top1_central95", "top1_max", "top1_min",
+                                     "top1_all"]  # fmt: skip
+    assert wrong.to_json()["top1_all"] == [0.05, 0.15] and wrong.best_top1 == 0.15
+    assert found.to_json() == {"scenario": "heuristic_key_search", "top1": 0.2,
+                               "key_recovered": 0.5, "budget": {"steps": 3},
+                               "parts": {"byte_maps": 0.5}, "attacker_top1": 0.3,
+                               "accepted_moves": 1}  # fmt: skip
+    assert Row("no_key", 0.1).to_json() == {"scenario": "no_key", "top1": 0.1,
+                                            "key_recovered": None, "budget": {}}  # fmt: skip
 
 
 def test_readme_block_is_replaced_and_nothing_else(tmp_path):

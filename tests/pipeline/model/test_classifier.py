@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import Key, decrypt
-from pipeline.model.checkpoint import CheckpointError
+from pipeline.model.checkpoint import Checkpoint, CheckpointError
 from pipeline.model.classifier import ImageFileError, ProtectedClassifier, check_key, read_image
 from pipeline.model.evaluation import load_split, predict
 from tests.conftest import FIXED_SECRET, sources_by_key
@@ -43,9 +45,9 @@ def test_files_give_the_shards_images_and_logits(clf, digit_shards):
 
 def test_the_runs_crop_is_the_loaders_eval_crop(clf, digit_shards):
     """A run trained on 24x24 crops of 32x32 shards: the same centre crop, on the block grid."""
-    meta = {"classes": clf.classes, "image_shape": list(clf.image_shape), "block_size": 4,
-            "key_fingerprint": clf.key_fingerprint, "config": {"crop_size": 24}}  # fmt: skip
-    cropped = ProtectedClassifier(clf.model, meta, clf.key)
+    saved = Checkpoint("resnet18", tuple(clf.classes), clf.image_shape, clf.key_fingerprint,
+                       block_size=4, config={"crop_size": 24})  # fmt: skip
+    cropped = ProtectedClassifier(clf.model, saved, clf.key)
     split = load_split(str(digit_shards), crop_size=24)
     plain = cropped.read_files(val_sources(digit_shards)[:8])
     expected = predict(clf.model, split.images[:8])
@@ -54,7 +56,8 @@ def test_the_runs_crop_is_the_loaders_eval_crop(clf, digit_shards):
 
 def test_keys_are_checked():
     key, other = Key(FIXED_SECRET), Key(bytes(range(1, 33)))
-    protected = {"key_fingerprint": key.fingerprint, "block_size": 4}
+    protected = Checkpoint("resnet18", ("a",), (32, 32, 3), key.fingerprint, block_size=4)
+    plain = replace(protected, key_fingerprint=None, block_size=None)
     check_key(protected, key, "c.pt")
     with pytest.raises(CheckpointError) as wrong:
         check_key(protected, other, "c.pt")
@@ -64,10 +67,10 @@ def test_keys_are_checked():
     with pytest.raises(CheckpointError, match="pass that key"):
         check_key(protected, None, "c.pt")
     with pytest.raises(CheckpointError, match="plain"):
-        check_key({"key_fingerprint": None, "block_size": None}, key, "c.pt")
-    check_key({"key_fingerprint": None, "block_size": None}, None, "c.pt")
+        check_key(plain, key, "c.pt")
+    check_key(plain, None, "c.pt")
     with pytest.raises(CheckpointError, match="block size 8"):
-        check_key({**protected, "block_size": 8}, key, "c.pt")
+        check_key(replace(protected, block_size=8), key, "c.pt")
 
 
 @pytest.mark.parametrize(
@@ -104,12 +107,11 @@ def test_dali_made_shards_are_matched_with_dali(clf, digit_shards, tmp_path):
     build_shards(config, Key(FIXED_SECRET))
     split = load_split(str(tmp_path / "dali"))
     assert split.key_fingerprint == clf.key_fingerprint
-    meta = {"classes": clf.classes, "image_shape": list(clf.image_shape), "block_size": 4,
-            "key_fingerprint": clf.key_fingerprint, "decoder": "dali",
-            "transforms": list(clf.key.transforms)}  # fmt: skip
-    dali = ProtectedClassifier(clf.model, meta, clf.key)
+    saved = Checkpoint("resnet18", tuple(clf.classes), clf.image_shape, clf.key_fingerprint,
+                       block_size=4, decoder="dali", transforms=clf.key.transforms)  # fmt: skip
+    dali = ProtectedClassifier(clf.model, saved, clf.key)
     paths = val_sources(tmp_path / "dali", src)[:SAMPLES]
     assert (dali.read_files(paths) == decrypt(split.images[:SAMPLES], clf.key)).all()
-    wrong_scheme = {**meta, "transforms": ["np"]}
+    wrong_scheme = replace(saved, transforms=("np",))
     with pytest.raises(CheckpointError, match="transforms np, but the key file says shuffle"):
         ProtectedClassifier(clf.model, wrong_scheme, clf.key)

@@ -279,7 +279,7 @@ def test_progress_made_under_another_key_never_counts(jpeg_tree, tmp_path, monke
     records = sorted((out / "_progress").glob("val.0*.json"))
     assert records and json.loads(records[0].read_text())["key_fingerprint"] == key_a.fingerprint
     identity_b = build._plan_split(config(jpeg_tree, out, splits=("val",)), "val", key_b).identity
-    (out / "_progress" / "val.options.json").write_bytes(build._dumps(identity_b))
+    (out / "_progress" / "val.options.json").write_bytes(build._dumps(identity_b.to_json()))
 
     build_shards(config(jpeg_tree, out, splits=("val",)), key_b)
     build_shards(config(jpeg_tree, tmp_path / "clean", splits=("val",)), key_b)
