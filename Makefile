@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO := runs/demo
 KEY := $(DEMO)/k.bin
 
-.PHONY: venv demo frontier test bench lint format clean
+.PHONY: venv demo frontier block-sizes test bench lint format clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,21 @@ DEMO_MODEL := $(if $(wildcard $(DEMO)/protected/checkpoint.pt),--checkpoint \
 
 frontier: $(STAMP)
 	$(PY) -m attacks.frontier --out report/frontier --readme README.md $(DEMO_MODEL)
+
+# The accuracy side of the block size (issue 9 D): a protected model per block size, with the
+# demo's budgets, against the demo's baseline; each audited for correct, no and wrong keys.
+BLOCKS := runs/blocksizes
+block-sizes: $(STAMP) $(DEMO)/baseline/summary.json
+	for M in 4 8 16; do \
+	  test -f $(BLOCKS)/k$$M.bin || $(PY) tools/make_key.py $(BLOCKS)/k$$M.bin --block-size $$M; \
+	  test -f $(BLOCKS)/s$$M/val.manifest.json || \
+	    $(PY) tools/make_shards.py --key $(BLOCKS)/k$$M.bin --out $(BLOCKS)/s$$M || exit 1; \
+	  test -f $(BLOCKS)/m$$M/summary.json || \
+	    $(TORCHRUN) train/ddp.py --data $(BLOCKS)/s$$M --out $(BLOCKS)/m$$M || exit 1; \
+	  $(PY) -m attacks --checkpoint $(BLOCKS)/m$$M/checkpoint.pt --key $(BLOCKS)/k$$M.bin \
+	    --data $(BLOCKS)/s$$M --baseline $(DEMO)/baseline/checkpoint.pt --out $(BLOCKS)/r$$M \
+	    --scenarios correct_key,no_key,wrong_keys || exit 1; \
+	done
 
 test: $(STAMP)
 	$(PY) -m pytest
