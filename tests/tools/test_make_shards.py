@@ -250,3 +250,20 @@ def test_a_non_utf8_file_name_is_named_escaped_and_finished_splits_are_kept(key_
     assert "caf\\xe9.JPEG" in last and "not valid UTF-8" in last, last
     assert (out / "train.manifest.json").exists()  # the split before it is finished and kept
     assert not (out / "val.manifest.json").exists()
+
+
+def test_a_folder_it_may_not_write_is_one_line(tree, key_file, tmp_path):
+    """Permission refused (root ignores file modes, so a path the kernel refuses stands in)."""
+    denied = Path("/sys/keyprotect-test")
+    try:
+        denied.mkdir()
+    except OSError:
+        pass
+    else:  # a writable /sys: nothing to test here
+        denied.rmdir()
+        pytest.skip("/sys accepts new folders on this machine")
+    done = tool("make_shards.py", *shard_args(tree, key_file, denied / "shards"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("make_shards: error:") and str(denied) in last, last
+    assert "not permitted" in last or "denied" in last or "Read-only" in last, last
