@@ -17,7 +17,7 @@ FAST = ["--model", "test_efficientnet", "--pretrained", "none", "--batch-size", 
 
 
 def torchrun(
-    *args: str, nproc: int = 2, timeout: int = 300, extra: tuple = ()
+    *args: str, nproc: int = 2, timeout: int = 900, extra: tuple = ()
 ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", *extra]
     if not extra:
