@@ -289,19 +289,25 @@ def spectral_placement(
 
 def descend(
     a: np.ndarray, b: np.ndarray, p: np.ndarray, *, clock: _Clock | None = None,
-    tol: float = 1e-9,
+    tol: float = 1e-9, max_steps: int | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Best-improvement pair swaps for max sum_ij a[i, j] b[p[i], p[j]] (a, b symmetric, zero
-    diagonals) until none helps. The gain of every swap comes from C = A B_p, which each swap
-    changes by a rank-one update and a column swap: O(L^2) per step."""
+    diagonals) until none gains more than ``tol`` (at most ``max_steps``, default 50 L). The
+    gain of every swap comes from C = A B_p, which each swap changes by a rank-one update and
+    a column swap: O(L^2) per step. C is kept in float64 and recomputed every L steps: with
+    rounding drift, two near-tied swaps can each look like a gain and undo each other for ever
+    (flat grey images, whose three channels are equal, did that)."""
     p = p.copy()
-    a = a.astype(np.float32)
-    bp = b[np.ix_(p, p)].astype(np.float32)
-    c = a @ bp
+    a = a.astype(np.float64)
     n_pos = len(p)
-    for step in itertools.count():
+    max_steps = 50 * n_pos if max_steps is None else max_steps
+    bp = b[np.ix_(p, p)].astype(np.float64)
+    c = a @ bp
+    for step in range(max_steps):
         if clock is not None and step % 64 == 0:
             clock.check("the placement search")
+        if step % n_pos == n_pos - 1:
+            c = a @ bp
         d = np.diag(c)
         gain = c + c.T
         gain -= d[:, None]
@@ -310,13 +316,13 @@ def descend(
         np.fill_diagonal(gain, 0)
         u, v = divmod(int(np.argmax(gain)), n_pos)
         if gain[u, v] <= tol:
-            return p
+            break
         c += np.outer(a[:, u] - a[:, v], bp[v] - bp[u])
         c[:, [u, v]] = c[:, [v, u]]
         bp[[u, v]] = bp[[v, u]]
         bp[:, [u, v]] = bp[:, [v, u]]
         p[[u, v]] = p[[v, u]]
-    raise AssertionError("unreachable")
+    return p
 
 
 def graduated_assignment(
@@ -370,7 +376,7 @@ def place_positions(
     np.fill_diagonal(a, 0)
     np.fill_diagonal(b, 0)
     n_pos = len(a)
-    tol = 1e-9 * max(1.0, float(np.abs(a).sum() * np.abs(b).max()))
+    tol = 1e-6 * max(1.0, float(np.abs(a).sum() * np.abs(b).max()))
     if restarts is None:
         restarts = -(-768 // n_pos)
 
