@@ -13,7 +13,7 @@
 """
 
 from attacks.audit import SCENARIOS, AuditConfig, AuditError, run_audit
-from attacks.ciphertext_only import estimate_key
+from attacks.ciphertext_only import EstimateTimeout, estimate_key
 from attacks.key_search import heuristic_key_search, random_key_search
 from attacks.keyspace import key_recovery, random_material
 
@@ -21,6 +21,7 @@ __all__ = [
     "SCENARIOS",
     "AuditConfig",
     "AuditError",
+    "EstimateTimeout",
     "estimate_key",
     "heuristic_key_search",
     "key_recovery",
