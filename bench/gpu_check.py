@@ -27,7 +27,8 @@ status is 1 if any section failed):
 7. ``predict``: ``tools/predict.py --device cuda`` on image files: the CPU's classes.
 8. ``make_shards_photos``: the offline stage's per-rank img/s on ImageNet-like JPEGs (PIL
    decoding on host threads), encryption on the GPU and on the CPU: the same bytes.
-9. ``frontier``: the frontier's estimate (a hook: not written yet).
+9. ``frontier``: ``python -m attacks.frontier`` on those photos, block size 4, one key, with
+   the trained model on the device: its top-1 with the estimated key.
 """
 
 from __future__ import annotations
@@ -429,10 +430,34 @@ def check_predict(c: Check) -> dict:
 
 
 def check_frontier(c: Check) -> dict:
-    """Hook: the frontier's estimate (not written yet). When it exists, run it here on
-    ``c.run_dir / "checkpoint.pt"`` and ``c.shards`` with a small budget and return its
-    figures. Until then: skipped, not failed."""
-    return {"skipped": "the frontier estimate is not written yet; this hook runs it then"}
+    """``python -m attacks.frontier`` on the photo tree of ``make_shards_photos`` (an image
+    folder: no scikit-image needed), block size 4, one key, with the protected model of
+    ``training`` on the device: the estimate's recovery and that model's top-1 with the
+    estimated key."""
+    checkpoint, photos = c.run_dir / "checkpoint.pt", c.work / "photos"
+    if not checkpoint.is_file() or not photos.is_dir():
+        raise CheckFailed("needs the checkpoint of 'training' and the photos of "
+                          "'make_shards_photos'")  # fmt: skip
+    out = c.work / "frontier"
+    device = "cuda" if c.cuda else "cpu"
+    budget = "1e4" if c.cuda else "1e3"
+    c.run("-m", "attacks.frontier", "--data", str(photos), "--image-size", "64",
+          "--statistics-images", str(max(2, c.budget.photo_images // 4)), "--block-sizes", "4",
+          "--keys", "1", "--budgets", budget, "--time-budget-s", "120",
+          "--checkpoint", str(checkpoint), "--key", str(c.key), "--model-data", str(c.shards),
+          "--device", device, "--out", str(out), cap=300)  # fmt: skip
+    result = json.loads((out / "frontier.json").read_text())
+    points = [p for p in result["points"] if p.get("measured")]
+    models = [m for m in result["models"] if m.get("measured")]
+    return {
+        "points": [{"block_size": p["block_size"], "leaked_blocks": p["leaked_blocks"],
+                    "key_recovered": p["parts"]["key_recovered"]["median"],
+                    "seconds": p["seconds"]["median"]} for p in points],
+        "models": [{"leaked_blocks": m["leaked_blocks"], "top1_correct_key": m["top1_correct_key"],
+                    "top1_estimated_key": m["top1_estimated_key"],
+                    "seconds": round(m["seconds"], 1)} for m in models],
+        "failed": not points or not models,
+    }  # fmt: skip
 
 
 SECTIONS: list[tuple[str, Callable[[Check], dict]]] = [
