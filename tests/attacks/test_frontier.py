@@ -1,6 +1,6 @@
 """python -m attacks.frontier on tiny budgets: the outputs, the rows, points it cannot reach
 marked "not measured", no key material in what it prints or writes, the README block, and
-an image folder and a protected model as inputs."""
+an image folder, plain shards on S3 (loopback moto) and a protected model as inputs."""
 
 from __future__ import annotations
 
@@ -137,6 +137,23 @@ def test_an_image_folder_as_data(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "frontier.json").read_text())
     assert str(tree) in result["meta"]["data"]
+    assert result["points"][0]["measured"] and result["points"][0]["leaked_blocks"] == 500
+
+
+def test_plain_shards_on_s3_as_data(s3_env, tmp_path):
+    """The owner's plain shards in a bucket (a loopback moto S3 server), read where they are."""
+    from pipeline.offline.build import ShardConfig, build_shards
+    from pipeline.offline.digits import write_digits_tree
+
+    data = f"s3://{s3_env}/plain"
+    src = write_digits_tree(tmp_path / "digits", size=64)
+    build_shards(ShardConfig(src=str(src), out=data, size=32, decoder="pil", shard_size="400",
+                             plain=True), None)  # fmt: skip
+    done = frontier(*TINY, "--data", data, "--statistics-images", "40", "--budgets", "500",
+                    "--out", str(tmp_path / "out"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "frontier.json").read_text())
+    assert data in result["meta"]["data"]
     assert result["points"][0]["measured"] and result["points"][0]["leaked_blocks"] == 500
 
 
