@@ -496,7 +496,8 @@ def run_frontier(config: FrontierConfig) -> dict:
             points += _block_size_points(config, inputs, m, bar, done, save)
         bar.total = bar.n
     models = model_points(config, set(config.block_sizes)) if config.checkpoints else []
-    meta.update(complete=True, seconds=round(time.perf_counter() - started, 1))
+    meta.update(complete=True, seconds=round(time.perf_counter() - started, 1),
+                resumed_points=len(done))  # fmt: skip
     result = {"meta": meta, "points": points, "models": models}
     table = frontier_report.write_frontier(out, result)
     if readme is not None:

@@ -119,6 +119,7 @@ def test_points_out_of_time_or_data_are_not_measured(tmp_path):
     again = frontier(*TINY, "--budgets", "2000,1e9", "--time-budget-s", "0.001", "--out",
                      str(tmp_path))  # fmt: skip
     assert again.returncode == 0 and "resuming: 3 point(s)" in again.stderr
+    assert "(and 3 point(s) from an earlier run it resumed)" in again.stderr  # its time is not all
     assert json.loads((tmp_path / "frontier.json").read_text())["points"] == points
 
 
