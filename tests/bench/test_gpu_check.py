@@ -62,7 +62,9 @@ def test_smoke_run_passes_every_section_without_dali_or_s3(tmp_path):
     assert sections["loader"]["img_s_to_device"] > 0 and sections["loader"]["channels_last"]
     assert sections["audit"]["device"] == "cpu" and not sections["audit"]["missing_scenarios"]
     assert sections["predict"]["same_classes_as_cpu"] and sections["predict"]["files"] == 10
-    assert "skipped" in sections["frontier"]
+    frontier = sections["frontier"]
+    assert [p["leaked_blocks"] for p in frontier["points"]] == [1000]
+    assert 0 <= frontier["models"][0]["top1_estimated_key"] <= 1
     torchrun = sections["make_shards_torchrun"]
     assert torchrun["same_bytes_as_one_process"] and torchrun["encrypt_device"] == "cpu"
     photos = sections["make_shards_photos"]
