@@ -69,6 +69,7 @@ from pipeline.cipher.blockwise import block_length
 logger = logging.getLogger(__name__)
 
 _VALUES = np.arange(256)
+MAX_VALUES = 50_000_000  # cipher bytes the estimate reads at most (a random sample of blocks)
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,12 @@ def dependence(blocks: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
     neighbouring pixels and between the channels of one pixel, near zero beyond, so they
     draw the block's grid; the plain correlations themselves stay large across a block.
     """
-    r = correlation(blocks).astype(np.float64)
+    return partial_correlation(correlation(blocks), ridge)
+
+
+def partial_correlation(corr: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    """``dependence`` from an (L, L) correlation matrix already computed."""
+    r = corr.astype(np.float64)
     precision = np.linalg.inv(r + ridge * np.eye(len(r)))
     d = np.sqrt(np.abs(np.diag(precision)))
     out = np.abs(precision / d[:, None] / d[None, :])
@@ -591,7 +597,7 @@ def estimate_key(
     rounds: int = 8,
     restarts: int | None = None,
     passes: int = 2,
-    max_values: int = 50_000_000,
+    max_values: int = MAX_VALUES,
     dependence_blocks: int = 100_000,
     time_budget_s: float | None = None,
 ) -> Estimate:
@@ -626,15 +632,14 @@ def estimate_key(
     clock.check("the table estimate")
     shuffled = "shuffle" in transforms
     if shuffled:
-        decoded = decode_linear(sample, table, table_inverse, inside)
-        plain_sample = _subsample(plain_blocks, dependence_blocks, rng)
-        b = dependence(plain_sample)
-        natural_corr = correlation(plain_sample)
+        decoded_corr = correlation(decode_linear(sample, table, table_inverse, inside))
+        natural_corr = correlation(_subsample(plain_blocks, dependence_blocks, rng))
+        b = partial_correlation(natural_corr)
     op, passes_done = None, []
     for _ in range(passes if shuffled else 1):
         index = np.arange(n_pos)
         if shuffled:
-            a = dependence(decoded)
+            a = partial_correlation(decoded_corr)
             clock.check("the dependence graphs")
             previous = None if op is None else op.index
             index = place_positions(a, b, block_size, rng, restarts=restarts,
@@ -654,9 +659,9 @@ def estimate_key(
         logger.debug("byte maps done after %.1f s", clock.elapsed())
         if shuffled:  # the next pass reads positions through the fitted maps
             fitted = np.argsort(byte_maps(op), axis=1).astype(np.float32)
-            decoded = fitted[np.arange(n_pos), sample]
+            decoded_corr = correlation(fitted[np.arange(n_pos), sample])
             table_inverse = np.argsort(op.table).astype(np.float64)
-            passes_done.append((_misfit(op, decoded, natural_corr), len(passes_done), op))
+            passes_done.append((_misfit(op, decoded_corr, natural_corr), len(passes_done), op))
     if passes_done:  # a later pass can also land in a worse placement: keep the best fit
         op = min(passes_done)[2]
     assert op is not None
@@ -683,14 +688,13 @@ def estimate_key(
     return Estimate(op, candidates, options)
 
 
-def _misfit(op: BlockOp, decoded: np.ndarray, natural_corr: np.ndarray) -> float:
-    """How far the correlations of the cipher blocks decrypted by ``op`` (``decoded``: every
-    position through its fitted inverse map, still in cipher order) are from natural ones: the
-    mean absolute difference of the two correlation matrices, in plain positions. It needs no
-    key, so the attacker can rank its own estimates with it."""
-    plain = np.empty_like(decoded)
-    plain[:, op.index] = decoded
-    return float(np.abs(correlation(plain) - natural_corr).mean())
+def _misfit(op: BlockOp, decoded_corr: np.ndarray, natural_corr: np.ndarray) -> float:
+    """How far the correlations of the cipher blocks decrypted by ``op`` (``decoded_corr``:
+    every position through its fitted inverse map, still in cipher order) are from natural
+    ones: the mean absolute difference of the two correlation matrices, in plain positions.
+    It needs no key, so the attacker can rank its own estimates with it."""
+    order = np.argsort(op.index)  # plain position -> the cipher position reading it
+    return float(np.abs(decoded_corr[np.ix_(order, order)] - natural_corr).mean())
 
 
 def _subsample(blocks: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:

@@ -15,7 +15,6 @@ estimate that runs past --time-budget-s is recorded as null (not measured), neve
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import platform
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attacks.ciphertext_only import EstimateTimeout, estimate_key
+from attacks.ciphertext_only import MAX_VALUES, EstimateTimeout, estimate_key
 from attacks.frontier import FrontierConfig
 from attacks.keyspace import random_material, to_blocks
 from pipeline import apply_op
@@ -85,8 +84,7 @@ def run(
 
 def capped_blocks(block_size: int) -> int:
     """Leaked blocks the estimate reads at most (its ``max_values`` bytes, L per block)."""
-    max_values = inspect.signature(estimate_key).parameters["max_values"].default
-    return max_values // block_length(block_size)
+    return MAX_VALUES // block_length(block_size)
 
 
 def _round(value: float | None) -> float | None:
