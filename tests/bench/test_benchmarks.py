@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,14 +43,16 @@ def test_bench_make_shards_writes_results(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_make_shards.py"), "--images", "12",
          "--size", "32", "--repeats", "1", "--s3-images", "12", "--s3-repeats", "1",
-         "--out", str(out)],
+         "--s3-shared-repeats", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     for name in ("make_shards_img_s", "naive_img_s", "make_shards_vs_naive_ratio",
-                 "make_shards_s3_vs_local_ratio", "make_shards_s3_img_s"):  # fmt: skip
+                 "make_shards_s3_vs_local_ratio", "make_shards_s3_img_s",
+                 "make_shards_s3_vs_local_ratio_shared_cores"):  # fmt: skip
         assert results[name] > 0
+    assert results["moto_server_cpu_seconds"] >= 0  # a dozen requests can round to 0
     assert all(mb > 50 for mb in results["make_shards_peak_rss_mb"].values())
     assert 0 <= results["encrypt_time_fraction"] < 1  # tiny runs can measure 0 CPU seconds
 
@@ -82,3 +85,21 @@ def test_bench_frontier_writes_results(tmp_path):
     assert results["frontier_m4_estimate_s_at_600_blocks"] > 0
     assert results["frontier_m4_s_per_1e6_blocks_extrapolated"] > 0
     assert "extrapolated" in results["frontier_bench_machine"]
+
+
+def test_s3_bench_runs_the_server_and_make_shards_on_their_own_cores():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_make_shards
+
+    cores = bench_make_shards.split_cores()
+    available = os.sched_getaffinity(0)
+    if len(available) < 2:
+        assert cores is None
+        return
+    client, server = cores
+    assert client | server == available and not client & server and len(server) == 1
+    shown = subprocess.run(
+        [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+        preexec_fn=bench_make_shards.pin(server), capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert shown.stdout.strip() == str(sorted(server))
