@@ -159,6 +159,9 @@ class MotoServer:
                 break
             except OSError:
                 time.sleep(0.2)
+        else:
+            self.proc.terminate()
+            raise RuntimeError(f"moto_server did not start on {url} within 60 s")
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                    AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull,
