@@ -39,6 +39,7 @@ from attacks.report import Row, Spread
 from attacks.weight_matching import WeightMatchingError, recover_key
 from pipeline import BlockOp, KeyFileError, apply_op, decrypt, load_key, paths
 from pipeline.device import DEVICE_CHOICES, model_device, resolve_device
+from pipeline.errors import KeyprotectError
 from pipeline.model.checkpoint import Checkpoint, CheckpointError
 from pipeline.model.evaluation import EvalSet, load_model, load_split, predict, top1
 from pipeline.model.factory import create_model
@@ -60,7 +61,7 @@ SCENARIOS = (
 )
 
 
-class AuditError(ValueError):
+class AuditError(KeyprotectError, ValueError):
     """An audit that cannot run: wrong key for the checkpoint, shards of another key, ..."""
 
 

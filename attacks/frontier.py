@@ -48,6 +48,7 @@ from attacks.keyspace import key_recovery, random_material, to_blocks
 from pipeline import BlockOp, KeyFileError, apply_op
 from pipeline.atomic import atomic_write
 from pipeline.cipher.blockwise import TRANSFORMS, check_block_size, check_transforms
+from pipeline.errors import KeyprotectError
 from pipeline.model.checkpoint import CheckpointError
 from pipeline.offline.sources import SourceError
 from pipeline.shards.manifest import ManifestError
@@ -57,7 +58,7 @@ logger = logging.getLogger("attacks.frontier")
 PARTS = ("permutation", "np_mask", "ffx_mask", "ffx_table", "byte_maps", "key_recovered")
 
 
-class FrontierError(ValueError):
+class FrontierError(KeyprotectError, ValueError):
     """A frontier that cannot run: no images, encrypted shards, a README without the block..."""
 
 

@@ -22,6 +22,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from pipeline import BlockOp
+from pipeline.errors import KeyprotectError
 from pipeline.model.patch import PatchAlignmentError, conv_positions, require_patch_embedding
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 _IDENTITY = np.arange(256, dtype=np.uint8)
 
 
-class WeightMatchingError(ValueError):
+class WeightMatchingError(KeyprotectError, ValueError):
     """A reference model that cannot be matched; the message says why."""
 
 

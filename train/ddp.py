@@ -38,6 +38,7 @@ from pipeline import paths
 from pipeline.atomic import atomic_write
 from pipeline.cipher.keys import KeyFileError, load_key
 from pipeline.device import resolve_device
+from pipeline.errors import KeyprotectError
 from pipeline.model.checkpoint import Checkpoint, CheckpointError, manifest_digest
 from pipeline.model.factory import create_model, parse_model_kwargs
 from pipeline.model.patch import PatchAlignmentError, absorb_key, find_patch_embedding
@@ -82,7 +83,7 @@ class TrainConfig:
     dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective
 
 
-class TrainError(RuntimeError):
+class TrainError(KeyprotectError, RuntimeError):
     """A run that must not start: mismatched shards, a checkpoint from another key, ..."""
 
 

@@ -61,6 +61,7 @@ from pipeline.cipher.blockwise import (
     check_block_size,
     check_transforms,
 )
+from pipeline.errors import KeyprotectError
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ _NAMES = {code: name for name, code in _CODES.items()}
 _DIGEST_BYTES = 32
 
 
-class KeyFileError(ValueError):
+class KeyFileError(KeyprotectError, ValueError):
     """A key file that cannot be used; the message names the file and says what to do."""
 
 

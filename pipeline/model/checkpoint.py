@@ -27,11 +27,12 @@ import timm
 import torch
 
 from pipeline.atomic import atomic_open
+from pipeline.errors import KeyprotectError
 
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KeyprotectError, ValueError):
     """A checkpoint that is missing, damaged, or from another key or data set."""
 
 

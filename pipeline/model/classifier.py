@@ -28,6 +28,7 @@ import torch
 from pipeline.cipher.blockwise import encrypt
 from pipeline.cipher.keys import Key, load_key
 from pipeline.device import model_device, resolve_device
+from pipeline.errors import KeyprotectError
 from pipeline.model.checkpoint import Checkpoint, CheckpointError
 from pipeline.model.evaluation import load_model, predict
 from pipeline.offline.dali import DaliUnavailableError
@@ -37,7 +38,7 @@ from pipeline.stream.crop import centre_crop, check_crop
 logger = logging.getLogger(__name__)
 
 
-class ImageFileError(ValueError):
+class ImageFileError(KeyprotectError, ValueError):
     """An input file that cannot be classified; the message names it and says why."""
 
 

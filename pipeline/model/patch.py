@@ -26,6 +26,7 @@ import torch
 
 from pipeline.cipher.blockwise import BlockOp, KeyMaterial, block_length, encrypt
 from pipeline.cipher.keys import Key
+from pipeline.errors import KeyprotectError
 from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.factory import create_model
 from pipeline.stream.dataset import INPUT_MEAN, INPUT_STD, to_model_input
@@ -33,7 +34,7 @@ from pipeline.stream.dataset import INPUT_MEAN, INPUT_STD, to_model_input
 logger = logging.getLogger(__name__)
 
 
-class PatchAlignmentError(ValueError):
+class PatchAlignmentError(KeyprotectError, ValueError):
     """A model and key that cannot be patch-aligned; the message says why and what to do."""
 
 

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from pipeline import __version__, paths
 from pipeline.cipher.blockwise import encrypt
 from pipeline.cipher.keys import Key
+from pipeline.errors import KeyprotectError
 from pipeline.offline.decode import DEFAULT_MAX_PIXELS, DecodeError, probe
 from pipeline.offline.outlock import OutputLock
 from pipeline.offline.sourcemap import log_rejects, reject_entry, reject_source
@@ -90,7 +91,7 @@ class ShardResult:
     rows: list[list]
 
 
-class ShardBuildError(RuntimeError):
+class ShardBuildError(KeyprotectError, RuntimeError):
     """The run cannot go on (too many rejects, a mismatched existing output, ...)."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import KeyprotectError
 from pipeline.offline.decode import DecodeError
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ INSTALL_HINT = (
 )
 
 
-class DaliUnavailableError(RuntimeError):
+class DaliUnavailableError(KeyprotectError, RuntimeError):
     """DALI is not installed (or cannot load) on this machine."""
 
 

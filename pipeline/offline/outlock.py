@@ -27,6 +27,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from pipeline.errors import KeyprotectError
 from pipeline.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ REFRESH_S = 30.0
 STALE_AFTER_S = 600.0
 
 
-class OutputLockError(RuntimeError):
+class OutputLockError(KeyprotectError, RuntimeError):
     """The output is held by another run (or this run lost it); the message names the holder."""
 
 

@@ -22,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.atomic import atomic_write
 from pipeline.cipher.keys import Key
+from pipeline.errors import KeyprotectError
 from pipeline.offline.sources import SourceItem, listing_digest, select_split
 from pipeline.shards.manifest import (
     Manifest,
@@ -44,7 +45,7 @@ SOURCE_MAP_FIELDS = (
 )
 
 
-class SourceMapError(ValueError):
+class SourceMapError(KeyprotectError, ValueError):
     """A source map that cannot be written; the message names the file and says what to do."""
 
 

@@ -20,13 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import KeyprotectError
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class SourceError(ValueError):
+class SourceError(KeyprotectError, ValueError):
     """A source tree that cannot be used; the message names the path and says what to do."""
 
 

@@ -26,6 +26,8 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from pipeline.errors import KeyprotectError
+
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
@@ -34,7 +36,7 @@ POLL_S = 0.2
 CHECK_EVERY_S = 5.0  # how often check() looks at the heartbeats (the failure flag: every call)
 
 
-class WorkGroupError(RuntimeError):
+class WorkGroupError(KeyprotectError, RuntimeError):
     """Another rank failed or vanished, or the job's store is gone; the message says which."""
 
 

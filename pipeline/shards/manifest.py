@@ -20,6 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pipeline.errors import KeyprotectError
 from pipeline.shards.format import ShardRecord
 from pipeline.storage import Storage
 
@@ -27,7 +28,7 @@ MANIFEST_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 
-class ManifestError(ValueError):
+class ManifestError(KeyprotectError, ValueError):
     """A manifest that is missing, unreadable or inconsistent; the message names it."""
 
 

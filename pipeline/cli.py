@@ -1,0 +1,88 @@
+"""The command-line boundary every tool shares: one parser style, logging, and one runner.
+
+    def main(argv: list[str] | None = None) -> int:
+        args = build_parser().parse_args(argv)
+        return cli.run("make_key", lambda: make_key(...))
+
+``run`` turns a user error (:class:`pipeline.errors.KeyprotectError`) or an OS error at a
+boundary (a missing file, a full disk, an unreachable store) into one line on stderr and exit
+code 2; Ctrl-C into one line (what to run to continue, when the tool can resume) and exit 130;
+anything else is a programming error and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable
+
+from pipeline.errors import KeyprotectError
+
+logger = logging.getLogger("keyprotect")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default shown in its help line."""
+
+
+def build_parser(doc: str | None, **kwargs) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` whose description is ``doc`` (the tool's docstring, with its
+    command lines) and whose help shows every default."""
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, **kwargs)
+
+
+def one_line(text: object) -> str:
+    """``text`` with control characters escaped, so that a name from a file or a checkpoint can
+    neither forge a log line (newline) nor drive the terminal (ANSI escapes)."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def setup_logging(*, rank: int | None = None, world_size: int | None = None) -> None:
+    """INFO from rank 0 (or the one process), WARNING and up from the others, tagged with their
+    rank under torchrun."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format=f"{prefix}%(message)s"
+    )
+
+
+def error_text(exc: BaseException) -> str:
+    """The one line a user error or OS error prints as (without the tool's name)."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return one_line(f"{exc.filename}: {exc.strerror}")
+    return one_line(exc)
+
+
+def run(
+    prog: str,
+    job: Callable[[], int | None],
+    *,
+    interrupted: Callable[[], str] | str | None = None,
+) -> int:
+    """Run ``job``; return its exit code (0 for None), 2 for a user error, 130 for Ctrl-C.
+
+    ``interrupted`` is what to tell the user after Ctrl-C (e.g. the exact command that
+    resumes), or a callable that returns it when asked.
+    """
+    try:
+        code = job()
+    except KeyprotectError as exc:
+        logger.error("%s: error: %s", prog, error_text(exc))
+        return EXIT_USER_ERROR
+    except OSError as exc:  # a file in the way, disk full, permission denied, store unreachable
+        logger.error("%s: error: %s", prog, error_text(exc))
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        hint = interrupted() if callable(interrupted) else interrupted
+        logger.error("%s: interrupted%s", prog, f"; {hint}" if hint else "")
+        return EXIT_INTERRUPTED
+    return 0 if code is None else int(code)
