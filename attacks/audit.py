@@ -142,9 +142,9 @@ class Outcome:
 
 
 def prepare(config: AuditConfig) -> Audit:
-    key = load_key(config.key)
     device = resolve_device(config.device)
     model, saved = load_model(config.checkpoint, device)
+    key = load_key(config.key, expected=saved.key_fingerprint)
     if saved.key_fingerprint is None:
         raise AuditError(f"{config.checkpoint}: a model trained on plain data has no key to audit")
     if saved.key_fingerprint != key.fingerprint:

@@ -19,14 +19,18 @@ from collections.abc import Callable
 
 from pipeline.errors import KeyprotectError
 
-logger = logging.getLogger("keyprotect")
-
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default shown in its help line."""
+    """The module docstring as written, and every option's default shown in its help line
+    (flags that are off and options whose help says what leaving them out means excepted)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser(doc: str | None, **kwargs) -> argparse.ArgumentParser:
@@ -73,6 +77,7 @@ def run(
     ``interrupted`` is what to tell the user after Ctrl-C (e.g. the exact command that
     resumes), or a callable that returns it when asked.
     """
+    logger = logging.getLogger(prog)  # the tool's own logger, as its other lines use
     try:
         code = job()
     except KeyprotectError as exc:

@@ -22,12 +22,14 @@ public pre-trained model, everyone) recovers the key by matching the two patch e
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
 
-from pipeline.cipher.keys import KeyFileError, load_key
-from pipeline.model.checkpoint import Checkpoint, CheckpointError
+from pipeline import cli
+from pipeline.cipher.keys import load_key
+from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.patch import PatchAlignmentError, absorb_checkpoint
 
 logger = logging.getLogger("absorb_key")
@@ -37,9 +39,7 @@ TOLERANCE = 1e-3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.build_parser(__doc__)
     parser.add_argument("--checkpoint", required=True, help="a plain model's checkpoint.pt")
     parser.add_argument("--key", required=True, help="key file (block size = patch size)")
     parser.add_argument("--out", required=True, help="the protected checkpoint to write")
@@ -47,32 +47,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        out = Path(args.out)
-        if out.exists() and not args.force:
-            raise FileExistsError(f"{out}: exists; choose another --out or pass --force")
-        key = load_key(args.key)
-        saved = Checkpoint.load(args.checkpoint)
-        absorbed, summary = absorb_checkpoint(saved, key, source=args.checkpoint)
-        if not summary["max_logit_error"] < TOLERANCE:
-            raise PatchAlignmentError(
-                f"{args.checkpoint}: the absorbed model differs from the plain one by up to "
-                f"{summary['max_logit_error']:.3g} in its logits; not written"
-            )
-        absorbed.save(out)
-    except (CheckpointError, KeyFileError, PatchAlignmentError, ValueError, OSError) as exc:
-        logger.error("absorb_key: error: %s", exc)
-        return 2
+def absorb(checkpoint: str, key_file: str, out: str, *, force: bool) -> None:
+    """Write the protected checkpoint ``out``: ``checkpoint``'s model with the key absorbed."""
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise FileExistsError(
+            errno.EEXIST, "exists; choose another --out or pass --force to replace it", out
+        )
+    key = load_key(key_file)
+    saved = Checkpoint.load(checkpoint)
+    absorbed, summary = absorb_checkpoint(saved, key, source=checkpoint)
+    if not summary["max_logit_error"] < TOLERANCE:
+        raise PatchAlignmentError(
+            f"{checkpoint}: the absorbed model differs from the plain one by up to "
+            f"{summary['max_logit_error']:.3g} in its logits; not written"
+        )
+    absorbed.save(out_path)
     logger.info(
         "absorb_key: key %s (block size %d, %s) absorbed into %s of %s; largest logit change "
         "on encrypted random images %.1e; wrote %s",
         key.fingerprint, key.block_size, "+".join(key.transforms), summary["layer"],
-        saved.model_name, summary["max_logit_error"], out,
+        saved.model_name, summary["max_logit_error"], out_path,
     )  # fmt: skip
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli.setup_logging()
+    args = build_parser().parse_args(argv)
+    return cli.run(
+        "absorb_key", lambda: absorb(args.checkpoint, args.key, args.out, force=args.force)
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from pipeline import Key, KeyFileError, decrypt, encrypt, load_key
+from pipeline import Key, cli, decrypt, encrypt, load_key
 from pipeline.viz import save_image_grid
 
 logger = logging.getLogger("encryption_grid")
@@ -47,22 +47,19 @@ def sample_images(photo_size: int, digit_size: int, n_digits: int) -> list[tuple
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.build_parser(__doc__)
     parser.add_argument("--key", required=True, help="key file (from tools/make_key.py)")
     parser.add_argument("--out", default="runs/demo/encryption_grid.png", help="PNG to write")
     parser.add_argument("--digits", type=int, default=3, help="how many digits to show")
-    args = parser.parse_args(argv)
-    try:
-        key = load_key(args.key)
-    except KeyFileError as exc:
-        logger.error("encryption_grid: error: %s", exc)
-        return 2
+    return parser
+
+
+def encryption_grid(key_file: str, out: str, *, digits: int) -> int:
+    """Write the grid; 0 when every image decrypts back exactly, else 1."""
+    key = load_key(key_file)
     m = key.block_size
-    images = sample_images(_round_up(224, m), _round_up(64, m), args.digits)
+    images = sample_images(_round_up(224, m), _round_up(64, m), digits)
     wrong = Key.generate(key.block_size, key.transforms)
     rows, exact = [], 0
     for _, img in images:
@@ -70,20 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         dec = decrypt(enc, key)
         exact += int(np.array_equal(dec, img))
         rows.append([img, enc, dec, decrypt(enc, wrong)])
-    try:
-        save_image_grid(
-            rows,
-            args.out,
-            col_titles=["plain", f"encrypted (M={m})", "decrypted, key", "decrypted, wrong key"],
-            row_titles=[name for name, _ in images],
-        )
-    except OSError as exc:  # a folder or file in the way, disk full, permission denied
-        logger.error("encryption_grid: error: cannot write %s: %s", args.out, exc)
-        return 2
+    save_image_grid(
+        rows,
+        out,
+        col_titles=["plain", f"encrypted (M={m})", "decrypted, key", "decrypted, wrong key"],
+        row_titles=[name for name, _ in images],
+    )
     logger.info(
         "wrote %s: %d images encrypted with key %s (M=%d, %s); decrypt(encrypt(x)) == x "
         "exactly for %d/%d",
-        args.out,
+        out,
         len(images),
         key.fingerprint,
         m,
@@ -92,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         len(images),
     )
     return 0 if exact == len(images) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli.setup_logging()
+    args = build_parser().parse_args(argv)
+    return cli.run(
+        "encryption_grid", lambda: encryption_grid(args.key, args.out, digits=args.digits)
+    )
 
 
 if __name__ == "__main__":

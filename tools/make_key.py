@@ -16,8 +16,9 @@ import json
 import logging
 import sys
 
-from pipeline.cipher.blockwise import TRANSFORMS, check_transforms
-from pipeline.cipher.keys import Key, KeyFileError, load_key, save_key
+from pipeline import cli
+from pipeline.cipher.blockwise import TRANSFORMS, check_block_size, check_transforms
+from pipeline.cipher.keys import Key, load_key, save_key
 
 logger = logging.getLogger("make_key")
 
@@ -31,18 +32,14 @@ def parse_transforms(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.build_parser(__doc__)
     parser.add_argument("path", help="key file to write (or to read, with --inspect)")
-    parser.add_argument(
-        "--block-size", type=int, default=4, help="block size M, in pixels (default 4)"
-    )
+    parser.add_argument("--block-size", type=int, default=4, help="block size M, in pixels")
     parser.add_argument(
         "--transforms",
         type=parse_transforms,
-        default=TRANSFORMS,
-        help="ordered, comma-separated subset of shuffle,np,ffx (default shuffle,np,ffx)",
+        default=",".join(TRANSFORMS),
+        help="ordered, comma-separated subset of shuffle,np,ffx",
     )
     parser.add_argument("--force", action="store_true", help="overwrite an existing key file")
     parser.add_argument(
@@ -51,29 +48,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        if args.inspect:
-            print(json.dumps(load_key(args.path).inspect()))
-            return 0
-        key = Key.generate(block_size=args.block_size, transforms=args.transforms)
-        save_key(key, args.path, overwrite=args.force)
-    except (KeyFileError, FileExistsError, ValueError, OSError) as exc:
-        logger.error("make_key: error: %s", exc)
-        return 2
+def make_key(path: str, *, block_size: int, transforms: tuple[str, ...], force: bool) -> None:
+    key = Key.generate(block_size=block_size, transforms=transforms)
+    save_key(key, path, overwrite=force)
     bits = key.key_space_bits()
     logger.info(
         "wrote %s: fingerprint %s, block size %d, transforms %s, key space 2^%.0f "
         "(secret 2^256). Back it up: models trained with it need it.",
-        args.path,
+        path,
         key.fingerprint,
         key.block_size,
         ",".join(key.transforms),
         bits["total"],
     )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli.setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        check_block_size(args.block_size)
+    except ValueError as exc:
+        build_parser().error(f"--block-size: {exc}")
+    if args.inspect:
+        return cli.run("make_key", lambda: print(json.dumps(load_key(args.path).inspect())))
+    return cli.run(
+        "make_key",
+        lambda: make_key(
+            args.path, block_size=args.block_size, transforms=args.transforms, force=args.force
+        ),
+    )
 
 
 if __name__ == "__main__":

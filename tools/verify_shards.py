@@ -5,7 +5,7 @@
 
 Checks each shard's SHA-256, byte size and sample count, and that every sample holds an image of
 the manifest's shape and a valid class. Exit 0 only if everything holds; otherwise each bad
-shard is named and the exit code is 1.
+shard is named and the exit code is 1 (2 for a bad argument or an unreadable store).
 """
 
 from __future__ import annotations
@@ -14,29 +14,30 @@ import argparse
 import logging
 import sys
 
-from pipeline import paths
+from pipeline import cli, paths
 from pipeline.shards.verify import verify_shards
 
 logger = logging.getLogger("verify_shards")
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.build_parser(__doc__)
     parser.add_argument(
         "out",
         nargs="?",
         default=paths.SHARDS,
-        help=f"shard folder or URL, as given to make_shards.py --out (default {paths.SHARDS})",
+        help="shard folder or URL, as given to make_shards.py --out",
     )
-    parser.add_argument("--split", choices=["train", "val", "all"], default="all")
-    args = parser.parse_args(argv)
-    splits = ("train", "val") if args.split == "all" else (args.split,)
-    report = verify_shards(args.out, splits)
+    parser.add_argument(
+        "--split", choices=["train", "val", "all"], default="all", help="which split to check"
+    )
+    return parser
+
+
+def verify(out: str, splits: tuple[str, ...]) -> int:
+    report = verify_shards(out, splits)
     for problem in report.problems:
-        logger.error("BAD %s", problem)
+        logger.error("BAD %s", cli.one_line(problem))
     logger.info(
         "verify_shards: %d shards, %d samples checked, %d problem(s): %s",
         report.checked_shards,
@@ -45,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         "OK" if report.ok else "FAILED",
     )
     return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli.setup_logging()
+    args = build_parser().parse_args(argv)
+    splits = ("train", "val") if args.split == "all" else (args.split,)
+    return cli.run("verify_shards", lambda: verify(args.out, splits))
 
 
 if __name__ == "__main__":

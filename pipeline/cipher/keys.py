@@ -269,12 +269,22 @@ class Key:
         return info
 
 
-def load_key(path: str | os.PathLike) -> Key:
-    """Read a key file; a missing, wrong or damaged file raises ``KeyFileError`` naming it."""
+def load_key(path: str | os.PathLike, *, expected: str | None = None) -> Key:
+    """Read a key file; a missing, wrong or damaged file raises ``KeyFileError`` naming it.
+
+    ``expected``: the fingerprint of the key a model or shards were made with, when the key is
+    loaded to open them. A missing file then says so, instead of suggesting a new key (which
+    could not open them).
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        if expected is not None:
+            raise KeyFileError(
+                f"{path}: key file not found; this needs the key it was made with (fingerprint "
+                f"{expected}): pass that key file. A new key cannot open it"
+            ) from None
         raise KeyFileError(
             f"{path}: key file not found; make one with `python tools/make_key.py {path}`"
         ) from None
@@ -291,13 +301,14 @@ def save_key(key: Key, path: str | os.PathLike, *, overwrite: bool = False) -> P
     if path.exists() and not overwrite:
         raise FileExistsError(
             f"{path}: a key file already exists; losing a key loses every model trained with it. "
-            "Choose another path, or pass --force / overwrite=True to replace it"
+            "Choose another path, or replace it on purpose with `make_key.py --force`"
         )
     try:
         atomic_write(path, key.to_bytes(), perm=0o600, exclusive=not overwrite)
     except FileExistsError:  # the name was taken meanwhile
         raise FileExistsError(
-            f"{path}: a key file already exists; pass --force to replace it"
+            f"{path}: a key file already exists; choose another path, or replace it on purpose "
+            "with `make_key.py --force`"
         ) from None
     logger.debug("wrote key %s to %s", key.fingerprint, path)
     return path

@@ -120,6 +120,10 @@ def read_images_dali(
     return np.stack(decoded)
 
 
+# inputs whose longer side is this many times the stored side get a remark in predict
+FAR_SIZE_FACTOR = 4
+
+
 class ProtectedClassifier:
     """A trained model (eval mode) with the key its inputs are encrypted with."""
 
@@ -157,9 +161,9 @@ class ProtectedClassifier:
     ) -> ProtectedClassifier:
         """The model of ``checkpoint`` with ``key`` (a ``Key`` or a key file; None: plain), on
         ``device`` (``auto``, ``cpu``, ``cuda[:N]``)."""
-        if key is not None and not isinstance(key, Key):
-            key = load_key(key)
         model, saved = load_model(checkpoint, device)
+        if key is not None and not isinstance(key, Key):
+            key = load_key(key, expected=saved.key_fingerprint)
         return cls(model, saved, key, checkpoint=str(checkpoint))
 
     @property
@@ -185,6 +189,35 @@ class ProtectedClassifier:
                 logger.warning("DALI is not installed; decoding with PIL instead (within about "
                                "a grey level of DALI's output)")  # fmt: skip
         return np.stack([read_image(p, size, max_pixels=max_pixels) for p in paths])
+
+    def remarks(self, paths: Sequence[str | os.PathLike]) -> list[str | None]:
+        """Per file, a remark when it is far from what the model was trained on, else None.
+
+        The rule: the file's shorter side is under half, or its longer side over
+        ``FAR_SIZE_FACTOR`` times, the stored side of the training images (they were decoded
+        from files of about that size, or resized from larger photos by at most that factor
+        in the embedded data). The checkpoint records the stored shape, not the training
+        set's colour statistics, so size is what is checked.
+        """
+        from PIL import Image
+
+        side = self.stored_size
+        out: list[str | None] = []
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+            except Exception:  # read_files names undecodable files; no remark here
+                out.append(None)
+                continue
+            if min(width, height) * 2 < side or max(width, height) > FAR_SIZE_FACTOR * side:
+                out.append(
+                    f"{width}x{height} is far from the {side}x{side} images this model was "
+                    "trained on: the prediction may mean little"
+                )
+            else:
+                out.append(None)
+        return out
 
     def logits(self, images: np.ndarray | torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
         """Float32 logits, N x classes, for plain uint8 NHWC images at the stored size: the

@@ -597,21 +597,40 @@ def _finished_and_same(
         return True
     if not overwrite:
         raise ShardBuildError(
-            f"{storage.uri(manifest_name(split))}: finished shards made with different options "
-            f"or key are there ({_diff(existing.to_json(), identity.to_json())}); pass "
-            "--overwrite to replace them, or choose another --out"
+            f"{storage.uri(manifest_name(split))}: finished shards made differently are there: "
+            f"{_diff(existing.to_json(), identity.to_json())}. Pass --overwrite to replace "
+            "them, or choose another --out"
         )
     _remove_split(storage, split, _State(storage, split))
     return False
 
 
 def _diff(old: dict, new: dict) -> str:
-    keys = [k for k in new if old.get(k) != new.get(k)]
+    """What differs between the output that is there and this run, in words."""
+    said = []
+    old_key, new_key = old.get("key_fingerprint"), new.get("key_fingerprint")
+    if old_key != new_key:
+        there = f"encrypted with key {old_key}" if old_key else "plain (no key)"
+        asked = f"key {new_key}" if new_key else "--plain"
+        said.append(f"they are {there}, this run has {asked}")
+    elif old.get("block_size") != new.get("block_size") or old.get("transforms") != new.get(
+        "transforms"
+    ):
+        said.append("the key's block size or transforms differ")
+    if old.get("source_digest") != new.get("source_digest"):
+        said.append(
+            "the source images differ (other files under --src, or another selection: "
+            "--per-class, --fraction, --seed, --classes)"
+        )
+    if old.get("classes") != new.get("classes"):
+        said.append("the class list differs")
     opts = old.get("options", {}), new.get("options", {})
-    if "options" in keys:
-        keys.remove("options")
-        keys += [f"options.{k}" for k in opts[1] if opts[0].get(k) != opts[1].get(k)]
-    return "differs in " + ", ".join(keys)
+    said += [
+        f"{k} was {opts[0].get(k)!r}, this run has {opts[1].get(k)!r}"
+        for k in opts[1]
+        if opts[0].get(k) != opts[1].get(k)
+    ]
+    return "; ".join(said)
 
 
 def _remove_split(storage: Storage, split: str, state: _State) -> None:

@@ -184,15 +184,41 @@ def check_names(manifest: Manifest, source: str = "<manifest>") -> None:
         )
 
 
+def why_no_manifest(storage: Storage, split: str) -> str:
+    """Why ``split`` has no manifest under ``storage``, in words that send the user the right
+    way: no such folder, an image tree meant for make_shards --src, or a folder of shards
+    whose run has not finished."""
+    name = manifest_name(split)
+    names = storage.list()
+    if not names:
+        return (
+            f"{storage.url}: no such folder (or an empty one); pass the --out of a finished "
+            "tools/make_shards.py run"
+        )
+    if split in names and not any(n.endswith(".tar") for n in names):
+        return (
+            f"{storage.url}: an image tree ({split}/<class>/...), not shards; make shards from "
+            f"it with `python tools/make_shards.py --src {storage.url} --key KEY --out SHARDS`, "
+            "then pass SHARDS"
+        )
+    if any(n.startswith(f"{split}-") for n in names):
+        return (
+            f"{storage.uri(name)}: no manifest beside the {split} shards: their make_shards run "
+            "has not finished (the manifest is written last); rerun it with the same arguments "
+            "to resume"
+        )
+    return (
+        f"{storage.uri(name)}: no manifest; this folder holds no {split} shards. Make them with "
+        "tools/make_shards.py, or pass the folder that make_shards wrote (its --out)"
+    )
+
+
 def load_manifest(storage: Storage, split: str) -> Manifest:
     name = manifest_name(split)
     try:
         text = storage.read_bytes(name).decode("utf-8")
-    except FileNotFoundError:
-        raise ManifestError(
-            f"{storage.uri(name)}: no manifest; make the shards with tools/make_shards.py "
-            "(the manifest is written last, so its absence also means an unfinished run)"
-        ) from None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ManifestError(why_no_manifest(storage, split)) from None
     except UnicodeDecodeError:
         raise ManifestError(f"{storage.uri(name)}: manifest is not UTF-8 text") from None
     manifest = Manifest.from_json(text, source=storage.uri(name))

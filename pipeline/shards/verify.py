@@ -10,7 +10,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pipeline.shards.format import SAMPLE_EXTENSIONS, ShardRecord, index_name
-from pipeline.shards.manifest import Manifest, ManifestError, load_manifest, manifest_name
+from pipeline.shards.manifest import (
+    Manifest,
+    ManifestError,
+    load_manifest,
+    manifest_name,
+    why_no_manifest,
+)
 from pipeline.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -143,10 +149,7 @@ def verify_shards(url: str, splits: tuple[str, ...] = ("train", "val")) -> Verif
     storage, report = Storage(url), VerifyReport()
     found = [s for s in splits if storage.exists(manifest_name(s))]
     if not found:
-        report.problems.append(
-            f"{url}: no manifest ({', '.join(manifest_name(s) for s in splits)}); "
-            "an unfinished or missing make_shards run"
-        )
+        report.problems.append(why_no_manifest(storage, splits[0]))
         return report
     for split in found:
         try:
