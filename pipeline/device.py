@@ -7,6 +7,8 @@ import re
 
 import torch
 
+from pipeline.errors import ConfigError
+
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
 
@@ -26,12 +28,12 @@ def resolve_device(
         return torch.device("cpu")
     match = re.fullmatch(r"cuda(?::(\d+))?", text)
     if match is None:
-        raise ValueError(f"device {name!r} is not one of {DEVICE_CHOICES}")
+        raise ConfigError(f"device {name!r} is not one of {DEVICE_CHOICES}")
     if not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: no CUDA device is visible here; use cpu or auto")
+        raise ConfigError(f"device {name!r}: no CUDA device is visible here; use cpu or auto")
     index = int(match.group(1) or (local_rank or 0))
     if index >= torch.cuda.device_count():
-        raise ValueError(
+        raise ConfigError(
             f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here "
             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
         )

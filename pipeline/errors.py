@@ -15,3 +15,8 @@ from __future__ import annotations
 
 class KeyprotectError(Exception):
     """An error the user can cause and fix; the message names the input and what to do."""
+
+
+class ConfigError(KeyprotectError, ValueError):
+    """A setting (an option, an argument) that cannot work: names it, its value, and what is
+    allowed."""

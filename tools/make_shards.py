@@ -15,59 +15,72 @@ with the same bytes. Rejected files (unreadable, truncated, too large) are named
 listed in the manifest (by sample key only, when encrypted); more than --max-reject-fraction of
 them fails the run. Encrypted shards name no source file: --source-map writes the owner's
 sample-to-source table (mode 0600; keep it with the key), also for output made earlier with the
-same arguments. One run at a time writes an output (OUT/_lock.json names the holder).
+same arguments. One run at a time writes an output (OUT/_lock.json names the holder). Ctrl-C
+stops it with one line that says what was kept and the command that resumes.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import shlex
 import sys
 
-from pipeline import paths
-from pipeline.cipher.keys import KeyFileError, load_key
-from pipeline.offline.build import BuildStats, ShardBuildError, ShardConfig, build_shards
-from pipeline.offline.dali import DaliUnavailableError
+from pipeline import cli, paths
+from pipeline.cipher.keys import load_key
+from pipeline.offline.build import ShardConfig
 from pipeline.offline.decode import DEFAULT_MAX_PIXELS
-from pipeline.offline.digits import write_digits_tree
-from pipeline.offline.outlock import OutputLockError
-from pipeline.offline.sourcemap import SourceMapError, check_location, write_source_map
-from pipeline.offline.sources import SPLITS, SourceError
-from pipeline.offline.workgroup import WorkGroup, WorkGroupError
-from pipeline.shards.manifest import ManifestError
+from pipeline.offline.job import ShardJob, resolve_sources
+from pipeline.offline.sources import SPLITS
+from pipeline.offline.workgroup import WorkGroup
 
-logger = logging.getLogger("make_shards")
+# --device: one vocabulary across tools (auto|cpu|cuda); "gpu" is still read, as cuda. The
+# manifest keeps recording the decode device as it always has ("cpu"/"gpu").
+DEVICE_NAMES = {"auto": "auto", "cpu": "cpu", "cuda": "gpu", "gpu": "gpu"}
 
-EMBEDDED_SIZE = 64  # the digits' stored size: fine-tuning on a CPU takes minutes
-EMBEDDED_SHARD_SIZE = "256"  # several shards per split, so ranks x workers all get some
+
+def device_name(text: str) -> str:
+    if text not in DEVICE_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of auto, cpu, cuda")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = cli.build_parser(__doc__)
     p.add_argument("--key", help="key file (tools/make_key.py); required unless --plain")
     p.add_argument("--plain", action="store_true", help="write unencrypted shards (baseline)")
-    p.add_argument("--src", help="ImageNet-style root SRC/{train,val}/<class>/*; default: digits")
     p.add_argument(
-        "--out", default=paths.SHARDS, help=f"output folder or fsspec URL (default {paths.SHARDS})"
+        "--src",
+        help="ImageNet-style root SRC/{train,val}/<class>/*; left out: the embedded digits",
     )
-    p.add_argument("--split", choices=[*SPLITS, "all"], default="all")
-    p.add_argument("--size", type=int, help="stored image size (default 224; 64 for the digits)")
-    p.add_argument("--per-class", type=int, help="keep at most N images per class")
-    p.add_argument("--fraction", type=float, help="keep this fraction of each class (0..1]")
+    p.add_argument("--out", default=paths.SHARDS, help="output folder or fsspec URL")
+    p.add_argument(
+        "--split", choices=[*SPLITS, "all"], default="all", help="which split(s) to make"
+    )
+    p.add_argument(
+        "--size", type=int, help="stored image side in pixels; left out: 224 (64 for the digits)"
+    )
+    p.add_argument("--per-class", type=int, help="keep at most N images per class; left out: all")
+    p.add_argument(
+        "--fraction", type=float, help="keep this fraction (0..1] of each class; left out: all"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the subset choice and order")
-    p.add_argument("--classes", help="file listing class folder names in label order")
     p.add_argument(
-        "--shard-size", help="samples per shard, or bytes: 200MB (default 1000; 256 for digits)"
+        "--classes", help="file listing class folder names in label order; left out: sorted"
     )
-    p.add_argument("--decoder", choices=["dali", "pil"], default="dali")
+    p.add_argument(
+        "--shard-size",
+        help="samples per shard, or bytes such as 200MB; left out: 1000 (256 for the digits)",
+    )
+    p.add_argument(
+        "--decoder", choices=["dali", "pil"], default="dali", help="image decoder (PIL: CPU only)"
+    )
     p.add_argument(
         "--device",
-        choices=["auto", "cpu", "gpu"],
+        type=device_name,
         default="auto",
-        help="where DALI decodes (gpu: this rank's GPU, LOCAL_RANK; auto: gpu when CUDA is there)",
+        metavar="{auto,cpu,cuda}",
+        help="where DALI decodes (cuda: this rank's GPU, LOCAL_RANK; auto: cuda when there)",
     )
     p.add_argument(
         "--encrypt-device",
@@ -76,8 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         "decoding with encryption on a GPU (under torchrun cuda is the rank's GPU); the bytes "
         "are the same",
     )
-    p.add_argument("--max-reject-fraction", type=float, default=0.01)
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=0.01,
+        help="fail the run when more than this fraction of a split's files cannot be decoded",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="reject images larger than this (width x height) before decoding them",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images decoded per batch")
     p.add_argument("--threads", type=int, default=2, help="decoder threads")
     p.add_argument("--overwrite", action="store_true", help="replace shards made differently")
@@ -95,23 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ShardConfig:
-    src, size, shard_size = args.src, args.size, args.shard_size
-    if src is None:
-        src = str(write_digits_tree(size=EMBEDDED_SIZE))
-        size = size or EMBEDDED_SIZE
-        shard_size = shard_size or EMBEDDED_SHARD_SIZE
+    src, size, shard_size = resolve_sources(args.src, args.size, args.shard_size)
     return ShardConfig(
         src=src,
         out=args.out,
         splits=SPLITS if args.split == "all" else (args.split,),
-        size=size or 224,
+        size=size,
         per_class=args.per_class,
         fraction=args.fraction,
         seed=args.seed,
         classes_file=args.classes,
-        shard_size=shard_size or "1000",
+        shard_size=shard_size,
         decoder=args.decoder,
-        device=args.device,
+        device=DEVICE_NAMES[args.device],
         encrypt_device=args.encrypt_device,
         plain=args.plain,
         max_reject_fraction=args.max_reject_fraction,
@@ -123,64 +142,38 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
     )
 
 
+def resume_command(argv: list[str] | None) -> str:
+    """The command line that resumes this run: the same one (under torchrun, its own)."""
+    args = sys.argv[1:] if argv is None else argv
+    launcher = "torchrun ... " if "TORCHELASTIC_RUN_ID" in os.environ else "python "
+    return launcher + shlex.join(["tools/make_shards.py", *args])
+
+
 def main(argv: list[str] | None = None) -> int:
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    # under torchrun: progress from rank 0, warnings and errors from every rank, tagged
-    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING, format=f"{prefix}%(message)s"
-    )
+    cli.setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.plain == bool(args.key):
         parser.error("pass --key FILE to encrypt, or --plain for unencrypted shards (not both)")
-    stats = BuildStats()
-    group = None
-    try:
-        if args.source_map:  # before any work
-            check_location(args.source_map, args.out)
+    job: ShardJob | None = None
+    group: WorkGroup | None = None
+
+    def make() -> None:
+        nonlocal job, group
         key = None if args.plain else load_key(args.key)
-        config = config_from_args(args)
+        job = ShardJob(config_from_args(args), key, source_map=args.source_map)
         group = WorkGroup.from_env()
-        manifests = build_shards(config, key, stats=stats, group=group)
-        if args.source_map and group.is_primary:  # rank 0, once every split is finished
-            write_source_map(args.source_map, src=config.src, out=config.out, key=key,
-                             splits=config.splits, classes_file=config.classes_file)  # fmt: skip
-    except (
-        KeyFileError,
-        SourceError,
-        SourceMapError,
-        ShardBuildError,
-        ManifestError,
-        DaliUnavailableError,
-        OutputLockError,
-        WorkGroupError,
-        OSError,  # a file where --out's folder goes, disk full, permission denied
-        ValueError,
-    ) as exc:
-        logger.error("make_shards: error: %s", exc)
-        return 2
+        job.run(group)
+
+    def interrupted() -> str:
+        done = job.progress() if job is not None else "nothing was written yet"
+        return f"{done}; to resume, run the same command again: {resume_command(argv)}"
+
+    try:
+        return cli.run("make_shards", make, interrupted=interrupted)
     finally:
         if group is not None:
             group.close()
-    if not group.is_primary:
-        logger.debug("make_shards: rank %d made %d images", group.rank, stats.images)
-        return 0
-    by = f" by rank 0 of {group.world_size}" if group.world_size > 1 else ""
-    logger.info(
-        "make_shards: %d images in %d shards (%d made now%s, %.0f img/s), %d rejected, "
-        "%.1f MB at %s (%s)",
-        sum(m.total_samples for m in manifests.values()),
-        sum(len(m.shards) for m in manifests.values()),
-        stats.images,
-        by,
-        stats.images / max(stats.seconds, 1e-9),
-        sum(len(m.rejects) for m in manifests.values()),
-        sum(m.total_bytes for m in manifests.values()) / 1e6,
-        args.out,
-        "plain" if key is None else f"key {key.fingerprint}",
-    )
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 import timm
 import torch
 
+from pipeline.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 PACKAGED = "package"
@@ -31,17 +33,17 @@ def check_model_kwargs(kwargs: Mapping | None, source: str = "model_kwargs") -> 
     """Architecture arguments for timm, checked: identifiers mapped to numbers, booleans or
     bare names (letters, digits, ``_`` and ``-``: no path, URL or hub name fits)."""
     if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise ValueError(f"{source}: expected NAME=VALUE pairs, got a {type(kwargs).__name__}")
+        raise ConfigError(f"{source}: expected NAME=VALUE pairs, got a {type(kwargs).__name__}")
     out = {}
     for name, value in (kwargs or {}).items():
         if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"{source}: {name!r} is not an argument name")
+            raise ConfigError(f"{source}: {name!r} is not an argument name")
         if name.startswith("pretrained") or name in _RESERVED_KWARGS:
-            raise ValueError(f"{source}: {name!r} may not be set here (weights come from "
+            raise ConfigError(f"{source}: {name!r} may not be set here (weights come from "
                              "--pretrained; the class count from the shards)")  # fmt: skip
         bare = isinstance(value, str) and value.replace("-", "_").isidentifier()
         if not (isinstance(value, (int, float, bool)) or bare):
-            raise ValueError(f"{source}: {name}={value!r} must be a number, a boolean or a name")
+            raise ConfigError(f"{source}: {name}={value!r} must be a number, a boolean or a name")
         out[name] = value
     return out
 
@@ -52,7 +54,7 @@ def parse_model_kwargs(text: str) -> dict:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"model kwargs: {item!r} is not NAME=VALUE")
+            raise ConfigError(f"model kwargs: {item!r} is not NAME=VALUE")
         low = raw.strip().lower()
         if low in ("true", "false"):
             value: int | float | bool = low == "true"
@@ -70,7 +72,7 @@ def parse_model_kwargs(text: str) -> dict:
 
 def packaged_weights_path(model_name: str) -> Path:
     if model_name != "tf_efficientnet_lite0":
-        raise ValueError(
+        raise ConfigError(
             f"no packaged weights for {model_name!r} (only tf_efficientnet_lite0 has them); "
             "pass --pretrained PATH to a checkpoint file, 'hub' to let timm download, or 'none'"
         )
@@ -83,11 +85,11 @@ def load_state_by_position(model: torch.nn.Module, state: dict, source: str) -> 
     """Load tensors in order when the names differ but the architecture is the same."""
     target = model.state_dict()
     if len(state) != len(target):
-        raise ValueError(f"{source}: {len(state)} tensors, the model has {len(target)}")
+        raise ConfigError(f"{source}: {len(state)} tensors, the model has {len(target)}")
     mapped = {}
     for (name, tensor), (own, want) in zip(state.items(), target.items(), strict=True):
         if tensor.shape != want.shape:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)}, model's {own} "
                 f"expects {tuple(want.shape)}"
             )

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from pipeline import __version__, paths
 from pipeline.cipher.blockwise import encrypt
 from pipeline.cipher.keys import Key
-from pipeline.errors import KeyprotectError
+from pipeline.errors import ConfigError, KeyprotectError
 from pipeline.offline.decode import DEFAULT_MAX_PIXELS, DecodeError, probe
 from pipeline.offline.outlock import OutputLock
 from pipeline.offline.sourcemap import log_rejects, reject_entry, reject_source
@@ -75,6 +75,7 @@ class BuildStats:
     """What a run did, for the summary line and the benchmark."""
 
     images: int = 0
+    shards: int = 0  # shards made by this run (not those a resume found finished)
     encrypt_seconds: float = 0.0  # wall-clock seconds inside encryption (other stages overlap)
     encrypt_cpu_seconds: float = 0.0  # CPU seconds of the encrypting thread while encrypting
     seconds: float = 0.0  # wall-clock seconds of the whole run
@@ -141,14 +142,14 @@ def samples_per_shard(shard_size: str, sample_bytes: int) -> int:
     """``"1000"`` -> 1000 samples; ``"200MB"`` -> as many samples as fit in 200 MB."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?i?[bB])?\s*", str(shard_size))
     if not match:
-        raise ValueError(
+        raise ConfigError(
             f"--shard-size {shard_size!r} is neither a sample count (e.g. 1000) nor a size "
             "(e.g. 200MB, 1GB)"
         )
     number, unit = float(match.group(1)), match.group(2)
     if unit is None:
         if number < 1 or number != int(number):
-            raise ValueError(f"--shard-size {shard_size!r} must be a whole number of samples >= 1")
+            raise ConfigError(f"--shard-size {shard_size!r} must be a whole number of samples >= 1")
         return int(number)
     scale = {"b": 1, "k": 1e3, "m": 1e6, "g": 1e9}[unit[0].lower()]
     if "i" in unit.lower():
@@ -159,10 +160,10 @@ def samples_per_shard(shard_size: str, sample_bytes: int) -> int:
 def decode_device(device: str, decoder: str) -> str:
     """Where decoding runs ("cpu" or "gpu"); it shapes the bytes, so the manifest records it."""
     if device not in ("auto", "cpu", "gpu"):
-        raise ValueError(f"--device {device!r} must be one of auto, cpu, gpu")
+        raise ConfigError(f"--device {device!r} must be one of auto, cpu, gpu")
     if decoder == "pil":
         if device == "gpu":
-            raise ValueError(
+            raise ConfigError(
                 "--decoder pil decodes on the CPU; use --decoder dali for --device gpu (or "
                 "--encrypt-device cuda to encrypt on the GPU)"
             )
@@ -182,7 +183,7 @@ def encryption_device(encrypt_device: str, decoding_on: str, local_rank: int) ->
         import torch
 
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(
+            raise ConfigError(
                 f"LOCAL_RANK {local_rank}, but {torch.cuda.device_count()} CUDA device(s) here: "
                 "run at most one process per GPU (torchrun --nproc_per_node)"
             )
@@ -209,7 +210,7 @@ def make_decoder(config: ShardConfig, device: str, device_id: int = 0):
             num_threads=config.num_threads,
             device_id=device_id,
         )
-    raise ValueError(f"--decoder {config.decoder!r} must be dali or pil")
+    raise ConfigError(f"--decoder {config.decoder!r} must be dali or pil")
 
 
 @dataclass(frozen=True)
@@ -461,6 +462,13 @@ def _build_own_shards(
     recorded = state.recorded()
     finished = {i: _finished_shard(storage, state, i, plan.digest) for i in mine if i in recorded}
     todo = [i for i in mine if finished.get(i) is None]
+    done = len(mine) - len(todo)
+    if done:
+        logger.info(
+            "%s: resuming: %d of %d shards (%d images) already made in %s; building the other %d",
+            plan.split, done, len(mine), sum(len(plan.chunk(i)) for i in mine if i not in todo),
+            storage.url, len(todo),
+        )  # fmt: skip
     pools = (
         ThreadPoolExecutor(1, thread_name_prefix="shard-decode"),
         ThreadPoolExecutor(1, thread_name_prefix="shard-write"),
@@ -485,6 +493,7 @@ def _build_own_shards(
                         "a rerun resumes"
                     ) from exc
                 publisher.submit(index, result, index_text)
+                stats.shards += 1
             results[index] = result
             rejected += len(result.rejects)
             if rejected > limit:
@@ -617,7 +626,8 @@ def _diff(old: dict, new: dict) -> str:
         "transforms"
     ):
         said.append("the key's block size or transforms differ")
-    if old.get("source_digest") != new.get("source_digest"):
+    # the listing's digest follows the key's order: only with one key does it say the sources
+    if old_key == new_key and old.get("source_digest") != new.get("source_digest"):
         said.append(
             "the source images differ (other files under --src, or another selection: "
             "--per-class, --fraction, --seed, --classes)"
@@ -848,9 +858,9 @@ def build_shards(
     holds the output's lock and returns the manifests, the other ranks an empty dict.
     """
     if (key is None) != config.plain:
-        raise ValueError("pass a key to encrypt, or plain=True (and no key) for plain shards")
+        raise ConfigError("pass a key to encrypt, or plain=True (and no key) for plain shards")
     if key is not None and config.size % key.block_size:
-        raise ValueError(
+        raise ConfigError(
             f"--size {config.size} is not a multiple of the key's block size {key.block_size}; "
             f"use e.g. --size {config.size - config.size % key.block_size}"
         )

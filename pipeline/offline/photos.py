@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import ConfigError
 from pipeline.offline.digits import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def split_photos(
     ``seed``; the crops of each set are in a seeded random order. The arrays are read-only
     (one copy is cached per process)."""
     if not 1 <= statistics_groups < len(GROUPS):
-        raise ValueError(
+        raise ConfigError(
             f"statistics_groups must be between 1 and {len(GROUPS) - 1}, got {statistics_groups}"
         )
     rng = np.random.default_rng([seed, 0x9E0705])

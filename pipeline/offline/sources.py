@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import KeyprotectError
+from pipeline.errors import ConfigError, KeyprotectError
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +146,9 @@ def select_subset(
     order all kept samples by a seeded hash so that every shard mixes the classes. With
     ``order_key`` (``Key.order_key``; for encrypted output) the hash is keyed."""
     if per_class is not None and per_class < 1:
-        raise ValueError(f"per_class must be at least 1, got {per_class}")
+        raise ConfigError(f"per_class must be at least 1, got {per_class}")
     if fraction is not None and not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
     by_class: dict[int, list[SourceItem]] = {}
     for item in items:
         by_class.setdefault(item.label, []).append(item)

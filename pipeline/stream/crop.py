@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline.errors import ConfigError
 from pipeline.shards.manifest import Manifest
 
 
@@ -35,12 +36,12 @@ def check_crop(
     grid = crop_grid or block_size or 1
     crop = crop_size or height
     if block_size and grid % block_size:
-        raise ValueError(
+        raise ConfigError(
             f"crop grid {grid} is not a multiple of the key's block size "
             f"{block_size}; crops would not commute with the encryption"
         )
     if crop > min(height, width) or crop % grid:
-        raise ValueError(
+        raise ConfigError(
             f"crop size {crop} must be at most the stored size {height} and a multiple "
             f"of the block size {grid} (so crops commute with the encryption)"
         )

@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.shards.manifest import Manifest
 from pipeline.storage import Storage
 from pipeline.stream.dataset import LoaderConfig, ShardDataset, make_loader
@@ -71,6 +72,6 @@ def make_split_loader(
         return DaliShardLoader(data, split, config=config, rank=rank, world_size=world_size,
                                device="gpu" if cuda else "cpu")  # fmt: skip
     if backend != "webdataset":
-        raise ValueError(f"loader {backend!r} is not one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"loader {backend!r} is not one of {', '.join(BACKENDS)}")
     dataset = ShardDataset(data, split, config=config, rank=rank, world_size=world_size)
     return WebDatasetLoader(dataset, pin_memory=cuda)

@@ -267,3 +267,34 @@ def test_a_folder_it_may_not_write_is_one_line(tree, key_file, tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("make_shards: error:") and str(denied) in last, last
     assert "not permitted" in last or "denied" in last or "Read-only" in last, last
+
+
+def test_ctrl_c_is_one_line_with_the_resume_command(tree, key_file, reference, tmp_path):
+    """Issue 22.2: Ctrl-C prints what was kept and the exact command that resumes; the rerun
+    says it resumes and ends with the same bytes."""
+    out = tmp_path / "out"
+    args = [*shard_args(tree, key_file, out), "--shard-size", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "make_shards.py"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    for line in proc.stderr:  # block on the log itself: the line that says building started
+        lines.append(line)
+        if "builds" in line:
+            os.kill(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+            break
+    lines += proc.stderr.readlines()
+    assert proc.wait(timeout=120) == 130, "".join(lines)
+    text = "".join(lines)
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    [said] = [line for line in lines if "interrupted" in line]
+    assert said.startswith("make_shards: interrupted;") and "kept in" in said
+    assert "python tools/make_shards.py" in said and f"--out {out}" in said
+    resumed = tool("make_shards.py", *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr or "made now" in resumed.stderr
+    again = tool("make_shards.py", *args)  # the same command once more: nothing left to do
+    assert "already complete" in again.stderr
