@@ -1,6 +1,6 @@
-# `make demo` runs the main job on the embedded default; `make test` runs the test suite;
-# `make frontier` measures what the key resists on the embedded photos (no model needed).
-# Both create .venv from the repo's files first.
+# `make demo` runs the main job on the embedded default; `make test` runs the whole test suite
+# (CI), `make test-fast` the tests not marked slow; `make frontier` measures what the key
+# resists on the embedded photos (no model needed). Each creates .venv from the repo's files.
 SYSTEM_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO := runs/demo
 KEY := $(DEMO)/k.bin
 
-.PHONY: venv demo frontier block-sizes test bench lint format clean
+.PHONY: venv demo frontier block-sizes test test-fast bench lint format clean
 
 venv: $(STAMP)
 
@@ -32,19 +32,22 @@ $(SHARDS): $(KEY)
 $(PLAIN): | $(STAMP)
 	$(PY) tools/make_shards.py --plain --out $(DEMO)/shards-plain
 
+# a run stopped before its end (its checkpoint there, no summary.json) is resumed
+resume_if = $(if $(wildcard $(1)/checkpoint.pt),--resume)
+
 $(DEMO)/protected/summary.json: $(SHARDS)
-	rm -f $(DEMO)/protected/metrics.jsonl
-	$(TORCHRUN) train/ddp.py --data $(DEMO)/shards --out $(DEMO)/protected
+	$(TORCHRUN) train/ddp.py --data $(DEMO)/shards --out $(DEMO)/protected \
+		$(call resume_if,$(DEMO)/protected)
 
 $(DEMO)/baseline/summary.json: $(PLAIN)
-	rm -f $(DEMO)/baseline/metrics.jsonl
-	$(TORCHRUN) train/ddp.py --data $(DEMO)/shards-plain --out $(DEMO)/baseline
+	$(TORCHRUN) train/ddp.py --data $(DEMO)/shards-plain --out $(DEMO)/baseline \
+		$(call resume_if,$(DEMO)/baseline)
 
 demo: $(STAMP) $(DEMO)/protected/summary.json $(DEMO)/baseline/summary.json
 	$(PY) tools/encryption_grid.py --key $(KEY) --out $(DEMO)/encryption_grid.png
 	$(PY) -m attacks --checkpoint $(DEMO)/protected/checkpoint.pt --key $(KEY) \
 		--data $(DEMO)/shards --baseline $(DEMO)/baseline/checkpoint.pt --out report \
-		--readme README.md
+		--page docs/results/audit.md
 
 # the demo's protected model, where `make demo` made one, also gets its accuracy with the
 # estimated key
@@ -52,9 +55,9 @@ DEMO_MODEL := $(if $(wildcard $(DEMO)/protected/checkpoint.pt),--checkpoint \
 	$(DEMO)/protected/checkpoint.pt --key $(KEY) --model-data $(DEMO)/shards)
 
 frontier: $(STAMP)
-	$(PY) -m attacks.frontier --out report/frontier --readme README.md $(DEMO_MODEL)
+	$(PY) -m attacks.frontier --out report/frontier --page docs/results/frontier.md $(DEMO_MODEL)
 
-# The accuracy side of the block size (issue 9 D): a protected model per block size, with the
+# The accuracy side of the block size: a protected model per block size, with the
 # demo's budgets, against the demo's baseline; each audited for correct, no and wrong keys.
 BLOCKS := runs/blocksizes
 block-sizes: $(STAMP) $(DEMO)/baseline/summary.json
@@ -63,7 +66,8 @@ block-sizes: $(STAMP) $(DEMO)/baseline/summary.json
 	  test -f $(BLOCKS)/s$$M/val.manifest.json || \
 	    $(PY) tools/make_shards.py --key $(BLOCKS)/k$$M.bin --out $(BLOCKS)/s$$M || exit 1; \
 	  test -f $(BLOCKS)/m$$M/summary.json || \
-	    $(TORCHRUN) train/ddp.py --data $(BLOCKS)/s$$M --out $(BLOCKS)/m$$M || exit 1; \
+	    $(TORCHRUN) train/ddp.py --data $(BLOCKS)/s$$M --out $(BLOCKS)/m$$M \
+	      $$(test -f $(BLOCKS)/m$$M/checkpoint.pt && echo --resume) || exit 1; \
 	  $(PY) -m attacks --checkpoint $(BLOCKS)/m$$M/checkpoint.pt --key $(BLOCKS)/k$$M.bin \
 	    --data $(BLOCKS)/s$$M --baseline $(DEMO)/baseline/checkpoint.pt --out $(BLOCKS)/r$$M \
 	    --scenarios correct_key,no_key,wrong_keys || exit 1; \
@@ -71,6 +75,9 @@ block-sizes: $(STAMP) $(DEMO)/baseline/summary.json
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
 
 bench: $(STAMP)
 	$(PY) bench/bench_encrypt.py --out bench/results.json
@@ -81,6 +88,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

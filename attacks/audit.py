@@ -37,13 +37,13 @@ from attacks.keyspace import key_recovery, random_material, to_blocks
 from attacks.known_plaintext import solve_key
 from attacks.report import Row, Spread
 from attacks.weight_matching import WeightMatchingError, recover_key
-from pipeline import BlockOp, KeyFileError, apply_op, decrypt, load_key, paths
+from pipeline import BlockOp, apply_op, cli, decrypt, docblock, load_key, paths
 from pipeline.device import DEVICE_CHOICES, model_device, resolve_device
 from pipeline.errors import KeyprotectError
-from pipeline.model.checkpoint import Checkpoint, CheckpointError
+from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.evaluation import EvalSet, load_model, load_split, predict, top1
 from pipeline.model.factory import create_model
-from pipeline.shards.manifest import ManifestError, load_manifest
+from pipeline.shards.manifest import load_manifest
 from pipeline.storage import Storage
 
 logger = logging.getLogger("attacks")
@@ -86,7 +86,7 @@ class AuditConfig:
     eval_images: int | None = None  # cap on held-out val images (default: all)
     seed: int = 0
     device: str = "auto"
-    readme: str | None = None
+    page: str | None = None  # a results page whose attacks-report block is replaced
     reference: str | None = None  # weight matching: the weights the model started from
 
 
@@ -336,13 +336,8 @@ def weight_matching(a: Audit) -> Outcome:
 
 def run_audit(config: AuditConfig) -> list[Row]:
     started = time.perf_counter()
-    if config.readme:  # fail before minutes of work, not after
-        text = Path(config.readme).read_text() if Path(config.readme).is_file() else ""
-        if report.README_BEGIN not in text or report.README_END not in text:
-            raise AuditError(
-                f"{config.readme}: --readme needs a file with a {report.README_BEGIN} ... "
-                f"{report.README_END} block to replace"
-            )
+    if config.page:  # fail before minutes of work, not after
+        docblock.check_block(config.page, report.PAGE_BLOCK)
     audit = prepare(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,8 +372,10 @@ def run_audit(config: AuditConfig) -> list[Row]:
     report.accuracy_chart(rows, out / "accuracy.png")
     _samples(audit, keys, out / "samples.png")
     table = report.write_report(out, rows, meta)
-    if config.readme:
-        report.update_readme(Path(config.readme), rows, meta)
+    if config.page:
+        data = f"{meta['val_images']} held-out val images of {config.data}"
+        docblock.replace_block(config.page, report.PAGE_BLOCK, report.page_block(rows),
+                               docblock.Provenance.here(data=data))  # fmt: skip
     print(table, end="", flush=True)
     best = max(
         (r for r in rows if r.scenario not in ("correct_key", "baseline")),
@@ -415,23 +412,19 @@ def _samples(a: Audit, keys: dict[str, BlockOp], path: Path) -> None:
     report.sample_grid(columns, path)
 
 
-def parse_args(argv: list[str] | None) -> AuditConfig:
+def build_parser() -> argparse.ArgumentParser:
     d = {f.name: f.default for f in fields(AuditConfig) if f.default is not f.default_factory}
-    p = argparse.ArgumentParser(
-        prog="python -m attacks",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.build_parser(__doc__, prog="python -m attacks")
     p.add_argument(
         "--checkpoint",
         default=paths.CHECKPOINT,
-        help=f"the protected model's checkpoint (default {paths.CHECKPOINT})",
+        help="the protected model's checkpoint",
     )
     p.add_argument("--key", required=True, help="the owner's key file")
     p.add_argument(
         "--data",
         default=paths.SHARDS,
-        help=f"the encrypted shards it was trained on (default {paths.SHARDS})",
+        help="the encrypted shards it was trained on",
     )
     p.add_argument("--out", default=d["out"], help="report folder")
     p.add_argument("--baseline", help="checkpoint of a non-protected model, for reference")
@@ -440,7 +433,12 @@ def parse_args(argv: list[str] | None) -> AuditConfig:
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS)}",
     )
-    p.add_argument("--wrong-keys", type=int, default=d["wrong_keys"])
+    p.add_argument(
+        "--wrong-keys",
+        type=int,
+        default=d["wrong_keys"],
+        help="wrong_keys: random keys of the same scheme tried (at least 100 for the audit)",
+    )
     p.add_argument(
         "--attacker-images",
         type=int,
@@ -465,28 +463,53 @@ def parse_args(argv: list[str] | None) -> AuditConfig:
     p.add_argument(
         "--known-pairs",
         default="1,10",
-        help="known-plaintext: numbers of (plain, cipher) image pairs the attacker holds",
+        help="known-plaintext: comma-separated numbers of (plain, encrypted) image pairs the "
+        "attacker holds, one row each, e.g. 1,10",
     )
     p.add_argument(
         "--finetune-fractions",
         default="0.01,0.1",
-        help="fractions of the train set the fine-tuning attacks get",
+        help="comma-separated fractions in (0, 1] of the train set the fine-tuning attacks get, "
+        "one row each, e.g. 0.01,0.1",
     )
-    p.add_argument("--finetune-steps", type=int, default=d["finetune_steps"])
-    p.add_argument("--finetune-lr", type=float, default=d["finetune_lr"])
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=d["finetune_steps"],
+        help="fine-tuning attacks: optimiser steps",
+    )
+    p.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=d["finetune_lr"],
+        help="fine-tuning attacks: learning rate",
+    )
     p.add_argument(
         "--pretrained",
         help="the public pre-trained weights (default: the checkpoint's own starting point)",
     )
-    p.add_argument("--eval-images", type=int, help="use the first N val images (default: all)")
-    p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--device", default=d["device"], help=DEVICE_CHOICES)
-    p.add_argument("--readme", help="also update the generated block in this README")
+    p.add_argument(
+        "--eval-images", type=int, help="use the first N val images; left out: all of them"
+    )
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of every attack's draws")
+    p.add_argument(
+        "--device", default=d["device"], help=f"{DEVICE_CHOICES} (auto: CUDA when there)"
+    )
+    p.add_argument(
+        "--page",
+        help="also replace the generated attacks-report block in this Markdown page "
+        "(e.g. docs/results/audit.md)",
+    )
     p.add_argument(
         "--reference",
         help="weight_matching: the weights the protected model started from (the public "
         "pre-trained file, or a plain checkpoint); without it that scenario is skipped",
     )
+    return p
+
+
+def parse_args(argv: list[str] | None) -> AuditConfig:
+    p = build_parser()
     a = p.parse_args(argv)
     scenarios = tuple(s for s in a.scenarios.split(",") if s)
     unknown = set(scenarios) - set(SCENARIOS)
@@ -517,11 +540,10 @@ def parse_args(argv: list[str] | None) -> AuditConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli.setup_logging()
     config = parse_args(argv)
-    try:
+
+    def job() -> None:
         run_audit(config)
-    except (AuditError, CheckpointError, ManifestError, KeyFileError, OSError) as exc:
-        logger.error("attacks: error: %s", exc)
-        return 2
-    return 0
+
+    return cli.run("attacks", job, log=logger)

@@ -3,7 +3,7 @@ block size and by the number of leaked blocks, with the spread over keys.
 
     python -m attacks.frontier                          # embedded photos -> report/frontier
     python -m attacks.frontier --block-sizes 4,8 --keys 5 --budgets 1e4,1e5,1e6 \\
-        --time-budget-s 600 --readme README.md          # make frontier
+        --time-budget-s 600 --page docs/results/frontier.md          # make frontier
     python -m attacks.frontier --data /data/imagenet    # your images (SRC/train/<class>/*)
     python -m attacks.frontier --data s3://bucket/plain # or plain shards, local or S3
     python -m attacks.frontier --block-sizes 4 --checkpoint runs/demo/protected/checkpoint.pt \\
@@ -42,16 +42,12 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attacks import frontier_report
-from attacks.audit import AuditError
 from attacks.ciphertext_only import EstimateTimeout, estimate_key
 from attacks.keyspace import key_recovery, random_material, to_blocks
-from pipeline import BlockOp, KeyFileError, apply_op
+from pipeline import BlockOp, apply_op, cli, docblock
 from pipeline.atomic import atomic_write
 from pipeline.cipher.blockwise import TRANSFORMS, check_block_size, check_transforms
 from pipeline.errors import KeyprotectError
-from pipeline.model.checkpoint import CheckpointError
-from pipeline.offline.sources import SourceError
-from pipeline.shards.manifest import ManifestError
 
 logger = logging.getLogger("attacks.frontier")
 
@@ -77,7 +73,7 @@ class FrontierConfig:
     model_keys: tuple[str, ...] = ()
     model_data: tuple[str, ...] = ()
     out: str = "report/frontier"
-    readme: str | None = None
+    page: str | None = None  # a results page whose frontier-report block is replaced
     seed: int = 0
     device: str = "auto"
 
@@ -463,12 +459,8 @@ def _earlier_points(path: Path, signature: dict) -> dict[tuple[int, int], dict]:
 
 def run_frontier(config: FrontierConfig) -> dict:
     started = time.perf_counter()
-    readme = Path(config.readme) if config.readme else None
-    if readme is not None:  # fail before hours of work, not after
-        try:
-            frontier_report.check_readme(readme)
-        except ValueError as exc:
-            raise FrontierError(str(exc)) from None
+    if config.page:  # fail before hours of work, not after
+        docblock.check_block(config.page, frontier_report.PAGE_BLOCK)
     inputs = load_inputs(config)
     for m in config.block_sizes:
         if inputs.leaked.shape[1] % m or inputs.statistics.shape[1] % m:
@@ -501,8 +493,10 @@ def run_frontier(config: FrontierConfig) -> dict:
                 resumed_points=len(done))  # fmt: skip
     result = {"meta": meta, "points": points, "models": models}
     table = frontier_report.write_frontier(out, result)
-    if readme is not None:
-        frontier_report.update_readme(readme, result)
+    if config.page:
+        docblock.replace_block(config.page, frontier_report.PAGE_BLOCK,
+                               frontier_report.page_block(result),
+                               docblock.Provenance.here(data=inputs.description))  # fmt: skip
     print(table, end="", flush=True)
     logger.info("frontier: %s; wrote %s", frontier_report.summary(result), out / "frontier.md")
     return result
@@ -518,21 +512,21 @@ def _ints(text: str, name: str, p: argparse.ArgumentParser) -> tuple[int, ...]:
     return values
 
 
-def parse_args(argv: list[str] | None) -> FrontierConfig:
+def build_parser() -> argparse.ArgumentParser:
     d = {f.name: f.default for f in fields(FrontierConfig) if f.default is not f.default_factory}
-    p = argparse.ArgumentParser(
-        prog="python -m attacks.frontier",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--block-sizes", default="4,8,16", help="block sizes M (default 4,8,16)")
+    p = cli.build_parser(__doc__, prog="python -m attacks.frontier")
+    p.add_argument("--block-sizes", default="4,8,16", help="comma-separated block sizes M")
     p.add_argument(
         "--transforms",
         default=",".join(TRANSFORMS),
-        help=f"the scheme's transforms, in order (default {','.join(TRANSFORMS)})",
+        help="the scheme's transforms, comma-separated, in order",
     )
     p.add_argument("--keys", type=int, default=d["keys"], help="fresh keys per point")
-    p.add_argument("--budgets", default="1e4,1e5,1e6", help="leaked blocks per point")
+    p.add_argument(
+        "--budgets",
+        default="1e4,1e5,1e6",
+        help="comma-separated numbers of leaked blocks, a point each",
+    )
     p.add_argument(
         "--time-budget-s",
         type=float,
@@ -542,7 +536,7 @@ def parse_args(argv: list[str] | None) -> FrontierConfig:
     p.add_argument(
         "--data",
         help="an image folder (SRC/train/<class>/*) or plain shards, local "
-        "or an fsspec URL (default: the embedded photos)",
+        "or an fsspec URL; left out: the embedded photos",
     )
     p.add_argument(
         "--image-size",
@@ -556,7 +550,12 @@ def parse_args(argv: list[str] | None) -> FrontierConfig:
         default=d["statistics_images"],
         help="--data: images whose plain statistics the attacker holds",
     )
-    p.add_argument("--statistics-blocks", type=int, default=d["statistics_blocks"])
+    p.add_argument(
+        "--statistics-blocks",
+        type=int,
+        default=d["statistics_blocks"],
+        help="blocks of the attacker's plain statistics images used",
+    )
     p.add_argument(
         "--checkpoint",
         action="append",
@@ -570,10 +569,19 @@ def parse_args(argv: list[str] | None) -> FrontierConfig:
         default=[],
         help="the encrypted shards each --checkpoint was trained on",
     )
-    p.add_argument("--out", default=d["out"], help=f"report folder (default {d['out']})")
-    p.add_argument("--readme", help="also update the generated frontier block in this README")
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--out", default=d["out"], help="report folder")
+    p.add_argument(
+        "--page",
+        help="also replace the generated frontier-report block in this Markdown page "
+        "(e.g. docs/results/frontier.md)",
+    )
+    p.add_argument("--seed", type=int, default=d["seed"], help="seed of keys and draws")
     p.add_argument("--device", default=d["device"], help="where the --checkpoint models run")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> FrontierConfig:
+    p = build_parser()
     a = p.parse_args(argv)
     try:
         block_sizes = tuple(check_block_size(m) for m in _ints(a.block_sizes, "block-sizes", p))
@@ -601,29 +609,20 @@ def parse_args(argv: list[str] | None) -> FrontierConfig:
         model_keys=tuple(a.key),
         model_data=tuple(a.model_data),
         out=a.out,
-        readme=a.readme,
+        page=a.page,
         seed=a.seed,
         device=a.device,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli.setup_logging()
     config = parse_args(argv)
-    try:
+
+    def job() -> None:
         run_frontier(config)
-    except (
-        FrontierError,
-        AuditError,
-        SourceError,
-        CheckpointError,
-        ManifestError,
-        KeyFileError,
-        OSError,
-    ) as exc:
-        logger.error("frontier: error: %s", exc)
-        return 2
-    return 0
+
+    return cli.run("frontier", job, log=logger)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline import cli
 from pipeline.atomic import atomic_write
+from pipeline.errors import KeyprotectError
 from pipeline.model.factory import create_model, parse_model_kwargs
 
 logger = logging.getLogger("attacks.patch_trade")
@@ -42,8 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = "correct_key,no_key,wrong_keys,ciphertext_only,weight_matching"
 
 
-class StepError(RuntimeError):
-    """A step's command failed; the message holds the command and the end of its output."""
+class StepError(KeyprotectError, RuntimeError):
+    """A step's command failed; the message holds the command, its log and the log's last
+    line."""
 
 
 def run(args: list[str], log: Path) -> float:
@@ -55,8 +58,12 @@ def run(args: list[str], log: Path) -> float:
         done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, stdout=out,
                               stderr=subprocess.STDOUT)  # fmt: skip
     if done.returncode:
-        tail = log.read_text()[-2000:]
-        raise StepError(f"`python {shlex.join(args)}` failed ({done.returncode}); {log}:\n{tail}")
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        last = lines[-1] if lines else "(no output)"
+        raise StepError(
+            f"`python {shlex.join(args)}` failed ({done.returncode}); its log is {log}, "
+            f"ending: {last}"
+        )
     return time.perf_counter() - started
 
 
@@ -204,14 +211,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m attacks.patch_trade",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.build_parser(__doc__, prog="python -m attacks.patch_trade")
     p.add_argument("--out", default="runs/patch-trade", help="work and result folder")
-    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument(
+        "--model", default="vit_tiny_patch16_224", help="timm model with a patch embedding"
+    )
     p.add_argument("--patch", type=int, default=8, help="patch size = the key's block size")
     p.add_argument("--size", type=int, default=32, help="stored image size (a multiple of P)")
     p.add_argument(
@@ -219,12 +224,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="depth=2,embed_dim=96,num_heads=3,mlp_ratio=2,class_token=false,global_pool=avg",
         help="more timm arguments (img_size and patch_size come from --size and --patch)",
     )
-    p.add_argument("--transforms", default="shuffle,np")
+    p.add_argument(
+        "--transforms",
+        default="shuffle,np",
+        help="the key's transforms, comma-separated (no ffx: it cannot be absorbed)",
+    )
     p.add_argument("--epochs", type=int, default=6, help="plain training, from scratch")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--finetune-epochs", type=int, default=2)
-    p.add_argument("--finetune-lr", type=float, default=3e-4)
-    p.add_argument("--wrong-keys", type=int, default=100)
+    p.add_argument("--lr", type=float, default=3e-3, help="plain training learning rate")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning the absorbed model")
+    p.add_argument("--finetune-lr", type=float, default=3e-4, help="fine-tuning learning rate")
+    p.add_argument("--wrong-keys", type=int, default=100, help="random wrong keys tried per model")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.size % a.patch:
         p.error(f"--size {a.size} must be a multiple of --patch {a.patch}")
@@ -232,14 +246,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli.setup_logging()
     config = parse_args(argv)
+    return cli.run("patch_trade", lambda: trade(config), log=logger)
+
+
+def trade(config: argparse.Namespace) -> None:
+    """Measure, write patch_trade.json and .md, print the table and a summary line."""
     started = time.perf_counter()
-    try:
-        result = measure(config)
-    except (StepError, OSError) as exc:
-        logger.error("patch_trade: error: %s", exc)
-        return 2
+    result = measure(config)
     out = Path(config.out)
     atomic_write(out / "patch_trade.json", json.dumps(result, indent=1) + "\n")
     table = markdown(result)
@@ -254,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         _pct(rows["absorbed"]["weight_matching"]["key_recovered"]),
         _pct(rows["finetuned"]["weight_matching"]["key_recovered"]), out / "patch_trade.md",
     )  # fmt: skip
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ anything else is a programming error and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from pipeline.errors import KeyprotectError
@@ -27,8 +29,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """The module docstring as written, and every option's default shown in its help line
     (flags that are off and options whose help says what leaving them out means excepted)."""
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # wrap at spaces only: a long comma-separated list stays whole instead of being cut
+        # mid-word ("wrong_key s")
+        import textwrap
+
+        text = " ".join(text.split())
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False) or "%(default)" in (action.help or ""):
+        if action.default is None or action.default is False or "%(default)" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -48,12 +58,14 @@ def one_line(text: object) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
 
 
-def setup_logging(*, rank: int | None = None, world_size: int | None = None) -> None:
+def setup_logging(
+    *, rank: int | None = None, world_size: int | None = None, tag_ranks: bool = True
+) -> None:
     """INFO from rank 0 (or the one process), WARNING and up from the others, tagged with their
-    rank under torchrun."""
+    rank under torchrun (unless ``tag_ranks`` is False)."""
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
-    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    prefix = f"[rank {rank}/{world}] " if world > 1 and tag_ranks else ""
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format=f"{prefix}%(message)s"
     )
@@ -66,25 +78,40 @@ def error_text(exc: BaseException) -> str:
     return one_line(exc)
 
 
+def tell_launcher(line: str) -> None:
+    """Under torchrun, hand this rank's one-line error to torchrun (its error file), so that
+    the summary torchrun prints last shows it instead of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": info}}, f)
+    except OSError:  # the launcher's file is a convenience; the log line is already out
+        pass
+
+
 def run(
     prog: str,
     job: Callable[[], int | None],
     *,
     interrupted: Callable[[], str] | str | None = None,
+    log: logging.Logger | None = None,
 ) -> int:
     """Run ``job``; return its exit code (0 for None), 2 for a user error, 130 for Ctrl-C.
 
     ``interrupted`` is what to tell the user after Ctrl-C (e.g. the exact command that
-    resumes), or a callable that returns it when asked.
+    resumes), or a callable that returns it when asked. ``log``: the logger to write to (the
+    tool's own; default: the logger named ``prog``).
     """
-    logger = logging.getLogger(prog)  # the tool's own logger, as its other lines use
+    logger = log or logging.getLogger(prog)
     try:
         code = job()
-    except KeyprotectError as exc:
-        logger.error("%s: error: %s", prog, error_text(exc))
-        return EXIT_USER_ERROR
-    except OSError as exc:  # a file in the way, disk full, permission denied, store unreachable
-        logger.error("%s: error: %s", prog, error_text(exc))
+    except (KeyprotectError, OSError) as exc:  # OSError: a file in the way, disk full, ...
+        line = f"{prog}: error: {error_text(exc)}"
+        logger.error("%s", line)
+        tell_launcher(line)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         hint = interrupted() if callable(interrupted) else interrupted

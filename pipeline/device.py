@@ -42,8 +42,8 @@ def resolve_device(
 
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where ``model``'s weights are (its first parameter, else buffer; the CPU if it has none)."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for parameter in model.parameters():
+        return parameter.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")

@@ -8,6 +8,7 @@ S3 credentials and endpoint come from the standard AWS environment variables
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import posixpath
@@ -69,12 +70,12 @@ class Storage:
         if names:
             self.fs.rm([self.path(n) for n in names])
 
-    def list(self) -> list[str]:
+    def list(self) -> builtins.list[str]:
         if not self.fs.exists(self.root):
             return []
         return sorted(posixpath.basename(p) for p in self.fs.ls(self.root, detail=False))
 
-    def list_prefix(self, prefix: str) -> list[str]:
+    def list_prefix(self, prefix: str) -> builtins.list[str]:
         """Names (relative to the root) of the files in ``prefix``'s folder that start with it."""
         folder = posixpath.dirname(prefix)
         full = self.path(folder) if folder else self.root

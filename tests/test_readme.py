@@ -1,8 +1,9 @@
-"""The README's command lines, taken from the README itself, against the code.
+"""The command lines of the README and the manual (docs/), taken from the pages, against the code.
 
-The Quick start block runs as written, line after line, in an empty folder (with the
-quick-run flags its table documents); every other tool line in the README's bash blocks is
-parsed by that tool's own argument parser, so a renamed or removed option fails here.
+The README's Quick start block runs as written, line after line, in an empty folder (with the
+quick-run flags its table documents); every other tool line in the bash blocks of the README
+and of every docs page is parsed by that tool's own argument parser, so a renamed or removed
+option fails here. Every relative link of those pages points at a file that exists.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline import load_key
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 LINE_TIMEOUT = 300  # seconds per line; the whole quick run takes about a minute on 2 cores
 
 
@@ -137,10 +139,7 @@ def parse_only(tokens: list[str], monkeypatch) -> argparse.Namespace | None:
         from torch.distributed.run import get_args_parser
 
         launcher = get_args_parser().parse_args(tokens[1:])
-        if launcher.training_script == "train/ddp.py":
-            ddp = runpy.run_path(str(ROOT / "train" / "ddp.py"), run_name="readme_check")
-            return ddp["parse_args"](launcher.training_script_args)
-        assert launcher.training_script == "tools/make_shards.py", tokens
+        assert launcher.training_script in ("train/ddp.py", "tools/make_shards.py"), tokens
         tokens = ["python", launcher.training_script, *launcher.training_script_args]
     if tokens[:3] == ["python", "-m", "attacks"]:
         from attacks.audit import main
@@ -154,7 +153,7 @@ def parse_only(tokens: list[str], monkeypatch) -> argparse.Namespace | None:
         from attacks.patch_trade import main
 
         args = tokens[3:]
-    elif tokens[0] == "python" and tokens[1].startswith("tools/"):
+    elif tokens[0] == "python" and tokens[1].startswith(("tools/", "train/")):
         main, args = (
             runpy.run_path(str(ROOT / tokens[1]), run_name="readme_check")["main"],
             tokens[2:],
@@ -171,14 +170,33 @@ def parse_only(tokens: list[str], monkeypatch) -> argparse.Namespace | None:
     raise AssertionError(f"{shlex.join(tokens)} finished without parsing its arguments")
 
 
-def test_readme_command_lines_parse(monkeypatch, capsys):
-    lines = [tokens for block in bash_blocks(README.read_text()) for tokens in command_lines(block)]
-    checked = 0
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_command_lines_of_every_page_parse(page, monkeypatch, capsys):
+    lines = [tokens for block in bash_blocks(page.read_text()) for tokens in command_lines(block)]
     for tokens in lines:
         try:
-            checked += parse_only(tokens, monkeypatch) is not None
+            parse_only(tokens, monkeypatch)
         except SystemExit:
             pytest.fail(
-                f"README line does not parse: {shlex.join(tokens)}\n{capsys.readouterr().err}"
+                f"{page.name} line does not parse: {shlex.join(tokens)}\n{capsys.readouterr().err}"
             )
-    assert checked >= 20, f"only {checked} README command lines found; is the extraction broken?"
+
+
+def test_the_pages_hold_the_command_lines():
+    checked = sum(
+        1
+        for page in PAGES
+        for block in bash_blocks(page.read_text())
+        for tokens in command_lines(block)
+        if tokens[0] in ("python", "torchrun", "srun")
+    )
+    assert checked >= 30, f"only {checked} command lines found; is the extraction broken?"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_point_at_files(page):
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = (page.parent / target.split("#")[0]).resolve()
+        assert path.exists(), f"{page.relative_to(ROOT)}: link to {target} goes nowhere"

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -35,7 +35,10 @@ logger = logging.getLogger(__name__)
 
 TRANSFORMS = ("shuffle", "np", "ffx")
 
-ArrayT = TypeVar("ArrayT")
+if TYPE_CHECKING:
+    import torch
+
+ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 
 def block_length(block_size: int) -> int:
@@ -236,10 +239,12 @@ class _BandPlan:
             np.bitwise_xor(dst, self.xor_in, out=dst)
         if self.table is not None:  # dst ^= (table[dst] ^ dst) & mask: the table where masked
             if dst.shape[1] % 2 == 0 and sys.byteorder == "little":
+                assert self.table16 is not None  # made with the table
                 mapped = self.table16[dst.view(np.uint16)].view(np.uint8)  # half the lookups
             else:
                 mapped = self.table[dst]
             np.bitwise_xor(mapped, dst, out=mapped)
+            assert self.table_mask is not None  # made with the table
             np.bitwise_and(mapped, self.table_mask, out=mapped)
             np.bitwise_xor(dst, mapped, out=dst)
         if self.xor_out is not None:

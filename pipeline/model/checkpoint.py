@@ -55,7 +55,8 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "rng": (list,),
 }
 # absent in older checkpoints; absorbed_from only in tools/absorb_key.py's output
-OPTIONAL = {"decoder": (str, type(None)), "world_size": (int,), "absorbed_from": (str,)}
+OPTIONAL = {"decoder": (str, type(None)), "world_size": (int,), "absorbed_from": (str,),
+            "finished": (bool,)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class Checkpoint:
     global_step: int = 0
     world_size: int | None = None  # None in older checkpoints: len(rng)
     absorbed_from: str | None = None  # a key absorbed into plain weights: their digest
+    finished: bool | None = None  # whether its run trained every epoch (None: older files)
 
     @property
     def num_classes(self) -> int:
@@ -105,6 +107,19 @@ class Checkpoint:
     def ranks(self) -> int:
         return self.world_size if self.world_size is not None else len(self.rng)
 
+    def unfinished_note(self, source: str | os.PathLike) -> str | None:
+        """One line when this is the checkpoint of a run that has not trained every epoch (a
+        stopped or interrupted run), else None."""
+        if self.finished is not False:
+            return None
+        epochs = self.config.get("epochs")
+        return (
+            f"{source}: the checkpoint of an unfinished run (stopped at epoch {self.epoch}"
+            + (f" of {epochs}" if epochs else "")
+            + f", step {self.step_in_epoch}); finish it with `train/ddp.py --resume {source}` "
+            "and its other settings (config.json)"
+        )
+
     def without_state(self) -> Checkpoint:
         """The record without its tensors (weights, optimiser, scheduler, RNG): what describes
         the model, to hold on to once the weights are in a model."""
@@ -113,7 +128,7 @@ class Checkpoint:
     def to_dict(self) -> dict[str, Any]:
         """The on-disk form: a plain dict of the fields (lists, not tuples) and ``version``."""
         state = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("world_size", "absorbed_from"):
+        for name in ("world_size", "absorbed_from", "finished"):
             if state[name] is None:
                 del state[name]
         state.update(classes=list(self.classes), image_shape=list(self.image_shape),

@@ -43,7 +43,8 @@ def load_split(
         data, split, config=LoaderConfig(batch_size=256, train=False, crop_size=crop_size,
                                          num_workers=0),
     )  # fmt: skip
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for image, label, valid in dataset:
         if limit is not None and len(labels) >= limit:
             break
@@ -64,13 +65,16 @@ def load_model(
     ``cuda[:N]``), and the checkpoint's record without its tensors."""
     device = resolve_device(device)
     saved = Checkpoint.load(checkpoint)
+    note = saved.unfinished_note(checkpoint)
+    if note:
+        logger.warning("warning: %s", note)
     try:
         model = create_model(saved.model_name, num_classes=saved.num_classes, pretrained="none",
                              model_kwargs=saved.model_kwargs)  # fmt: skip
     except (ValueError, TypeError) as exc:  # timm raises TypeError on an unknown argument
         raise CheckpointError(f"{checkpoint}: cannot build its model ({exc})") from None
     model.load_state_dict(saved.model)
-    model.to(device, memory_format=torch.channels_last).eval()
+    model.to(device, memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
     return model, saved.without_state()
 
 

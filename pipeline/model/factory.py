@@ -57,7 +57,7 @@ def parse_model_kwargs(text: str) -> dict:
             raise ConfigError(f"model kwargs: {item!r} is not NAME=VALUE")
         low = raw.strip().lower()
         if low in ("true", "false"):
-            value: int | float | bool = low == "true"
+            value: int | float | bool | str = low == "true"
         else:
             try:
                 value = int(raw)
@@ -114,15 +114,16 @@ def create_model(
         path = packaged_weights_path(model_name) if pretrained == PACKAGED else Path(pretrained)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: pre-trained weights not found")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = (
-            state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-        )
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: not a state dict of tensors; pass a checkpoint file")
+        inner = loaded.get("state_dict", loaded.get("model", loaded))
+        state: dict = inner if isinstance(inner, dict) else loaded
         try:
             model.load_state_dict(state)
         except RuntimeError:
             load_state_by_position(model, state, str(path))
         logger.info("loaded pre-trained weights for %s from %s", model_name, os.fspath(path))
     if model.num_classes != num_classes:
-        model.reset_classifier(num_classes)
+        model.reset_classifier(num_classes)  # type: ignore[operator]  # every timm model has it
     return model

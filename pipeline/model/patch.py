@@ -106,7 +106,8 @@ def find_patch_embedding(model: torch.nn.Module, *, image_size: int) -> PatchEmb
     name, module, direct = first_layer(model, image_size=image_size)
     if _why_not(module, direct) is not None:
         return None
-    return PatchEmbedding(name, module, module.kernel_size[0])
+    assert isinstance(module, torch.nn.Conv2d)  # what _why_not accepts
+    return PatchEmbedding(name, module, int(module.kernel_size[0]))
 
 
 def require_patch_embedding(
@@ -121,7 +122,8 @@ def require_patch_embedding(
             "Only models that start with a linear patch embedding (ViT, DeiT, ConvMixer, "
             "MLP-Mixer) can absorb a key; train others on the encrypted shards instead"
         )
-    patch = module.kernel_size[0]
+    assert isinstance(module, torch.nn.Conv2d)  # what _why_not accepts
+    patch = int(module.kernel_size[0])
     if block_size != patch:
         raise PatchAlignmentError(
             f"the key's block size {block_size} is not the patch size {patch} of {name}: "
@@ -200,7 +202,7 @@ def absorb_key(
     """Absorb ``key`` into the model's patch embedding, in place: the model then takes images
     encrypted with ``key`` and gives what it gave on the plain ones. Refused (with the reason)
     for a key with FFX, a model without a patch embedding, or a block size other than P."""
-    material = getattr(key, "material", key)
+    material: KeyMaterial = key.material if isinstance(key, Key) else key
     affine_part(material.encrypt_op)  # FFX first: the most basic reason to refuse
     embedding = require_patch_embedding(
         model, image_size=image_size, block_size=material.block_size

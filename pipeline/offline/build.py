@@ -32,7 +32,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -684,6 +684,7 @@ class _Publisher:
             name = result.record.name
             staged = self.storage.staging_path(name)
             try:
+                assert index_text is not None  # every written shard has its index
                 self.storage.write_bytes(index_name(name), index_text.encode())  # before its shard
                 self.storage.put(staged, name)
             except OSError as exc:
@@ -714,7 +715,7 @@ def _batches(items: Sequence[SourceItem], size: int) -> Iterator[Sequence[Source
 
 def _decode_ahead(
     pool: ThreadPoolExecutor, batches: Iterable[Sequence[SourceItem]], config: ShardConfig, decoder
-) -> Iterator[tuple[list[DecodeError | None], Any]]:
+) -> Generator[tuple[list[DecodeError | None], Any], None, None]:
     """``_decode_stage`` of each batch, in order, with the next batch always decoding on
     ``pool`` meanwhile, across shard boundaries (so a shard's tail never idles the decoder)."""
     src, pending = Path(config.src), None
@@ -806,7 +807,8 @@ class _ShardMaker:
                 if writing is not None:
                     writing.result()
                 writing = self.write_pool.submit(_write_samples, writer, samples)
-            writing.result()
+            if writing is not None:
+                writing.result()
             record = writer.close()
         except BaseException:
             if writing is not None:  # let the writer finish before cleaning up

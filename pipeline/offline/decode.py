@@ -65,8 +65,9 @@ def crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
 
 def decode_pil(data: bytes, size: int) -> np.ndarray:
     """Decode, convert to RGB, resize the shorter side to ``size`` and centre-crop."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()  # raises on truncated data instead of returning grey rows
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.load()  # raises on truncated data instead of returning grey rows
+        img: Image.Image = opened
         if img.mode != "RGB":
             img = img.convert("RGB")  # CMYK, L, P, RGBA, I;16 ... -> RGB
         width, height = resized_shape(*img.size, size)

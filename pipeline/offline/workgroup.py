@@ -94,6 +94,7 @@ class WorkGroup:
             assert value is not None
             return value
         if self.is_primary:
+            assert value is not None
             self._store.set(name, value)
             return value
         self._wait(lambda: self._store.check([name]), f"rank 0 ({name})")

@@ -72,7 +72,7 @@ class _HashingFile(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, data) -> int:  # type: ignore[override]
+    def write(self, data) -> int:
         self.sha256.update(data)
         self.size += len(data)
         return self.raw.write(data)

@@ -60,7 +60,9 @@ def parquet_bytes(fields: Sequence[tuple[str, str]], rows: list[list]) -> bytes:
     import pyarrow.parquet as pq
 
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in fields])
-    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in fields]
+    columns: list[Sequence[object]] = (
+        list(zip(*rows, strict=True)) if rows else [[] for _ in fields]
+    )
     table = pa.Table.from_arrays(
         [pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)], schema=schema
     )

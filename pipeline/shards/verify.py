@@ -52,7 +52,8 @@ class _Hasher:
 
 def _samples(tar: tarfile.TarFile, seen: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples in tar order; ``seen`` collects each member's "ext offset size name" entry."""
-    current, files = None, {}
+    current: str | None = None
+    files: dict[str, bytes] = {}
     for member in tar:
         if not member.isfile():
             raise ValueError(f"unexpected tar member {member.name!r} (type {member.type!r})")
@@ -62,7 +63,9 @@ def _samples(tar: tarfile.TarFile, seen: list[str]) -> Iterator[tuple[str, dict[
             if current is not None:
                 yield current, files
             current, files = key, {}
-        files[ext] = tar.extractfile(member).read()
+        data = tar.extractfile(member)
+        assert data is not None  # a regular file: checked above
+        files[ext] = data.read()
     if current is not None:
         yield current, files
 
@@ -106,11 +109,13 @@ def verify_shard(
     uri = storage.uri(record.name)
     if not storage.exists(record.name):
         return [f"{uri}: missing"], 0
-    problems, count, members = [], 0, []
+    problems: list[str] = []
+    members: list[str] = []
+    count = 0
     with storage.open(record.name, "rb") as f:
         hasher = _Hasher(f)
         try:
-            with tarfile.open(fileobj=hasher, mode="r|") as tar:
+            with tarfile.open(fileobj=hasher, mode="r|") as tar:  # type: ignore[call-overload]
                 for key, files in _samples(tar, members):
                     count += 1
                     issue = _check_sample(key, files, manifest)

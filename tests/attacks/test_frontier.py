@@ -48,7 +48,7 @@ def measured(tmp_path_factory):
     readme = out.parent / "README.md"
     readme.write_text(README)
     done = frontier(*TINY, "--budgets", "2000", "--time-budget-s", "300", "--out", str(out),
-                    "--readme", str(readme))  # fmt: skip
+                    "--page", str(readme))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done, readme
 
@@ -163,7 +163,7 @@ def test_bad_input_fails_before_any_work(tmp_path):
     assert done.returncode == 2 and "--data" in done.stderr and "missing: not found" in done.stderr
     readme = tmp_path / "README.md"
     readme.write_text("# no block\n")
-    done = frontier(*TINY, "--readme", str(readme), "--out", str(tmp_path / "o"))
+    done = frontier(*TINY, "--page", str(readme), "--out", str(tmp_path / "o"))
     assert done.returncode == 2 and "frontier-report:begin" in done.stderr
     assert not (tmp_path / "o").exists()
     done = frontier("--block-sizes", "4,0", "--out", str(tmp_path / "o"))

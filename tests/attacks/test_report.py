@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from attacks.report import README_BEGIN, README_END, Row, Spread, findings, table, update_readme
+from attacks.report import Row, Spread, findings, page_block, table
 
 ROWS = [
     Row("correct_key", 0.9),
@@ -69,14 +69,7 @@ def test_rows_become_dicts_only_when_written():
                                             "key_recovered": None, "budget": {}}  # fmt: skip
 
 
-def test_readme_block_is_replaced_and_nothing_else(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"a\n{README_BEGIN}\nold\n{README_END}\nb\n")
-    update_readme(readme, ROWS, {"val_images": 7})
-    text = readme.read_text()
-    assert text.startswith(f"a\n{README_BEGIN}\n") and text.endswith(f"{README_END}\nb\n")
-    assert "old" not in text and "| ciphertext_only | 80.0% |" in text and "7 held-out" in text
-    readme.write_text("no markers\n")
-    with pytest.raises(ValueError, match="no <!-- attacks-report:begin -->"):
-        update_readme(readme, ROWS, {"val_images": 7})
-    assert readme.read_text() == "no markers\n"
+def test_page_block_holds_the_table_and_its_findings():
+    body = page_block(ROWS)
+    assert "| ciphertext_only | 80.0% |" in body
+    assert all(f"- {line}" in body for line in findings(ROWS))
