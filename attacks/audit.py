@@ -139,6 +139,7 @@ class Outcome:
 
     rows: list[Row]
     keys: dict[str, BlockOp] = field(default_factory=dict)
+    skipped: str | None = None  # why the scenario did not run, when it did not
 
 
 def prepare(config: AuditConfig) -> Audit:
@@ -291,7 +292,8 @@ def finetune_attacks(a: Audit) -> Outcome:
         pretrained=pretrained,
         model_kwargs=a.saved.model_kwargs,
     ).to(a.device)
-    rows, stolen = [], []
+    rows: list[Row] = []
+    stolen: list[Row] = []
     for fraction in a.config.finetune_fractions:
         share = min(1.0, fraction * a.train_total / len(pool.labels))
         chosen = stratified_subset(pool.labels, share, a.rng(f"finetune{fraction}"))
@@ -320,9 +322,9 @@ def finetune_attacks(a: Audit) -> Outcome:
 
 def weight_matching(a: Audit) -> Outcome:
     if not a.config.reference:
-        logger.info("audit: weight_matching skipped: it needs --reference (the weights the "
-                    "protected model started from)")  # fmt: skip
-        return Outcome([])
+        why = "it needs --reference (the weights the protected model started from)"
+        logger.info("audit: weight_matching skipped: %s", why)
+        return Outcome([], skipped=why)
     try:
         match = recover_key(a.model, a.config.reference,
                             image_size=a.saved.crop_size or a.saved.image_shape[0],
@@ -348,6 +350,7 @@ def run_audit(config: AuditConfig) -> list[Row]:
         "finetune": finetune_attacks, "weight_matching": weight_matching,
     }  # fmt: skip
     rows: list[Row] = []
+    skipped: dict[str, str] = {}
     keys: dict[str, BlockOp] = {}
     for name, step in steps.items():
         if name not in config.scenarios:
@@ -356,6 +359,8 @@ def run_audit(config: AuditConfig) -> list[Row]:
         outcome = step(audit)
         rows += outcome.rows
         keys.update(outcome.keys)
+        if outcome.skipped:
+            skipped[name] = outcome.skipped
         for row in outcome.rows:
             logger.info("audit: %-26s top-1 %5.1f%%", row.scenario, 100 * row.top1)
         logger.info("audit: %s took %.0f s", name, time.perf_counter() - t0)
@@ -367,9 +372,11 @@ def run_audit(config: AuditConfig) -> list[Row]:
         "block_size": audit.scheme[0],
         "transforms": list(audit.scheme[1]),
         "val_images": len(audit.val.labels),
+        "num_classes": len(audit.saved.classes),
+        "skipped": skipped,
         "key_space_bits": load_key(config.key).key_space_bits(),
     }
-    report.accuracy_chart(rows, out / "accuracy.png")
+    report.accuracy_chart(rows, out / "accuracy.png", chance=1 / len(audit.saved.classes))
     _samples(audit, keys, out / "samples.png")
     table = report.write_report(out, rows, meta)
     if config.page:
@@ -386,17 +393,20 @@ def run_audit(config: AuditConfig) -> list[Row]:
     wrong_text = (
         f", wrong keys {100 * wrong.top1:.1f}% (95% CI {100 * wrong.spread.ci95[0]:.1f}-"
         f"{100 * wrong.spread.ci95[1]:.1f}%, {wrong.budget['keys']} keys)"
-        if wrong
+        if wrong is not None and wrong.spread is not None
         else ""
     )
+    said = report.verdicts(rows, meta)
     logger.info(
-        "attacks: %d scenarios in %.0f s; correct key %.1f%%%s, best attack %s %.1f%%; wrote %s",
+        "attacks: %d scenarios in %.0f s; correct key %.1f%%%s, best other %s %.1f%%; "
+        "verdict: %s; wrote %s",
         len(rows),
         time.perf_counter() - started,
         100 * rows[0].top1 if rows else float("nan"),
         wrong_text,
         best.scenario if best else "-",
         100 * best.best_top1 if best else 0,
+        report.verdict_line(said) or "none (no correct_key row)",
         out / "report.md",
     )
     return rows

@@ -414,10 +414,10 @@ def block_symmetries(block_size: int) -> list[np.ndarray]:
     spatial = []
     for k in range(4):
         for flip in (False, True):
-            rr, cc = (r, c) if not flip else (r, m - 1 - c)
+            rows, cols = (r, c) if not flip else (r, m - 1 - c)
             for _ in range(k):
-                rr, cc = cc, m - 1 - rr
-            spatial.append((rr.reshape(-1), cc.reshape(-1)))
+                rows, cols = cols, m - 1 - rows
+            spatial.append((rows.reshape(-1), cols.reshape(-1)))
     out, seen = [], set()
     for rr, cc in spatial:
         for order in itertools.permutations(range(3)):
@@ -635,13 +635,14 @@ def estimate_key(
         decoded_corr = correlation(decode_linear(sample, table, table_inverse, inside))
         natural_corr = correlation(_subsample(plain_blocks, dependence_blocks, rng))
         b = partial_correlation(natural_corr)
-    op, passes_done = None, []
+    op: BlockOp | None = None
+    passes_done: list[tuple[float, int, BlockOp]] = []
     for _ in range(passes if shuffled else 1):
         index = np.arange(n_pos)
         if shuffled:
             a = partial_correlation(decoded_corr)
             clock.check("the dependence graphs")
-            previous = None if op is None else op.index
+            previous: np.ndarray | None = None if op is None else op.index
             index = place_positions(a, b, block_size, rng, restarts=restarts,
                                     previous=previous, clock=clock)  # fmt: skip
             logger.debug("placement done after %.1f s", clock.elapsed())
@@ -665,7 +666,7 @@ def estimate_key(
     if passes_done:  # a later pass can also land in a worse placement: keep the best fit
         op = min(passes_done)[2]
     assert op is not None
-    options = (op,)
+    options: tuple[BlockOp, ...] = (op,)
     if "shuffle" in transforms or "np" in transforms:
         indices = [op.index]
         if "shuffle" in transforms:

@@ -113,7 +113,7 @@ def summary(result: dict) -> str:
     measured = [p for p in points if p["measured"]]
     took = f"{result['meta']['seconds']:.0f} s{_resumed(result['meta'])}"
     text = f"{len(measured)} of {len(points)} points measured in {took}"
-    best = {}
+    best: dict[int, dict] = {}
     for p in measured:  # the most leaked data measured per block size
         if p["leaked_blocks"] >= best.get(p["block_size"], {}).get("leaked_blocks", -1):
             best[p["block_size"]] = p

@@ -102,7 +102,7 @@ def _merge_tables(
     xors: dict[int, tuple[int, int]] = {}
     todo = sorted(positions, key=lambda i: -(maps[i] >= 0).sum())
     while todo:
-        best = None
+        best: tuple[tuple[int, int], int, int, int] | None = None
         for i in todo:
             values = np.flatnonzero(maps[i] >= 0)
             for xi, xo in _XORS:
@@ -113,6 +113,7 @@ def _merge_tables(
                 score = (agree - 4 * clash, values.size)
                 if best is None or score > best[0]:
                     best = (score, i, xi, xo)
+        assert best is not None  # todo is not empty
         _, i, xi, xo = best
         if not xors:  # the first position fixes the representation: table = its map
             xi = xo = 0

@@ -17,6 +17,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,53 @@ THREATS = {
     "weight_matching": "the model and the weights it started from (public pre-trained weights); "
     "matches the two patch embeddings, no data needed",
 }
+
+
+# What each part of a key means, where "key recovered, by part" shows it.
+PARTS = {
+    "permutation": "which position of a block each position comes from (pixel shuffling)",
+    "np_mask": "which positions are negated, x -> 255 - x (negative/positive)",
+    "ffx_mask": "which positions go through the FFX byte table",
+    "ffx_table": "the FFX table itself: the keyed bijection of the 256 byte values",
+    "byte_maps": "each position's whole byte map (its NP bit and FFX together): for every "
+    "position and byte value, whether the attack's key maps it as the true key does",
+    "key_recovered": "all parts together: the fraction of (block position, byte value) pairs "
+    "that the attack's key encrypts exactly as the true key",
+}
+
+COLUMNS = (
+    "Columns: *top-1* is the accuracy on the held-out val images of what the scenario gives "
+    "the model (for wrong keys the mean over the keys, with the 95% confidence interval of the "
+    "mean, the range of the central 95% of keys and the best key); *key recovered* is the "
+    "fraction of (block position, byte value) pairs that the attack's key encrypts exactly as "
+    "the true key; *budget* is what the attacker spent. Top-1 can be high with little of the "
+    "key exact: many keys are equivalent on the images (for grey images the three channels of "
+    "a pixel are interchangeable, and on flat blocks most positions are), and the model "
+    "forgives small errors, so a partly wrong key still classifies well."
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one kind of attacker achieves, in words: ``holds`` is True when the protection
+    holds against it, False when it breaks, None when it partly does."""
+
+    attacker: str
+    holds: bool | None
+    text: str
+    short: str = ""  # the attacker in two words, for the console's one line
+
+    @property
+    def word(self) -> str:
+        return {True: "holds", False: "breaks", None: "partly holds"}[self.holds]
+
+    def line(self) -> str:
+        return f"**{self.attacker}: the protection {self.word}.** {self.text}"
+
+
+def verdict_line(said: Sequence[Verdict]) -> str:
+    """The verdicts in one line: ``model thief holds; shard holder breaks; ...``."""
+    return "; ".join(f"{v.short} {v.word}" for v in said)
 
 
 @dataclass(frozen=True)
@@ -120,7 +168,7 @@ def table(rows: Sequence[Row]) -> str:
                 f"{_percent(a)}-{_percent(b)}; max {_percent(row.spread.max)})"
             )
         lines.append(
-            f"| {row.scenario} | {top1} | {_percent(row.key_recovered)} | "
+            f"| {_label(row)} | {top1} | {_percent(row.key_recovered)} | "
             f"{_budget_text(row.budget)} |"
         )
     return "\n".join(lines) + "\n"
@@ -190,14 +238,109 @@ def findings(rows: Sequence[Row]) -> list[str]:
     return out
 
 
+def _share(top1: float, floor: float, correct: float) -> float:
+    """How much of the gap between the wrong keys (or no key) and the correct key a result
+    closes: 0 at the floor, 1 at the correct key."""
+    return (top1 - floor) / max(correct - floor, 1e-9)
+
+
+def _judge(share: float) -> bool | None:
+    return False if share >= 0.5 else None if share >= 0.1 else True
+
+
+def verdicts(rows: Sequence[Row], meta: dict) -> list[Verdict]:
+    """The verdict per attacker, from the rows: each against the correct key and chance."""
+    by = {row.scenario: row for row in rows}
+    if "correct_key" not in by:
+        return []
+    correct = by["correct_key"].top1
+    chance = 1 / meta["num_classes"] if meta.get("num_classes") else 0.0
+    chance_text = f"chance is {_percent(chance)}" if chance else "chance is the floor"
+    floor_row = by.get("wrong_keys") or by.get("no_key")
+    floor = floor_row.top1 if floor_row else chance
+    out = []
+    thief = [by[n] for n in ("no_key", "wrong_keys") if n in by]
+    if thief:
+        best_wrong = max(r.best_top1 for r in thief)
+        lucky = best_wrong - chance > 0.5 * (correct - chance)
+        some = (
+            f"; the best wrong key reaches {_percent(best_wrong)}: a lucky guess gets part of "
+            "the way"
+            if lucky
+            else ""
+        )
+        seen = " and ".join(f"{_percent(r.top1)} ({r.scenario})" for r in thief)
+        text = f"With no key or a wrong key the model gives {seen}, against "
+        text += f"{_percent(correct)} with the key; {chance_text}{some}."
+        holds = _judge(_share(max(r.top1 for r in thief), chance, correct))
+        out.append(Verdict("A model thief (the model, no key)", holds, text, "model thief"))
+    tried = [by[n] for n in ("random_key_search", "heuristic_key_search") if n in by]
+    tried += [r for r in rows if r.scenario.startswith("finetune_attack_")]
+    if tried:
+        strongest = max(tried, key=lambda r: r.top1)
+        text = f"The best of these attacks, {strongest.scenario}, reaches "
+        text += f"{_percent(strongest.top1)}"
+        if strongest.scenario.startswith("finetune_attack_"):
+            text += (
+                f" by fine-tuning the stolen model on {strongest.budget.get('images')} plain "
+                "labelled images: the weights themselves are worth protecting"
+            )
+        text += f"; the correct key gives {_percent(correct)}."
+        holds = _judge(_share(strongest.top1, floor, correct))
+        out.append(Verdict("A model thief with a few labelled plain images", holds, text,
+                           "thief with plain images"))  # fmt: skip
+    if "ciphertext_only" in by:
+        row = by["ciphertext_only"]
+        text = (
+            f"From {row.budget.get('leaked_images')} leaked images and natural-image "
+            f"statistics, the estimated key gives {_percent(row.top1)} with only "
+            f"{_percent(row.key_recovered)} of the key exact: the estimate finds a key that "
+            "is equivalent on these images. The block-wise key does not keep the shards' "
+            "images confidential; keep the shards private."
+        )
+        holds = _judge(_share(row.top1, floor, correct))
+        out.append(Verdict("Whoever holds the encrypted shards (a leaked bucket, the training "
+                           "cluster) and the model", holds, text, "shard holder"))  # fmt: skip
+    pairs = [r for r in rows if r.scenario.startswith("known_plaintext_")]
+    if pairs:
+        row = min(pairs, key=lambda r: r.budget.get("pairs", 0))
+        text = (
+            f"{row.budget.get('pairs')} known pair(s) give a key with {_percent(row.top1)}; "
+            "that is why encrypted shards name no source file and their order is keyed."
+        )
+        holds = _judge(_share(row.top1, floor, correct))
+        out.append(Verdict("Whoever can pair encrypted samples with their plain source (a "
+                           "public dataset)", holds, text, "known plaintext"))  # fmt: skip
+    if "weight_matching" in by:
+        row = by["weight_matching"]
+        text = (
+            f"Matching the patch embeddings recovers {_percent(row.key_recovered)} of the key "
+            f"with no data ({_percent(row.top1)} top-1)."
+        )
+        holds = _judge(_share(row.top1, floor, correct))
+        out.append(Verdict("Whoever holds the weights the model started from", holds, text,
+                           "public-weights holder"))  # fmt: skip
+    return out
+
+
+def _label(row: Row) -> str:
+    """The scenario's name, with what it used where the name alone does not say."""
+    if row.scenario.startswith(("finetune_attack_", "finetune_pretrained_")):
+        return f"{row.scenario} ({row.budget.get('images')} images)"
+    return row.scenario
+
+
 def markdown(rows: Sequence[Row], meta: dict) -> str:
-    threats = []
+    threats: list[tuple[str, str]] = []
     for row in rows:
         base = re.sub(r"_\d+(pct)?$", "", row.scenario)
         if base in THREATS and base not in [t[0] for t in threats]:
             threats.append((base, THREATS[base]))
+    said = verdicts(rows, meta)
     parts = [
         "# Robustness report\n",
+        *(["## Verdict\n\n" + "".join(f"- {v.line()}\n" for v in said)] if said else []),
+        "## The figures\n",
         f"Model `{meta['checkpoint']}` (key fingerprint `{meta['key_fingerprint']}`, block size "
         f"{meta['block_size']}, transforms {', '.join(meta['transforms'])}); shards "
         f"`{meta['data']}`. Accuracy is top-1 on {meta['val_images']} held-out val images; the "
@@ -212,18 +355,22 @@ def markdown(rows: Sequence[Row], meta: dict) -> str:
             else []
         ),
         table(rows),
+        COLUMNS + "\n",
         "".join(f"- {line}\n" for line in findings(rows)),
-        "Key recovered: the fraction of (block position, byte value) pairs that the attack's "
-        "key encrypts exactly as the true key. An attack can reach high accuracy with a key that "
-        "differs from the true one where the images cannot tell them apart.\n",
     ]
+    skipped = meta.get("skipped") or {}
+    if skipped:
+        parts.append("Not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + ".\n")
     details = [
         f"- {row.scenario}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in row.parts.items())
         for row in rows
         if row.parts
     ]
     if details:
-        parts.append("Key recovered, by part:\n\n" + "\n".join(details) + "\n")
+        used = {k for row in rows if row.parts for k in row.parts}
+        meaning = "\n".join(f"- *{k}*: {PARTS[k]}" for k in PARTS if k in used)
+        parts.append("Key recovered, by part:\n\n" + "\n".join(details) + "\n\nThe parts:\n\n"
+                     + meaning + "\n")  # fmt: skip
     parts.append("## Threat model\n\n" + "\n".join(f"- {k}: {v}" for k, v in threats) + "\n")
     parts.append(
         "## Figures\n\n![accuracy](accuracy.png)\n\n![wrong keys](wrong_keys.png)\n\n"
@@ -232,17 +379,58 @@ def markdown(rows: Sequence[Row], meta: dict) -> str:
     return "\n".join(parts)
 
 
-def accuracy_chart(rows: Sequence[Row], path: Path) -> None:
+LEGITIMATE = ("correct_key", "baseline")  # the references, not attacks
+NO_ATTACK = ("no_key", "wrong_keys")  # the model alone: what the key has to hold against
+
+
+def row_kind(scenario: str) -> str:
+    if scenario in LEGITIMATE:
+        return "reference (with the key, or no protection)"
+    if scenario in NO_ATTACK:
+        return "no key / wrong keys"
+    return "attack"
+
+
+KIND_COLOURS = {"reference (with the key, or no protection)": "tab:green",
+                "no key / wrong keys": "tab:grey", "attack": "tab:red"}  # fmt: skip
+
+
+def accuracy_chart(rows: Sequence[Row], path: Path, *, chance: float | None = None) -> Any:
+    """A bar per scenario, coloured by kind (references, no key, attacks, with a gap between
+    the groups); the correct key's accuracy and chance as vertical reference lines. Returns
+    the figure's axes (closed figure), for tests to read."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [row.scenario for row in rows]
-    values = [100 * row.top1 for row in rows]
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(rows) + 1.2))
-    bars = ax.barh(names[::-1], values[::-1], color="tab:blue")
-    for bar, value in zip(bars, values[::-1], strict=True):
+    order = sorted(rows, key=lambda r: list(KIND_COLOURS).index(row_kind(r.scenario)))
+    names, values, colours, ys, y = [], [], [], [], 0.0
+    previous = None
+    for row in order:
+        kind = row_kind(row.scenario)
+        if previous is not None and kind != previous:
+            y += 0.6  # set the groups apart
+        names.append(_label(row))
+        values.append(100 * row.top1)
+        colours.append(KIND_COLOURS[kind])
+        ys.append(y)
+        y, previous = y + 1, kind
+    ys = [y - 1 - v for v in ys]  # first row on top
+    fig, ax = plt.subplots(figsize=(7.5, 0.4 * len(rows) + 1.6))
+    bars = ax.barh(ys, values, color=colours)
+    ax.set_yticks(ys, names, fontsize=8)
+    correct = next((r.top1 for r in rows if r.scenario == "correct_key"), None)
+    if correct is not None:
+        ax.axvline(100 * correct, color="tab:green", linestyle="--", linewidth=1,
+                   label=f"correct key {100 * correct:.1f}%")  # fmt: skip
+    if chance is not None:
+        ax.axvline(100 * chance, color="black", linestyle=":", linewidth=1,
+                   label=f"chance {100 * chance:.1f}%")  # fmt: skip
+    for kind, colour in KIND_COLOURS.items():
+        if any(row_kind(r.scenario) == kind for r in rows):
+            ax.barh([], [], color=colour, label=kind)
+    for bar, value in zip(bars, values, strict=True):
         ax.text(
             bar.get_width() + 1,
             bar.get_y() + bar.get_height() / 2,
@@ -250,20 +438,15 @@ def accuracy_chart(rows: Sequence[Row], path: Path) -> None:
             va="center",
             fontsize=8,
         )
-    for row in rows:
+    for row, yy in zip(order, ys, strict=True):
         if row.spread is not None:
-            ax.plot(
-                100 * row.spread.max,
-                len(rows) - 1 - names.index(row.scenario),
-                "k|",
-                markersize=12,
-                label="wrong keys: max",
-            )
-            ax.legend(loc="lower right", fontsize=8)
+            ax.plot(100 * row.spread.max, yy, "k|", markersize=12, label="wrong keys: the best")
+    ax.legend(loc="lower right", fontsize=7)
     ax.set_xlim(0, 110)
     ax.set_xlabel("top-1 accuracy on held-out val (%)")
     fig.tight_layout()
     _save(fig, path)
+    return ax
 
 
 def wrong_keys_chart(accuracies: Sequence[float], correct: float, path: Path) -> None:

@@ -35,13 +35,11 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +51,7 @@ from pipeline import Key, encrypt, save_key
 from pipeline.offline.build import BuildStats, ShardConfig, build_shards
 from pipeline.offline.decode import decode_pil
 from pipeline.offline.sources import find_classes, list_split
+from pipeline.testing import LoopbackS3
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results import merge_results  # noqa: E402
@@ -137,48 +136,6 @@ def pin(cores: set[int] | None):
     return None if cores is None else lambda: os.sched_setaffinity(0, cores)
 
 
-class MotoServer:
-    """moto_server on a free loopback port, in its own process (on ``cores`` if given);
-    ``env`` is the environment for its clients."""
-
-    def __init__(self, cores: set[int] | None = None) -> None:
-        self.cores = cores
-
-    def __enter__(self) -> MotoServer:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                                     preexec_fn=pin(self.cores), **quiet)  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            self.proc.terminate()
-            raise RuntimeError(f"moto_server did not start on {url} within 60 s")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                   AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull,
-                   AWS_SHARED_CREDENTIALS_FILE=os.devnull)  # fmt: skip
-        self.env = env
-        return self
-
-    def cpu_seconds(self) -> float:
-        """The server's CPU time so far (user + system, from /proc)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
 def make_shards_child(src: Path, out: str, key_file: Path, size: int, shard_size: int,
                       env: dict[str, str], cores: set[int] | None = None) -> dict:  # fmt: skip
     done = subprocess.run(
@@ -200,8 +157,9 @@ def s3_vs_local(work: Path, src: Path, key_file: Path, args: argparse.Namespace,
 
     client_cores, server_cores = cores or (None, None)
     runs: dict[str, list[dict]] = {"local": [], "s3": []}
-    with MotoServer(server_cores) as server:
-        bucket = boto3.resource("s3", endpoint_url=server.env["AWS_ENDPOINT_URL"],
+    with LoopbackS3(cores=server_cores) as server:
+        server_env = server.env()
+        bucket = boto3.resource("s3", endpoint_url=server.url,
                                 region_name="us-east-1", aws_access_key_id="bench",
                                 aws_secret_access_key="bench").Bucket("bench")  # fmt: skip
         bucket.create()
@@ -210,7 +168,7 @@ def s3_vs_local(work: Path, src: Path, key_file: Path, args: argparse.Namespace,
             for name, out in (("local", str(local)), ("s3", f"s3://bench/{r}")):
                 server_cpu = server.cpu_seconds()
                 run = make_shards_child(src, out, key_file, args.size, args.s3_shard_size,
-                                        server.env, client_cores)  # fmt: skip
+                                        server_env, client_cores)  # fmt: skip
                 run["server_cpu_s"] = server.cpu_seconds() - server_cpu
                 runs[name].append(run)
             shutil.rmtree(local)

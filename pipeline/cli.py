@@ -59,16 +59,22 @@ def one_line(text: object) -> str:
 
 
 def setup_logging(
-    *, rank: int | None = None, world_size: int | None = None, tag_ranks: bool = True
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    tag_ranks: bool = True,
+    verbose: bool = False,
 ) -> None:
-    """INFO from rank 0 (or the one process), WARNING and up from the others, tagged with their
-    rank under torchrun (unless ``tag_ranks`` is False)."""
+    """INFO from rank 0 (or the one process; DEBUG too when ``verbose``), WARNING and up from
+    the others, tagged with their rank under torchrun (unless ``tag_ranks`` is False)."""
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     prefix = f"[rank {rank}/{world}] " if world > 1 and tag_ranks else ""
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING, format=f"{prefix}%(message)s"
-    )
+    level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"{prefix}%(message)s")
+    if verbose:  # this project's lines, not every library's
+        for noisy in ("fsspec", "s3fs", "botocore", "aiobotocore", "urllib3", "PIL", "asyncio"):
+            logging.getLogger(noisy).setLevel(logging.INFO)
 
 
 def error_text(exc: BaseException) -> str:

@@ -86,45 +86,13 @@ def jpeg_tree(tmp_path_factory):
     return write_jpeg_tree(tmp_path_factory.mktemp("imagenet"))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 server on loopback: moto_server in its own process, never real AWS."""
-    import shutil
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
+    from pipeline.testing import LoopbackS3
 
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not start on {url}") from None
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with LoopbackS3() as server:
+        yield server.url
 
 
 @pytest.fixture
@@ -176,3 +144,50 @@ def protected_run(digit_shards, tmp_path_factory):
                     nproc=1)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return run
+
+
+class ChildLines:
+    """A child's output, line by line, from a reader thread: tests wait on the line that says
+    the state they need (the condition itself), never on a sleep."""
+
+    def __init__(self, stream) -> None:
+        import queue
+        import threading
+
+        self.seen: list[str] = []
+        self._lines: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put(None)  # the child closed its output
+
+    def wait_for(self, predicate, timeout: float) -> str:
+        """The first line from now on for which ``predicate`` holds; fails after ``timeout``
+        seconds or when the child's output ends first."""
+        import queue
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                said = "".join(self.seen)[-3000:]
+                raise AssertionError(f"no such line in {timeout} s:\n{said}") from None
+            if line is None:
+                raise AssertionError(f"the output ended first:\n{''.join(self.seen)[-3000:]}")
+            self.seen.append(line)
+            if predicate(line):
+                return line
+
+    def rest(self) -> str:
+        """Everything the child said, once it has ended."""
+        self._thread.join(timeout=60)
+        while not self._lines.empty():
+            line = self._lines.get()
+            if line is not None:
+                self.seen.append(line)
+        return "".join(self.seen)

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         "0600); it names every source file: keep it with the key, not with the shards",
     )
     p.add_argument(
+        "-v", "--verbose", action="store_true", help="also log each shard as it is finished"
+    )
+    p.add_argument(
         "--force-unlock",
         action="store_true",
         help="take over OUT/_lock.json from another run (only if that run is dead)",
@@ -150,9 +153,9 @@ def resume_command(argv: list[str] | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli.setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
+    cli.setup_logging(verbose=args.verbose)
     if args.plain == bool(args.key):
         parser.error("pass --key FILE to encrypt, or --plain for unencrypted shards (not both)")
     job: ShardJob | None = None

@@ -694,6 +694,8 @@ class _Publisher:
                     "finished shards are kept and a rerun resumes"
                 ) from exc
         self.state.write_shard(index, result, self.plan)
+        logger.debug("%s: shard %d of %d finished (%d images)", self.plan.split, index,
+                     self.plan.n_shards, len(self.plan.chunk(index)))  # fmt: skip
 
     def drain(self) -> None:
         while self._pending:

@@ -64,6 +64,7 @@ class OutputLock:
             "token": secrets.token_hex(8),
         }
         self.lost: str | None = None  # why this run no longer holds the lock
+        self.lost_event = threading.Event()  # set when ``lost`` is
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -141,6 +142,7 @@ class OutputLock:
                 current = self._read()
                 if current is None or current.get("token") != self.holder["token"]:
                     self.lost = f"taken over by {describe(current or {})}"
+                    self.lost_event.set()
                     return
                 self.storage.write_bytes(LOCK_NAME, self._data())
             except OSError as exc:

@@ -323,6 +323,8 @@ def save_state(run: Run, epoch: int, step_in_epoch: int) -> None:
             world_size=env.world_size,
             finished=(epoch, step_in_epoch) == (run.config.epochs, 0),
         ).save(run.out / "checkpoint.pt")  # fmt: skip
+        logger.info("train: checkpoint at epoch %d, step %d: %s", epoch, step_in_epoch,
+                    run.out / "checkpoint.pt")  # fmt: skip
     run.progress.saved = (epoch, step_in_epoch)
 
 

@@ -15,6 +15,8 @@ from pipeline import Key, save_key
 from tests.conftest import FIXED_SECRET
 from tests.train.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, moto or training: the full suite only
+
 SMALL = ["--wrong-keys", "8", "--search-keys", "6", "--search-steps", "6", "--attacker-images",
          "48", "--leaked-images", "300", "--finetune-steps", "4",
          "--known-pairs", "1,3"]  # fmt: skip

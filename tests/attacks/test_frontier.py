@@ -15,6 +15,8 @@ import pytest
 from attacks.frontier import FrontierConfig, _rng, main, measured_budgets
 from attacks.keyspace import random_material
 
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, moto or training: the full suite only
+
 TINY = ["--block-sizes", "4", "--keys", "1", "--statistics-blocks", "3000"]
 README = (
     "# x\n\n## What the key resists\n\n<!-- frontier-report:begin -->\nold\n"

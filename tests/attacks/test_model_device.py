@@ -23,6 +23,8 @@ from pipeline.model.classifier import ProtectedClassifier
 from pipeline.model.evaluation import EvalSet, predict, top1
 from tests.conftest import FIXED_SECRET
 
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, moto or training: the full suite only
+
 CLASSES = 3
 SEEN: list[torch.device] = []  # module-level: copies of the model (fine-tuning) record here too
 

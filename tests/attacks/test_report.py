@@ -1,10 +1,20 @@
-"""The report's generated findings and the README block."""
+"""The report: its verdict, findings, explanations, figure and results-page block."""
 
 from __future__ import annotations
 
 import pytest
 
-from attacks.report import Row, Spread, findings, page_block, table
+from attacks.report import (
+    Row,
+    Spread,
+    accuracy_chart,
+    findings,
+    markdown,
+    page_block,
+    table,
+    verdict_line,
+    verdicts,
+)
 
 ROWS = [
     Row("correct_key", 0.9),
@@ -73,3 +83,47 @@ def test_page_block_holds_the_table_and_its_findings():
     body = page_block(ROWS)
     assert "| ciphertext_only | 80.0% |" in body
     assert all(f"- {line}" in body for line in findings(ROWS))
+
+
+META = {"checkpoint": "ck.pt", "key_fingerprint": "f", "block_size": 4,
+        "transforms": ["shuffle", "np", "ffx"], "data": "shards", "val_images": 355, "seed": 0,
+        "num_classes": 10,
+        "skipped": {"weight_matching": "it needs --reference (the start's weights)"}}  # fmt: skip
+
+
+def test_the_verdict_per_attacker_follows_the_rows():
+    said = {v.short: v for v in verdicts(ROWS, META)}
+    assert said["model thief"].holds is True and "chance is 10.0%" in said["model thief"].text
+    assert said["shard holder"].holds is False and "80.0%" in said["shard holder"].text
+    # the strongest of the key searches and fine-tuning: fine-tuning on 100 images, 91%
+    assert said["thief with plain images"].holds is False
+    assert "finetune_attack_10pct" in said["thief with plain images"].text
+    assert verdict_line(said.values()).startswith("model thief holds; ")
+    weak = [Row("correct_key", 0.9), Row("wrong_keys", 0.1, spread=Spread.of([0.1, 0.1])),
+            Row("ciphertext_only", 0.12)]  # fmt: skip
+    assert {v.short: v.holds for v in verdicts(weak, META)}["shard holder"] is True
+
+
+def test_the_report_opens_with_the_verdict_and_explains_itself():
+    rows = [*ROWS, Row("known_plaintext_1", 0.9, key_recovered=0.4, budget={"pairs": 1},
+                       parts={"permutation": 1.0, "byte_maps": 0.3})]  # fmt: skip
+    text = markdown(rows, META)
+    assert text.index("## Verdict") < text.index("| scenario |")
+    assert "**A model thief (the model, no key): the protection holds.**" in text
+    assert "*key recovered* is the fraction" in text and "equivalent on the images" in text
+    assert "- *byte_maps*: each position's whole byte map" in text
+    assert "- *permutation*:" in text and "- *ffx_table*" not in text  # only parts shown
+    assert "Not run: weight_matching (it needs --reference" in text
+    assert "| finetune_attack_1pct (10 images) |" in text
+
+
+def test_the_chart_draws_chance_and_the_correct_key_and_sets_attacks_apart(tmp_path):
+    ax = accuracy_chart(ROWS, tmp_path / "a.png", chance=0.1)
+    assert (tmp_path / "a.png").stat().st_size > 1000
+    labels = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert {"chance 10.0%", "correct key 90.0%", "attack", "no key / wrong keys"} <= labels
+    lines = {round(line.get_xdata()[0], 3) for line in ax.get_lines() if len(line.get_xdata())}
+    assert {10.0, 90.0} <= lines
+    colours = {t.get_text(): bar.get_facecolor() for t, bar in
+               zip(ax.get_yticklabels(), ax.patches, strict=False)}  # fmt: skip
+    assert colours["ciphertext_only"] != colours["correct_key"]

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, moto or training: the full suite only
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # What the lent GPU machines do not have (the small wheels the README carries are allowed)
 BLOCKER = """
 import sys
+
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, moto or training: the full suite only
 class _Absent:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {"s3fs", "moto", "boto3", "botocore", "aiobotocore"} \\

@@ -7,29 +7,31 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline import Key, decrypt, save_key
-from tests.conftest import FIXED_SECRET
+from tests.conftest import FIXED_SECRET, ChildLines
 from tests.tools.conftest import ROOT, files, shard_args, tool
 
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, moto or training: the full suite only
 
-def kill_when(out: Path, ready, *cmd: str) -> None:
+
+def kill_when(said: str, *cmd: str) -> None:
+    """Run make_shards --verbose and SIGKILL it as soon as it logs a line containing ``said``."""
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tools" / "make_shards.py"), *cmd],
+        [sys.executable, str(ROOT / "tools" / "make_shards.py"), *cmd, "--verbose"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline and not ready(out):
-        time.sleep(0.002)
-    if proc.poll() is None:
+    try:
+        ChildLines(proc.stderr).wait_for(lambda line: said in line, 120)
+    finally:
         os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+        proc.wait()
 
 
 @pytest.mark.parametrize(
@@ -38,12 +40,12 @@ def kill_when(out: Path, ready, *cmd: str) -> None:
 )
 def test_sigkill_then_resume_is_byte_identical(tree, key_file, reference, tmp_path, moment):
     out = tmp_path / "out"
-    ready = {
-        "mid_shard": lambda o: any(o.glob(".train-000002.tar.partial")),
-        "after_three_shards": lambda o: (o / "_progress" / "train.000002.json").exists(),
-        "mid_val": lambda o: any(o.glob(".val-*.partial")),
+    said = {
+        "mid_shard": "train: shard 1 of",  # shard 2 is being built then
+        "after_three_shards": "train: shard 2 of",
+        "mid_val": "val: rank 0 of 1 builds",
     }[moment]
-    kill_when(out, ready, *shard_args(tree, key_file, out))
+    kill_when(said, *shard_args(tree, key_file, out))
     assert not (out / "val.manifest.json").exists()  # it really was cut short
     for name in os.listdir(out):  # no partial shard under a final name
         if name.endswith(".tar"):
@@ -176,17 +178,16 @@ def test_second_run_into_a_live_output_is_refused(tree, key_file, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
+    lines = ChildLines(first.stderr)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "_lock.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.002)
+        lines.wait_for(lambda line: "builds" in line, 120)  # it holds the lock by then
         os.kill(first.pid, signal.SIGSTOP)  # hold it mid-run, whatever the machine's speed
         other = save_key(Key(bytes(32)), tmp_path / "other.bin")
         second = tool("make_shards.py", *shard_args(tree, other, out), "--overwrite")
         os.kill(first.pid, signal.SIGCONT)
         assert second.returncode == 2, second.stderr
         assert f"pid {first.pid}" in second.stderr and "another make_shards run" in second.stderr
-        assert first.wait(timeout=120) == 0, first.stderr.read()
+        assert first.wait(timeout=120) == 0, lines.rest()
     finally:
         if first.poll() is None:
             os.kill(first.pid, signal.SIGCONT)
@@ -280,15 +281,12 @@ def test_ctrl_c_is_one_line_with_the_resume_command(tree, key_file, reference, t
         stderr=subprocess.PIPE,
         text=True,
     )
-    lines = []
-    for line in proc.stderr:  # block on the log itself: the line that says building started
-        lines.append(line)
-        if "builds" in line:
-            os.kill(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
-            break
-    lines += proc.stderr.readlines()
-    assert proc.wait(timeout=120) == 130, "".join(lines)
-    text = "".join(lines)
+    output = ChildLines(proc.stderr)
+    output.wait_for(lambda line: "builds" in line, 120)  # the log says building started
+    os.kill(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+    assert proc.wait(timeout=120) == 130, output.rest()
+    text = output.rest()
+    lines = text.splitlines()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
     [said] = [line for line in lines if "interrupted" in line]
     assert said.startswith("make_shards: interrupted;") and "kept in" in said

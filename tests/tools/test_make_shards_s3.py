@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import fsspec
+import pytest
 
 from tests.tools.conftest import files, shard_args, tool
+
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, moto or training: the full suite only
 
 
 def test_s3_round_trip_matches_local(tree, key_file, reference, s3_env):

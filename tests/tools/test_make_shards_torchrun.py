@@ -14,7 +14,10 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from tests.conftest import ChildLines
 from tests.tools.conftest import ROOT, files, shard_args, tool
+
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, moto or training: the full suite only
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
@@ -86,19 +89,17 @@ def _worker_pid(parent: int, rank: int) -> int | None:
 def test_kill_one_rank_then_resume_with_one_process(tree, key_file, reference, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        torchrun_cmd(*shard_args(tree, key_file, out), "--batch-size", "1"),
+        torchrun_cmd(*shard_args(tree, key_file, out), "--batch-size", "1", "--verbose"),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         env=env(),
     )
-    victim, deadline = None, time.monotonic() + 240
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            victim = victim or _worker_pid(proc.pid, 1)
-            if victim and list(out.glob("_progress/train.0*.json")):
-                os.kill(victim, signal.SIGKILL)  # rank 1 dies mid-run
-                break
-            time.sleep(0.005)
+    try:  # rank 0 logs its first finished shard: both ranks are building by then
+        ChildLines(proc.stderr).wait_for(lambda line: "train: shard 0 of" in line, 240)
+        victim = _worker_pid(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)  # rank 1 dies mid-run
         assert proc.wait(timeout=120) != 0  # the agent ends the job
     finally:
         if proc.poll() is None:

@@ -15,6 +15,8 @@ import pytest
 from pipeline import Key, save_key
 from tests.train.conftest import ROOT, make_digit_shards
 
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, moto or training: the full suite only
+
 VIT = ["--model", "vit_tiny_patch16_224", "--pretrained", "none", "--batch-size", "32",
        "--warmup-epochs", "0.5", "--workers", "1", "--epochs", "1"]  # fmt: skip
 SECRET = bytes(range(32))

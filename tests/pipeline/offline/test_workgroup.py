@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from pipeline.offline import workgroup
 from pipeline.offline.workgroup import WorkGroup, WorkGroupError
-from tests.conftest import free_port
+from pipeline.testing import free_port
 
 
 @pytest.fixture
@@ -36,10 +36,17 @@ def test_shards_are_split_by_index_modulo_world_size():
 def test_rank_zero_shares_a_value_and_waits_for_every_rank(pair):
     zero, one = pair
     got = []
+    asked = threading.Event()
+    real_wait = one._wait
+
+    def wait(ready, what):  # rank 1 reaches its wait: then it must still have nothing
+        asked.set()
+        real_wait(ready, what)
+
+    one._wait = wait
     reader = threading.Thread(target=lambda: got.append(one.share("setup")))
     reader.start()
-    time.sleep(0.2)
-    assert not got  # waits for rank 0
+    assert asked.wait(timeout=10) and not got  # rank 1 waits for rank 0
     zero.share("setup", "build:abc")
     reader.join(timeout=10)
     assert got == ["build:abc"]

@@ -16,6 +16,8 @@ from pipeline.offline.build import ShardConfig, build_shards
 from pipeline.stream.dataset import LoaderConfig, ShardDataset, make_loader
 from tests.conftest import FIXED_SECRET, write_jpeg_tree
 
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, moto or training: the full suite only
+
 
 class CuttingProxy:
     """A loopback TCP proxy to ``upstream`` that cuts ``cuts`` responses after ``after`` bytes
