@@ -12,18 +12,20 @@
   leaked blocks, with no model (``python -m attacks.frontier``, ``report/frontier``).
 """
 
-from attacks.audit import SCENARIOS, AuditConfig, AuditError, run_audit
+from attacks.audit import SCENARIOS, AuditConfig, AuditError, Scenario, run_audit
 from attacks.ciphertext_only import EstimateTimeout, estimate_key
 from attacks.key_search import heuristic_key_search, random_key_search
-from attacks.keyspace import key_recovery, random_material
+from attacks.keyspace import KeyRecovery, key_recovery, random_material
 
 __all__ = [
     "SCENARIOS",
+    "Scenario",
     "AuditConfig",
     "AuditError",
     "EstimateTimeout",
     "estimate_key",
     "heuristic_key_search",
+    "KeyRecovery",
     "key_recovery",
     "random_key_search",
     "random_material",

@@ -22,6 +22,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from enum import Enum
 from functools import cached_property
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from attacks import report
 from attacks.ciphertext_only import estimate_key
 from attacks.finetune import finetune, stratified_subset
 from attacks.key_search import heuristic_key_search, random_key_search
-from attacks.keyspace import key_recovery, random_material, to_blocks
+from attacks.keyspace import KeyRecovery, key_recovery, random_material, to_blocks
 from attacks.known_plaintext import solve_key
 from attacks.report import Row, Spread
 from attacks.weight_matching import WeightMatchingError, recover_key
@@ -48,17 +49,22 @@ from pipeline.storage import Storage
 
 logger = logging.getLogger("attacks")
 
-SCENARIOS = (
-    "correct_key",
-    "no_key",
-    "wrong_keys",
-    "random_key_search",
-    "heuristic_key_search",
-    "ciphertext_only",
-    "known_plaintext",
-    "finetune",
-    "weight_matching",
-)
+
+class Scenario(str, Enum):
+    """The audit's scenarios, in the order they run (their values are the CLI and JSON names)."""
+
+    CORRECT_KEY = "correct_key"
+    NO_KEY = "no_key"
+    WRONG_KEYS = "wrong_keys"
+    RANDOM_KEY_SEARCH = "random_key_search"
+    HEURISTIC_KEY_SEARCH = "heuristic_key_search"
+    CIPHERTEXT_ONLY = "ciphertext_only"
+    KNOWN_PLAINTEXT = "known_plaintext"
+    FINETUNE = "finetune"
+    WEIGHT_MATCHING = "weight_matching"
+
+
+SCENARIOS = tuple(s.value for s in Scenario)  # the names, for command lines
 
 
 class AuditError(KeyprotectError, ValueError):
@@ -72,7 +78,7 @@ class AuditConfig:
     data: str
     out: str = "report"
     baseline: str | None = None
-    scenarios: tuple[str, ...] = SCENARIOS
+    scenarios: tuple[Scenario, ...] = tuple(Scenario)
     wrong_keys: int = 100
     attacker_images: int = 100  # the attacker's labelled plain set (key searches)
     search_keys: int = 200  # random key search: keys tried
@@ -128,7 +134,7 @@ class Audit:
         n = self.config.attacker_images
         return self.train_plain.images[:n], self.train_plain.labels[:n]
 
-    def recovery(self, op: BlockOp) -> dict:
+    def recovery(self, op: BlockOp) -> KeyRecovery:
         return key_recovery(op, self.true_op, self.scheme[1])
 
 
@@ -212,8 +218,8 @@ def wrong_keys(a: Audit) -> Outcome:
 def key_row(a: Audit, scenario: str, op: BlockOp, budget: dict, **extra) -> Row:
     """The row of an attack that ends with a key: its accuracy and how much of the key it has."""
     recovered = a.recovery(op)
-    return Row(scenario, a.accuracy(op), recovered["key_recovered"], budget=budget,
-               parts=recovered["parts"], **extra)  # fmt: skip
+    return Row(scenario, a.accuracy(op), recovered.key_recovered, budget=budget,
+               parts=recovered.parts, **extra)  # fmt: skip
 
 
 def random_search(a: Audit) -> Outcome:
@@ -343,18 +349,20 @@ def run_audit(config: AuditConfig) -> list[Row]:
     audit = prepare(config)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps: dict[str, Callable[[Audit], Outcome]] = {
-        "correct_key": correct_key, "no_key": no_key, "wrong_keys": wrong_keys,
-        "random_key_search": random_search, "heuristic_key_search": heuristic_search,
-        "ciphertext_only": ciphertext_only, "known_plaintext": known_plaintext,
-        "finetune": finetune_attacks, "weight_matching": weight_matching,
+    steps: dict[Scenario, Callable[[Audit], Outcome]] = {
+        Scenario.CORRECT_KEY: correct_key, Scenario.NO_KEY: no_key,
+        Scenario.WRONG_KEYS: wrong_keys, Scenario.RANDOM_KEY_SEARCH: random_search,
+        Scenario.HEURISTIC_KEY_SEARCH: heuristic_search,
+        Scenario.CIPHERTEXT_ONLY: ciphertext_only, Scenario.KNOWN_PLAINTEXT: known_plaintext,
+        Scenario.FINETUNE: finetune_attacks, Scenario.WEIGHT_MATCHING: weight_matching,
     }  # fmt: skip
     rows: list[Row] = []
     skipped: dict[str, str] = {}
     keys: dict[str, BlockOp] = {}
-    for name, step in steps.items():
-        if name not in config.scenarios:
+    for scenario, step in steps.items():
+        if scenario not in config.scenarios:
             continue
+        name = scenario.value
         t0 = time.perf_counter()
         outcome = step(audit)
         rows += outcome.rows
@@ -521,10 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> AuditConfig:
     p = build_parser()
     a = p.parse_args(argv)
-    scenarios = tuple(s for s in a.scenarios.split(",") if s)
-    unknown = set(scenarios) - set(SCENARIOS)
+    names = [s for s in a.scenarios.split(",") if s]
+    unknown = set(names) - set(SCENARIOS)
     if unknown:
         p.error(f"unknown scenario(s) {sorted(unknown)}; choose from {','.join(SCENARIOS)}")
+    scenarios = tuple(Scenario(name) for name in names)
     try:
         resolve_device(a.device)
     except ValueError as exc:

@@ -618,6 +618,42 @@ def estimate_key(
     if len(cipher_blocks) * n_pos > max_values:
         keep = rng.choice(len(cipher_blocks), size=max(1, max_values // n_pos), replace=False)
         cipher_blocks = cipher_blocks[np.sort(keep)]
+    tables = _table_stage(cipher_blocks, plain_blocks, transforms, dependence_blocks, rng, clock)
+    op = _fit_passes(cipher_blocks, plain_blocks, block_size, transforms, tables,
+                     dependence_blocks=dependence_blocks, rounds=rounds, restarts=restarts,
+                     passes=passes, rng=rng, clock=clock)  # fmt: skip
+    options = symmetric_candidates(op, block_size, transforms)
+    if scorer is None or len(options) == 1:
+        return Estimate(op, 1, options)
+    scores = []
+    for option in options:
+        clock.check("the scorer's choice among symmetric candidates")
+        scores.append(scorer(option))
+    return Estimate(options[int(np.argmax(scores))], len(options), options)
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """The first stage's result: which positions go through the FFX table, the table's
+    estimated inverse, whether NP acts inside it, and the sample for the dependence graphs."""
+
+    table: np.ndarray  # (L,) bool
+    inverse: np.ndarray  # (256,) float64
+    inside: bool
+    sample: np.ndarray  # cipher blocks for the dependence graphs
+
+
+def _table_stage(
+    cipher_blocks: np.ndarray,
+    plain_blocks: np.ndarray,
+    transforms: tuple[str, ...],
+    dependence_blocks: int,
+    rng: np.random.Generator,
+    clock: _Clock,
+) -> _Tables:
+    """FFX positions from rough value histograms, and the shared table's inverse (up to a
+    negation) from how the other positions vary with each cipher byte."""
+    n_pos = cipher_blocks.shape[1]
     counts = np.stack([np.bincount(cipher_blocks[:, i], minlength=256) for i in range(n_pos)])
     table = table_positions(counts) if "ffx" in transforms else np.zeros(n_pos, bool)
     if table.all() or not table.any():
@@ -630,9 +666,30 @@ def estimate_key(
         table_inverse = estimate_table_inverse(sample, table, plain_hist.sum(0), inside, rng,
                                                clock=clock)  # fmt: skip
     clock.check("the table estimate")
+    return _Tables(table, table_inverse, inside, sample)
+
+
+def _fit_passes(
+    cipher_blocks: np.ndarray,
+    plain_blocks: np.ndarray,
+    block_size: int,
+    transforms: tuple[str, ...],
+    tables: _Tables,
+    *,
+    dependence_blocks: int,
+    rounds: int,
+    restarts: int | None,
+    passes: int,
+    rng: np.random.Generator,
+    clock: _Clock,
+) -> BlockOp:
+    """Placement (when shuffled) and the byte-map regression, ``passes`` times; the pass whose
+    decryption has the most natural correlations is kept."""
+    n_pos = cipher_blocks.shape[1]
+    table, table_inverse, sample = tables.table, tables.inverse, tables.sample
     shuffled = "shuffle" in transforms
     if shuffled:
-        decoded_corr = correlation(decode_linear(sample, table, table_inverse, inside))
+        decoded_corr = correlation(decode_linear(sample, table, table_inverse, tables.inside))
         natural_corr = correlation(_subsample(plain_blocks, dependence_blocks, rng))
         b = partial_correlation(natural_corr)
     op: BlockOp | None = None
@@ -646,17 +703,9 @@ def estimate_key(
             index = place_positions(a, b, block_size, rng, restarts=restarts,
                                     previous=previous, clock=clock)  # fmt: skip
             logger.debug("placement done after %.1f s", clock.elapsed())
-        fit = _ByteMapFit(cipher_blocks, plain_blocks, index, block_size, transforms, table)
-        inv = fit.initial(table_inverse)
-        for step in range(rounds):
-            clock.check("the byte-map regression")
-            inv = fit.refine(inv)
-            op = fit.project(inv)
-            if shuffled and step == rounds // 2:  # once the maps have settled
-                fit.set_index(fit.channel_order(op))
-                op = _with_index(op, fit.index)
-            inv = _inverse_maps(op)  # refine from the structured estimate
-        assert op is not None
+        op = _fit_byte_maps(cipher_blocks, plain_blocks, index, block_size, transforms,
+                            table, table_inverse, rounds=rounds, shuffled=shuffled,
+                            clock=clock)  # fmt: skip
         logger.debug("byte maps done after %.1f s", clock.elapsed())
         if shuffled:  # the next pass reads positions through the fitted maps
             fitted = np.argsort(byte_maps(op), axis=1).astype(np.float32)
@@ -666,27 +715,55 @@ def estimate_key(
     if passes_done:  # a later pass can also land in a worse placement: keep the best fit
         op = min(passes_done)[2]
     assert op is not None
-    options: tuple[BlockOp, ...] = (op,)
-    if "shuffle" in transforms or "np" in transforms:
-        indices = [op.index]
-        if "shuffle" in transforms:
-            indices = [sigma[op.index] for sigma in block_symmetries(block_size)]
-        negatives = (0, 0xFF) if "np" in transforms else (0,)
-        options = tuple(
-            BlockOp(
-                block_size, index, op.xor_in ^ np.uint8(neg), op.table_mask, op.table, op.xor_out
-            )
-            for index in indices
-            for neg in negatives
-        )  # fmt: skip (the first is op itself: the identity symmetry, no negation)
-    candidates = 1
-    if scorer is not None and len(options) > 1:
-        scores = []
-        for option in options:
-            clock.check("the scorer's choice among symmetric candidates")
-            scores.append(scorer(option))
-        op, candidates = options[int(np.argmax(scores))], len(options)
-    return Estimate(op, candidates, options)
+    return op
+
+
+def _fit_byte_maps(
+    cipher_blocks: np.ndarray,
+    plain_blocks: np.ndarray,
+    index: np.ndarray,
+    block_size: int,
+    transforms: tuple[str, ...],
+    table: np.ndarray,
+    table_inverse: np.ndarray,
+    *,
+    rounds: int,
+    shuffled: bool,
+    clock: _Clock,
+) -> BlockOp:
+    """Each position's byte map for a placement: regression on the neighbours, projected on
+    the scheme; the channel order is settled half-way."""
+    fit = _ByteMapFit(cipher_blocks, plain_blocks, index, block_size, transforms, table)
+    inv = fit.initial(table_inverse)
+    op: BlockOp | None = None
+    for step in range(rounds):
+        clock.check("the byte-map regression")
+        inv = fit.refine(inv)
+        op = fit.project(inv)
+        if shuffled and step == rounds // 2:  # once the maps have settled
+            fit.set_index(fit.channel_order(op))
+            op = _with_index(op, fit.index)
+        inv = _inverse_maps(op)  # refine from the structured estimate
+    assert op is not None
+    return op
+
+
+def symmetric_candidates(
+    op: BlockOp, block_size: int, transforms: tuple[str, ...]
+) -> tuple[BlockOp, ...]:
+    """The keys that image statistics cannot tell from ``op``: the block's symmetries (with
+    shuffling), each also negated (with NP); ``op`` itself first."""
+    if "shuffle" not in transforms and "np" not in transforms:
+        return (op,)
+    indices = [op.index]
+    if "shuffle" in transforms:
+        indices = [sigma[op.index] for sigma in block_symmetries(block_size)]
+    negatives = (0, 0xFF) if "np" in transforms else (0,)
+    return tuple(
+        BlockOp(block_size, index, op.xor_in ^ np.uint8(neg), op.table_mask, op.table, op.xor_out)
+        for index in indices
+        for neg in negatives
+    )
 
 
 def _misfit(op: BlockOp, decoded_corr: np.ndarray, natural_corr: np.ndarray) -> float:

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,10 +45,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from attacks import frontier_report
 from attacks.ciphertext_only import EstimateTimeout, estimate_key
 from attacks.keyspace import key_recovery, random_material, to_blocks
-from pipeline import BlockOp, apply_op, cli, docblock
+from pipeline import BlockOp, Key, apply_op, cli, docblock
 from pipeline.atomic import atomic_write
 from pipeline.cipher.blockwise import TRANSFORMS, check_block_size, check_transforms
 from pipeline.errors import KeyprotectError
+
+if TYPE_CHECKING:
+    from attacks.audit import Audit
 
 logger = logging.getLogger("attacks.frontier")
 
@@ -233,7 +237,7 @@ def _estimate_point(
     """One key at one budget: the recovery by part, seconds, and candidates resolved."""
 
     def oracle(op: BlockOp) -> float:
-        return key_recovery(op, truth, config.transforms)["key_recovered"]
+        return key_recovery(op, truth, config.transforms).key_recovered
 
     started = time.perf_counter()
     estimate = estimate_key(
@@ -248,7 +252,7 @@ def _estimate_point(
     seconds = time.perf_counter() - started
     recovered = key_recovery(estimate.op, truth, config.transforms)
     return (
-        {**recovered["parts"], "key_recovered": recovered["key_recovered"]},
+        recovered.to_json(),
         seconds,
         estimate.candidates,
     )
@@ -338,9 +342,7 @@ def model_points(config: FrontierConfig, block_sizes: set[int]) -> list[dict]:
     """For each ``--checkpoint`` (with its ``--key`` and ``--model-data``) whose block size is
     measured: the ciphertext-only estimate of its own key from its own encrypted train shards,
     at each budget, and the model's top-1 with that key (the audit's evaluation path)."""
-    from attacks.audit import AuditConfig, prepare
     from pipeline import load_key
-    from pipeline.model.evaluation import predict
 
     rows = []
     for checkpoint, key_file, data in zip(
@@ -354,80 +356,92 @@ def model_points(config: FrontierConfig, block_sizes: set[int]) -> list[dict]:
                 key.block_size,
             )
             continue
-        audit = prepare(
-            AuditConfig(
-                checkpoint=checkpoint,
-                key=key_file,
-                data=data,
-                seed=config.seed,
-                device=config.device,
-                attacker_images=100,
-                leaked_images=10**9,  # every train image (capped below)
-                scenarios=("ciphertext_only",),
-                known_pairs=(),
-                finetune_fractions=(),
-            )
-        )
-        natural = audit.attacker_set()[0]
-        leaked = to_blocks(audit.train_encrypted[len(natural) :], key.block_size)
-
-        def confidence(op: BlockOp, natural=natural, audit=audit) -> float:
-            logits = torch.from_numpy(predict(audit.model, apply_op(natural, op)))
-            return float(logits.softmax(1).max(1).values.mean())
-
-        for budget, used in measured_budgets(config, len(leaked)):
-            row = {
-                "checkpoint": checkpoint,
-                "key_fingerprint": key.fingerprint,
-                "block_size": key.block_size,
-                "budget_blocks": budget,
-                "leaked_blocks": used,
-                "top1_correct_key": audit.correct_top1,
-            }
-            if used is None:
-                rows.append(
-                    {
-                        **row,
-                        "measured": False,
-                        "reason": f"the model's train shards have {len(leaked):,} blocks",
-                    }
-                )
-                continue
-            rng = _rng(config, "model", checkpoint, budget)
-            chosen = np.sort(rng.choice(len(leaked), used, replace=False))
-            started = time.perf_counter()
-            try:
-                estimate = estimate_key(
-                    leaked[chosen],
-                    to_blocks(natural, key.block_size),
-                    key.block_size,
-                    key.transforms,
-                    rng=rng,
-                    scorer=confidence,
-                    time_budget_s=config.time_budget_s,
-                )
-            except EstimateTimeout:
-                rows.append(
-                    {
-                        **row,
-                        "measured": False,
-                        "reason": f"ran out of the {config.time_budget_s:g} s time budget",
-                    }
-                )
-                continue
-            recovered = audit.recovery(estimate.op)
-            rows.append(
-                {
-                    **row,
-                    "measured": True,
-                    "top1_estimated_key": audit.accuracy(estimate.op),
-                    "key_recovered": recovered["key_recovered"],
-                    "parts": recovered["parts"],
-                    "seconds": time.perf_counter() - started,
-                    "statistics_images": len(natural),
-                }
-            )
+        rows += _one_model_points(config, checkpoint, key_file, data, key)
     return rows
+
+
+def _one_model_points(
+    config: FrontierConfig, checkpoint: str, key_file: str, data: str, key: Key
+) -> list[dict]:
+    """One model's rows, a budget each: its audit's data, then an estimate per budget."""
+    from attacks.audit import AuditConfig, Scenario, prepare
+
+    audit = prepare(
+        AuditConfig(
+            checkpoint=checkpoint,
+            key=key_file,
+            data=data,
+            seed=config.seed,
+            device=config.device,
+            attacker_images=100,
+            leaked_images=10**9,  # every train image (capped below)
+            scenarios=(Scenario.CIPHERTEXT_ONLY,),
+            known_pairs=(),
+            finetune_fractions=(),
+        )
+    )
+    natural = audit.attacker_set()[0]
+    leaked = to_blocks(audit.train_encrypted[len(natural) :], key.block_size)
+    rows = []
+    for budget, used in measured_budgets(config, len(leaked)):
+        row = {
+            "checkpoint": checkpoint,
+            "key_fingerprint": key.fingerprint,
+            "block_size": key.block_size,
+            "budget_blocks": budget,
+            "leaked_blocks": used,
+            "top1_correct_key": audit.correct_top1,
+        }
+        if used is None:
+            reason = f"the model's train shards have {len(leaked):,} blocks"
+            rows.append({**row, "measured": False, "reason": reason})
+            continue
+        rows.append({**row, **_model_estimate(config, audit, key, natural, leaked, budget, used)})
+    return rows
+
+
+def _model_estimate(
+    config: FrontierConfig,
+    audit: Audit,
+    key: Key,
+    natural: np.ndarray,
+    leaked: np.ndarray,
+    budget: int,
+    used: int,
+) -> dict:
+    """The estimate from ``used`` of the model's leaked blocks, the model ranking the
+    symmetric candidates by its confidence on the attacker's plain images; its top-1."""
+    from pipeline.model.evaluation import predict
+
+    def confidence(op: BlockOp) -> float:
+        logits = torch.from_numpy(predict(audit.model, apply_op(natural, op)))
+        return float(logits.softmax(1).max(1).values.mean())
+
+    rng = _rng(config, "model", audit.config.checkpoint, budget)
+    chosen = np.sort(rng.choice(len(leaked), used, replace=False))
+    started = time.perf_counter()
+    try:
+        estimate = estimate_key(
+            leaked[chosen],
+            to_blocks(natural, key.block_size),
+            key.block_size,
+            key.transforms,
+            rng=rng,
+            scorer=confidence,
+            time_budget_s=config.time_budget_s,
+        )
+    except EstimateTimeout:
+        return {"measured": False,
+                "reason": f"ran out of the {config.time_budget_s:g} s time budget"}  # fmt: skip
+    recovered = audit.recovery(estimate.op)
+    return {
+        "measured": True,
+        "top1_estimated_key": audit.accuracy(estimate.op),
+        "key_recovered": recovered.key_recovered,
+        "parts": recovered.parts,
+        "seconds": time.perf_counter() - started,
+        "statistics_images": len(natural),
+    }
 
 
 def _signature(config: FrontierConfig, inputs: Inputs) -> dict:

@@ -10,6 +10,8 @@ with negated NP bits is the same function as ``T`` composed with a negation).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pipeline import BlockOp, KeyMaterial
@@ -41,7 +43,20 @@ def to_blocks(images: np.ndarray, block_size: int) -> np.ndarray:
     return blocks.reshape(-1, m * m * c)
 
 
-def key_recovery(estimate: BlockOp, truth: BlockOp, transforms: tuple[str, ...]) -> dict:
+@dataclass(frozen=True)
+class KeyRecovery:
+    """How much of a true key an estimate recovered: overall (``key_recovered``) and per part
+    of the scheme (``parts``: permutation, np_mask, ffx_mask, ffx_table, byte_maps)."""
+
+    key_recovered: float
+    parts: dict[str, float]
+
+    def to_json(self) -> dict[str, float]:
+        """The parts and the whole, flat (the frontier's point records)."""
+        return {**self.parts, "key_recovered": self.key_recovered}
+
+
+def key_recovery(estimate: BlockOp, truth: BlockOp, transforms: tuple[str, ...]) -> KeyRecovery:
     """How much of ``truth`` the estimate recovered, overall and per part of the scheme.
 
     ``key_recovered`` is the fraction of (block position, byte value) pairs that the estimate
@@ -65,7 +80,4 @@ def key_recovery(estimate: BlockOp, truth: BlockOp, transforms: tuple[str, ...])
         variants = (t, t[neg], t ^ 0xFF, t[neg] ^ 0xFF)  # equivalent up to NP bits
         parts["ffx_table"] = max(float((v == truth.table).mean()) for v in variants)
     parts["byte_maps"] = float(same_byte.mean())
-    return {
-        "key_recovered": float((same_byte & same_source[:, None]).mean()),
-        "parts": parts,
-    }
+    return KeyRecovery(float((same_byte & same_source[:, None]).mean()), parts)

@@ -438,37 +438,10 @@ def _build_own_shards(
     rejected = 0
     encrypt_on = encryption_device(config.encrypt_device, plan.device, group.local_rank)
     decoder = make_decoder(config, plan.device, device_id=group.local_rank)
-    encrypts_on = encrypt_on  # "auto": where the decoder leaves the images
-    if encrypt_on == "auto":
-        encrypts_on = f"cuda:{group.local_rank}" if plan.device == "gpu" else "cpu"
-    logger.info(
-        "%s: rank %d of %d builds %d of %d shards; decoding with %s on the %s, encrypting on %s",
-        plan.split,
-        group.rank,
-        group.world_size,
-        len(mine),
-        plan.n_shards,
-        config.decoder,
-        plan.device.upper(),
-        "nothing (plain)" if key is None else encrypts_on,
-    )
-    progress = tqdm(
-        total=sum(len(plan.chunk(i)) for i in mine),
-        desc=f"{plan.split} shards" + ("" if group.world_size == 1 else " (rank 0)"),
-        unit="img",
-        leave=False,
-        **({} if group.is_primary else {"disable": True}),  # passing False would beat TQDM_DISABLE
-    )
-    recorded = state.recorded()
-    finished = {i: _finished_shard(storage, state, i, plan.digest) for i in mine if i in recorded}
+    _announce(config, plan, key, group, encrypt_on, len(mine))
+    progress = _progress_bar(plan, group, sum(len(plan.chunk(i)) for i in mine))
+    finished = _finished_shards(storage, state, plan, mine)
     todo = [i for i in mine if finished.get(i) is None]
-    done = len(mine) - len(todo)
-    if done:
-        logger.info(
-            "%s: resuming: %d of %d shards (%d images) already made in %s; building the other %d",
-            plan.split, done, len(mine), sum(len(plan.chunk(i)) for i in mine if i not in todo),
-            storage.url, len(todo),
-        )  # fmt: skip
     pools = (
         ThreadPoolExecutor(1, thread_name_prefix="shard-decode"),
         ThreadPoolExecutor(1, thread_name_prefix="shard-write"),
@@ -512,6 +485,59 @@ def _build_own_shards(
             pool.shutdown()
         decoder.close()
     return results
+
+
+def _announce(
+    config: ShardConfig,
+    plan: _SplitPlan,
+    key: Key | None,
+    group: WorkGroup,
+    encrypt_on: str,
+    count: int,
+) -> None:
+    """The line that says what this rank builds, and where it decodes and encrypts."""
+    encrypts_on = encrypt_on  # "auto": where the decoder leaves the images
+    if encrypt_on == "auto":
+        encrypts_on = f"cuda:{group.local_rank}" if plan.device == "gpu" else "cpu"
+    logger.info(
+        "%s: rank %d of %d builds %d of %d shards; decoding with %s on the %s, encrypting on %s",
+        plan.split,
+        group.rank,
+        group.world_size,
+        count,
+        plan.n_shards,
+        config.decoder,
+        plan.device.upper(),
+        "nothing (plain)" if key is None else encrypts_on,
+    )
+
+
+def _progress_bar(plan: _SplitPlan, group: WorkGroup, images: int) -> tqdm:
+    """Rank 0's progress bar over this rank's images (the other ranks' stays off)."""
+    return tqdm(
+        total=images,
+        desc=f"{plan.split} shards" + ("" if group.world_size == 1 else " (rank 0)"),
+        unit="img",
+        leave=False,
+        **({} if group.is_primary else {"disable": True}),  # passing False would beat TQDM_DISABLE
+    )
+
+
+def _finished_shards(
+    storage: Storage, state: _State, plan: _SplitPlan, mine: list[int]
+) -> dict[int, ShardResult | None]:
+    """Of this rank's shards, those a previous run finished (their results), said in one line
+    when there are any: the rerun resumes from them."""
+    recorded = state.recorded()
+    finished = {i: _finished_shard(storage, state, i, plan.digest) for i in mine if i in recorded}
+    done = [i for i, result in finished.items() if result is not None]
+    if done:
+        logger.info(
+            "%s: resuming: %d of %d shards (%d images) already made in %s; building the other %d",
+            plan.split, len(done), len(mine), sum(len(plan.chunk(i)) for i in done),
+            storage.url, len(mine) - len(done),
+        )  # fmt: skip
+    return finished
 
 
 def _too_many_rejects(

@@ -24,11 +24,11 @@ def test_the_true_key_is_fully_recovered_and_a_random_one_is_not(rng):
     key = Key(FIXED_SECRET, 4)
     truth = key.material.encrypt_op
     full = key_recovery(truth, truth, key.transforms)
-    assert full["key_recovered"] == 1.0 and set(full["parts"].values()) == {1.0}
+    assert full.key_recovered == 1.0 and set(full.parts.values()) == {1.0}
     guess = random_material(4, key.transforms, rng).encrypt_op
     chance = key_recovery(guess, truth, key.transforms)
-    assert chance["key_recovered"] < 0.1
-    assert 0.2 < chance["parts"]["np_mask"] < 0.8  # about half the bits agree by chance
+    assert chance.key_recovered < 0.1
+    assert 0.2 < chance.parts["np_mask"] < 0.8  # about half the bits agree by chance
 
 
 def test_an_equivalent_representation_counts_as_the_same_key():
@@ -41,4 +41,4 @@ def test_an_equivalent_representation_counts_as_the_same_key():
                    truth.table[neg], truth.xor_out)  # fmt: skip
     assert np.array_equal(byte_maps(twin), byte_maps(truth))
     result = key_recovery(twin, truth, ("shuffle", "np", "ffx"))
-    assert result["key_recovered"] == 1.0 and result["parts"]["ffx_table"] == 1.0
+    assert result.key_recovered == 1.0 and result.parts["ffx_table"] == 1.0

@@ -40,7 +40,7 @@ def test_absorbed_key_is_recovered_exactly(plain, tmp_path, transforms):
     match = recover_key(protected, tmp_path / "public.pth", image_size=32, block_size=8,
                         transforms=transforms)  # fmt: skip
     assert match.correlation == pytest.approx(1.0)
-    assert key_recovery(match.op, key.material.encrypt_op, transforms)["key_recovered"] == 1.0
+    assert key_recovery(match.op, key.material.encrypt_op, transforms).key_recovered == 1.0
 
 
 def test_fine_tuning_drift_and_unrelated_references(plain):
@@ -53,12 +53,12 @@ def test_fine_tuning_drift_and_unrelated_references(plain):
     drifted = weight + torch.randn_like(weight) * weight.std() / 3
     recovered = key_recovery(match_patch_embeddings(drifted, reference, key.transforms).op,
                              truth, key.transforms)  # fmt: skip
-    assert recovered["key_recovered"] > 0.8
+    assert recovered.key_recovered > 0.8
     # a model with another start tells nothing: about 1/L of the positions, by chance
     torch.manual_seed(2)
     other = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
     unrelated = match_patch_embeddings(weight, other.patch_embed.proj.weight, key.transforms)
-    assert key_recovery(unrelated.op, truth, key.transforms)["parts"]["permutation"] < 0.05
+    assert key_recovery(unrelated.op, truth, key.transforms).parts["permutation"] < 0.05
     assert unrelated.correlation < 0.5
 
 
