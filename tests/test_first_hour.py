@@ -46,7 +46,7 @@ def test_a_wrong_data_folder_says_which_mistake_it_is(tmp_path):
     with pytest.raises(ManifestError, match="no such folder"):
         load_manifest(Storage(tmp_path / "missing"), "train")
     tree = write_jpeg_tree(tmp_path / "photos", classes=2, train=1, val=1)
-    with pytest.raises(ManifestError, match=r"an image tree .* make_shards.py --src"):
+    with pytest.raises(ManifestError, match=r"an image tree .*tools/make_shards.py --src"):
         load_manifest(Storage(tree), "train")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "train-000000.tar").write_bytes(b"")
