@@ -104,12 +104,14 @@ def run(
     *,
     interrupted: Callable[[], str] | str | None = None,
     log: logging.Logger | None = None,
+    quiet_interrupt: bool = False,
 ) -> int:
     """Run ``job``; return its exit code (0 for None), 2 for a user error, 130 for Ctrl-C.
 
     ``interrupted`` is what to tell the user after Ctrl-C (e.g. the exact command that
-    resumes), or a callable that returns it when asked. ``log``: the logger to write to (the
-    tool's own; default: the logger named ``prog``).
+    resumes), or a callable that returns it when asked; ``quiet_interrupt`` says nothing on
+    Ctrl-C (the other ranks of a torchrun job, where rank 0 speaks for all). ``log``: the logger
+    to write to (the tool's own; default: the logger named ``prog``).
     """
     logger = log or logging.getLogger(prog)
     try:
@@ -120,6 +122,8 @@ def run(
         tell_launcher(line)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        if quiet_interrupt:
+            return EXIT_INTERRUPTED
         hint = interrupted() if callable(interrupted) else interrupted
         logger.error("%s: interrupted%s", prog, f"; {hint}" if hint else "")
         return EXIT_INTERRUPTED

@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return f"{done}; to resume, run the same command again: {resume_command(argv)}"
 
     try:
-        return cli.run("make_shards", make, interrupted=interrupted)
+        rank = int(os.environ.get("RANK", "0"))  # rank 0 speaks for a torchrun job
+        return cli.run("make_shards", make, interrupted=interrupted, quiet_interrupt=rank != 0)
     finally:
         if group is not None:
             group.close()

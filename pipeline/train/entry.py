@@ -101,7 +101,12 @@ def run_training(config: TrainConfig, *, argv: list[str] | None = None) -> int:
         train(config, env, progress=progress)
 
     try:
-        return cli.run("train", job, interrupted=lambda: stopped_line(config, progress, command))
+        return cli.run(
+            "train",
+            job,
+            interrupted=lambda: stopped_line(config, progress, command),
+            quiet_interrupt=not env.primary,  # rank 0 speaks for the job
+        )
     except RuntimeError as exc:
         if env.world_size == 1 or not lost_peer(exc):
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -235,3 +236,43 @@ def test_a_hung_rank_ends_the_run_with_a_message_not_a_hang(digit_shards, tmp_pa
     assert "train: error: rank 0 of 2 lost the other ranks" in output, output[-3000:]
     assert "--dist-timeout 4 s" in output
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_ctrl_c_says_where_the_run_stands_and_how_to_continue(digit_shards, tmp_path, launcher):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it): one line per rank
+    with the epoch and step, what the checkpoint holds and the exact command that continues;
+    no traceback from the training processes."""
+    out = tmp_path / "run"
+    args = ["--data", str(digit_shards), "--out", str(out), "--epochs", "3", "--ckpt-every", "2",
+            *FAST]  # fmt: skip
+    start = [sys.executable, str(ROOT / "train" / "ddp.py")]
+    if launcher == "torchrun":
+        start = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node=1", str(ROOT / "train" / "ddp.py")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([*start, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)  # fmt: skip
+    lines = ChildLines(proc.stderr)
+    try:
+        lines.wait_for(lambda line: "checkpoint at epoch 0, step 2:" in line, 240)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    said = lines.rest()
+    [line] = [x for x in said.splitlines() if "train: interrupted;" in x]
+    assert re.search(
+        r"stopped in epoch 0 at step \d+; .*checkpoint.pt holds epoch 0, step \d+", line
+    )
+    command = line.split("continue with `", 1)[1].rstrip("`\n")
+    assert command.endswith(f"--resume {out / 'checkpoint.pt'}") and "--epochs 3" in command
+    if launcher == "python":
+        assert proc.returncode == 130 and "Traceback" not in said, said[-3000:]
+        resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=ROOT,
+                                 capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "train: resuming from" in resumed.stderr
+        assert (out / "summary.json").exists()
