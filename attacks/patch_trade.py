@@ -29,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -71,93 +72,34 @@ def audit_rows(folder: Path) -> dict[str, dict]:
     return {row["scenario"]: row for row in json.loads((folder / "results.json").read_text())}
 
 
+@dataclass(frozen=True)
+class _Work:
+    """The run's files: the key, the two shard folders, and the command that trains."""
+
+    out: Path
+    key: Path
+    plain: Path
+    enc: Path
+    kwargs: str
+    train: tuple[str, ...]
+
+
 def measure(config: argparse.Namespace) -> dict:
+    """Every step of the trade, each a real command line; the results and their times."""
     out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     p = config.patch
     kwargs = f"img_size={config.size},patch_size={p},{config.model_kwargs}"
-    key, plain, enc = out / f"k{p}.bin", out / "shards-plain", out / f"shards-k{p}"
+    work = _Work(out=out, key=out / f"k{p}.bin", plain=out / "shards-plain",
+                 enc=out / f"shards-k{p}", kwargs=kwargs,
+                 train=("train/ddp.py", "--model", config.model, "--model-kwargs", kwargs,
+                        "--pretrained", "none", "--batch-size", "32", "--workers", "1",
+                        "--weight-decay", "0.05"))  # fmt: skip
     seconds: dict[str, float] = {}
-    train = ["train/ddp.py", "--model", config.model, "--model-kwargs", kwargs, "--pretrained",
-             "none", "--batch-size", "32", "--workers", "1", "--weight-decay", "0.05"]  # fmt: skip
-    if not key.exists():
-        seconds["key"] = run(["tools/make_key.py", str(key), "--block-size", str(p),
-                              "--transforms", config.transforms], out / "key.log")  # fmt: skip
-    seconds["shards"] = run(
-        ["tools/make_shards.py", "--plain", "--size", str(config.size), "--out", str(plain)],
-        out / "shards-plain.log",
-    )
-    seconds["shards"] += run(
-        ["tools/make_shards.py", "--key", str(key), "--size", str(config.size), "--out", str(enc)],
-        out / "shards-enc.log",
-    )
-    plain_run = out / "plain"
-    if not (plain_run / "summary.json").exists():
-        (plain_run / "metrics.jsonl").unlink(missing_ok=True)
-        seconds["train_plain"] = run([*train, "--data", str(plain), "--out", str(plain_run),
-                                      "--epochs", str(config.epochs), "--lr", str(config.lr),
-                                      "--warmup-epochs", "0.5"], out / "plain.log")  # fmt: skip
-    plain_ckpt = plain_run / "checkpoint.pt"
-    absorbed = out / "absorbed.pt"
-    seconds["absorb"] = run(
-        [
-            "tools/absorb_key.py",
-            "--checkpoint",
-            str(plain_ckpt),
-            "--key",
-            str(key),
-            "--out",
-            str(absorbed),
-            "--force",
-        ],
-        out / "absorb.log",
-    )
-    tuned_run = out / "finetuned"
-    (tuned_run / "metrics.jsonl").unlink(missing_ok=True)
-    seconds["finetune"] = run(
-        [
-            *train,
-            "--data",
-            str(enc),
-            "--out",
-            str(tuned_run),
-            "--epochs",
-            str(config.finetune_epochs),
-            "--lr",
-            str(config.finetune_lr),
-            "--warmup-epochs",
-            "0.2",
-            "--init",
-            "absorb",
-            "--init-checkpoint",
-            str(plain_ckpt),
-            "--key",
-            str(key),
-        ],
-        out / "finetune.log",
-    )
-    audit = ["-m", "attacks", "--key", str(key), "--data", str(enc), "--reference",
-             str(plain_ckpt), "--baseline", str(plain_ckpt), "--wrong-keys",
-             str(config.wrong_keys), "--device", "cpu", "--scenarios", SCENARIOS]  # fmt: skip
-    rows = {}
-    for name, checkpoint in (("absorbed", absorbed), ("finetuned", tuned_run / "checkpoint.pt")):
-        folder = out / f"audit-{name}"
-        seconds[f"audit_{name}"] = run([*audit, "--checkpoint", str(checkpoint), "--out",
-                                        str(folder)], out / f"audit-{name}.log")  # fmt: skip
-        rows[name] = audit_rows(folder)
-    # the control: a reference that does not share the start (another random initialisation)
-    torch.manual_seed(12345)
-    unrelated = create_model(config.model, num_classes=10, pretrained="none",
-                             model_kwargs=parse_model_kwargs(kwargs))  # fmt: skip
-    torch.save(unrelated.state_dict(), out / "unrelated.pth")
-    folder = out / "audit-unrelated"
-    seconds["audit_unrelated"] = run(
-        ["-m", "attacks", "--key", str(key), "--data", str(enc), "--reference",
-         str(out / "unrelated.pth"), "--device", "cpu", "--scenarios", "weight_matching",
-         "--checkpoint", str(tuned_run / "checkpoint.pt"), "--out", str(folder)],
-        out / "audit-unrelated.log",
-    )  # fmt: skip
-    rows["unrelated_reference"] = audit_rows(folder)
+    _make_data(config, work, seconds)
+    plain_ckpt = _train_plain(config, work, seconds)
+    absorbed, tuned_run = _absorb_and_finetune(config, work, plain_ckpt, seconds)
+    rows = _audit(config, work, plain_ckpt, absorbed, tuned_run, seconds)
     tuned_lines = (tuned_run / "metrics.jsonl").read_text().splitlines()
     return {
         "model": config.model, "model_kwargs": kwargs, "patch_size": p, "block_size": p,
@@ -166,6 +108,88 @@ def measure(config: argparse.Namespace) -> dict:
         "finetune_val_top1": [json.loads(line)["val_top1"] for line in tuned_lines],
         "rows": rows, "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }  # fmt: skip
+
+
+def _make_data(config: argparse.Namespace, work: _Work, seconds: dict[str, float]) -> None:
+    """The key (once) and the digits as plain and as encrypted shards."""
+    if not work.key.exists():
+        seconds["key"] = run(["tools/make_key.py", str(work.key), "--block-size",
+                              str(config.patch), "--transforms", config.transforms],
+                             work.out / "key.log")  # fmt: skip
+    size = str(config.size)
+    seconds["shards"] = run(
+        ["tools/make_shards.py", "--plain", "--size", size, "--out", str(work.plain)],
+        work.out / "shards-plain.log",
+    )
+    seconds["shards"] += run(
+        ["tools/make_shards.py", "--key", str(work.key), "--size", size, "--out", str(work.enc)],
+        work.out / "shards-enc.log",
+    )
+
+
+def _train_plain(config: argparse.Namespace, work: _Work, seconds: dict[str, float]) -> Path:
+    """The plain model, from scratch (the stand-in for public weights); a stopped one resumes."""
+    plain_run = work.out / "plain"
+    if not (plain_run / "summary.json").exists():
+        resume = ["--resume"] if (plain_run / "checkpoint.pt").exists() else []
+        seconds["train_plain"] = run([*work.train, "--data", str(work.plain), "--out",
+                                      str(plain_run), "--epochs", str(config.epochs), "--lr",
+                                      str(config.lr), "--warmup-epochs", "0.5", *resume],
+                                     work.out / "plain.log")  # fmt: skip
+    return plain_run / "checkpoint.pt"
+
+
+def _absorb_and_finetune(
+    config: argparse.Namespace, work: _Work, plain_ckpt: Path, seconds: dict[str, float]
+) -> tuple[Path, Path]:
+    """The key absorbed into the plain model (no training), and the same fine-tuned on the
+    encrypted shards (started over each time)."""
+    absorbed = work.out / "absorbed.pt"
+    seconds["absorb"] = run(["tools/absorb_key.py", "--checkpoint", str(plain_ckpt), "--key",
+                             str(work.key), "--out", str(absorbed), "--force"],
+                            work.out / "absorb.log")  # fmt: skip
+    tuned_run = work.out / "finetuned"
+    seconds["finetune"] = run([*work.train, "--data", str(work.enc), "--out", str(tuned_run),
+                               "--epochs", str(config.finetune_epochs), "--lr",
+                               str(config.finetune_lr), "--warmup-epochs", "0.2", "--init",
+                               "absorb", "--init-checkpoint", str(plain_ckpt), "--key",
+                               str(work.key), "--overwrite"],
+                              work.out / "finetune.log")  # fmt: skip
+    return absorbed, tuned_run
+
+
+def _audit(
+    config: argparse.Namespace,
+    work: _Work,
+    plain_ckpt: Path,
+    absorbed: Path,
+    tuned_run: Path,
+    seconds: dict[str, float],
+) -> dict:
+    """Both protected models audited, and the control: weight matching against a reference
+    that does not share the start (another random initialisation)."""
+    audit = ["-m", "attacks", "--key", str(work.key), "--data", str(work.enc), "--reference",
+             str(plain_ckpt), "--baseline", str(plain_ckpt), "--wrong-keys",
+             str(config.wrong_keys), "--device", "cpu", "--scenarios", SCENARIOS]  # fmt: skip
+    rows = {}
+    for name, checkpoint in (("absorbed", absorbed), ("finetuned", tuned_run / "checkpoint.pt")):
+        folder = work.out / f"audit-{name}"
+        seconds[f"audit_{name}"] = run([*audit, "--checkpoint", str(checkpoint), "--out",
+                                        str(folder)], work.out / f"audit-{name}.log")  # fmt: skip
+        rows[name] = audit_rows(folder)
+    torch.manual_seed(12345)
+    unrelated = create_model(config.model, num_classes=10, pretrained="none",
+                             model_kwargs=parse_model_kwargs(work.kwargs))  # fmt: skip
+    torch.save(unrelated.state_dict(), work.out / "unrelated.pth")
+    folder = work.out / "audit-unrelated"
+    seconds["audit_unrelated"] = run(
+        ["-m", "attacks", "--key", str(work.key), "--data", str(work.enc), "--reference",
+         str(work.out / "unrelated.pth"), "--device", "cpu", "--scenarios", "weight_matching",
+         "--checkpoint", str(tuned_run / "checkpoint.pt"), "--out", str(folder)],
+        work.out / "audit-unrelated.log",
+    )  # fmt: skip
+    rows["unrelated_reference"] = audit_rows(folder)
+    return rows
 
 
 def _pct(value: float | None) -> str:

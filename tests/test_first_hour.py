@@ -32,6 +32,7 @@ def test_make_key_says_force_not_a_python_argument(tmp_path):
     assert "overwrite=True" not in again.stderr
 
 
+@pytest.mark.slow  # trains the session's protected model
 def test_a_missing_key_for_a_model_names_the_key_it_needs(protected_run, tmp_path):
     done = tool("predict.py", "--key", str(tmp_path / "lost.bin"), "--checkpoint",
                 str(protected_run / "checkpoint.pt"), str(tmp_path / "x.png"))  # fmt: skip
@@ -54,6 +55,7 @@ def test_a_wrong_data_folder_says_which_mistake_it_is(tmp_path):
         load_manifest(Storage(tmp_path / "half"), "train")
 
 
+@pytest.mark.slow  # trains the session's protected model
 def test_an_unfinished_model_is_named_when_loaded(protected_run, tmp_path, caplog):
     saved = Checkpoint.load(protected_run / "checkpoint.pt")
     assert saved.finished is True
@@ -71,6 +73,7 @@ def _key(tmp_path: Path) -> Path:
     return save_key(Key(FIXED_SECRET), tmp_path / "k.bin")
 
 
+@pytest.mark.slow  # trains the session's protected model
 def test_a_photo_unlike_the_training_images_gets_a_note(protected_run, tmp_path, capsys):
     big = tmp_path / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), np.uint8)).save(big)
@@ -83,6 +86,7 @@ def test_a_photo_unlike_the_training_images_gets_a_note(protected_run, tmp_path,
     assert out[out.index(str(small)) + 1].strip().startswith("rank")  # no note: its own size
 
 
+@pytest.mark.slow  # trains the session's protected model
 def test_class_names_are_escaped_when_printed(protected_run, tmp_path, capsys):
     saved = Checkpoint.load(protected_run / "checkpoint.pt")
     forged = ("\x1b[31mred", "a\nforged line", *saved.classes[2:])

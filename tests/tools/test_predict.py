@@ -16,6 +16,8 @@ from tests.pipeline.model.test_classifier import val_sources
 from tests.tools.conftest import tool
 from tools.predict import main
 
+pytestmark = pytest.mark.slow  # the session's protected model is trained for these
+
 OTHER_SECRET = bytes(range(100, 132))
 
 

@@ -25,6 +25,7 @@ def state(saved) -> dict:
     return saved.to_dict()
 
 
+@pytest.mark.slow  # trains the session's protected model
 def test_the_training_checkpoint_round_trips_and_is_private(protected_run, saved, tmp_path):
     assert stat.S_IMODE((protected_run / "checkpoint.pt").stat().st_mode) == 0o600
     assert saved.model_name and saved.epoch == 3 and saved.world_size == 1

@@ -14,6 +14,8 @@ from pipeline.model.classifier import ImageFileError, ProtectedClassifier, check
 from pipeline.model.evaluation import load_split, predict
 from tests.conftest import FIXED_SECRET, sources_by_key
 
+pytestmark = pytest.mark.slow  # the session's protected model is trained for these
+
 SAMPLES = 24  # val samples compared (several of each class)
 
 
