@@ -1,10 +1,14 @@
 """Decoding source images to the stored size: NVIDIA DALI (GPU or CPU), PIL as the fallback.
 
 Every image becomes ``size x size x 3`` uint8 RGB: the shorter side is resized to ``size``
-(bilinear, antialiased when shrinking), then the centre ``size x size`` is cropped. CMYK,
-grayscale, palette and alpha images are converted to RGB. Files that cannot be decoded are not
-fatal: each decoder returns a ``DecodeError`` with the reason in that sample's place, and the
-caller records it as a reject.
+(bilinear, antialiased when shrinking), then the centre ``size x size`` is cropped. Every mode
+PIL opens goes through :func:`to_rgb8` first: 16-bit greyscale (``I;16``, ``I;16B``, ``I``) is
+scaled ``x * 255 / 65535`` and rounded, float (``F``) is clipped to 0..255 and rounded, alpha
+(``LA``, ``PA``, ``RGBA``, palette transparency) is dropped, not composited, as DALI's RGB
+output drops it; CMYK, palette and 1-bit images use PIL's own conversion.
+
+Files that cannot be decoded are not fatal: each decoder returns a ``DecodeError`` with the
+reason in that sample's place, and the caller records it as a reject.
 """
 
 from __future__ import annotations
@@ -63,12 +67,36 @@ def crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
     return left, top, left + size, top + size
 
 
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """``height x width x 3`` uint8 RGB of an opened image, whatever its mode.
+
+    PIL's own ``convert("RGB")`` clips 16-bit values to 255 (a 16-bit PNG comes out white), so
+    16-bit and 32-bit integer greyscale is scaled here: ``round(x * 255 / 65535)`` after clipping
+    to 0..65535. Float greyscale is clipped to 0..255 and rounded. Alpha is dropped.
+    """
+    if image.mode in _SIXTEEN_BIT:
+        grey = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey8[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        grey8 = np.rint(np.clip(np.asarray(image, dtype=np.float64), 0, 255)).astype(np.uint8)
+        return np.repeat(grey8[:, :, None], 3, axis=2)
+    if image.mode == "PA":
+        image = image.convert("P")  # keeps the palette; drops the alpha band
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # CMYK, L, LA, P, RGBA, 1 ... -> RGB, alpha dropped
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
 def decode_pil(data: bytes, size: int) -> np.ndarray:
-    """Decode, convert to RGB, resize the shorter side to ``size`` and centre-crop."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()  # raises on truncated data instead of returning grey rows
-        if img.mode != "RGB":
-            img = img.convert("RGB")  # CMYK, L, P, RGBA, I;16 ... -> RGB
+    """Decode, convert to RGB (:func:`to_rgb8`), resize the shorter side to ``size`` and
+    centre-crop."""
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.load()  # raises on truncated data instead of returning grey rows
+        img = opened if opened.mode == "RGB" else Image.fromarray(to_rgb8(opened), "RGB")
         width, height = resized_shape(*img.size, size)
         if (width, height) != img.size:
             img = img.resize((width, height), Image.Resampling.BILINEAR)
