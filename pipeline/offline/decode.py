@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,16 @@ from PIL import Image, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000; ImageNet's largest is under 20 MP
+
+# --max-pixels is the one limit: PIL's bomb check is set to it (use_max_pixels) and its warning,
+# which would fire between max_pixels and twice that, is replaced by probe's reject.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def use_max_pixels(max_pixels: int) -> None:
+    """Make PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, process-wide) agree with
+    ``--max-pixels``; called by every probe and decode, so a worker process gets it too."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 @dataclass(frozen=True)
@@ -38,12 +49,17 @@ def probe(data: bytes, max_pixels: int) -> DecodeError | None:
     """Cheap header checks (no pixel decoding): empty, not an image, or too large."""
     if not data:
         return DecodeError("empty file (0 bytes)")
+    use_max_pixels(max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             fmt = img.format
     except UnidentifiedImageError:
         return DecodeError("not a recognised image format")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return DecodeError(
+            f"{exc}; over --max-pixels {max_pixels}: raise --max-pixels to accept it"
+        )
     except Exception as exc:  # PIL raises many types on garbage headers
         return DecodeError(f"unreadable image header ({type(exc).__name__}: {exc})")
     if width * height > max_pixels:
@@ -91,9 +107,10 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).copy()
 
 
-def decode_pil(data: bytes, size: int) -> np.ndarray:
+def decode_pil(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode, convert to RGB (:func:`to_rgb8`), resize the shorter side to ``size`` and
-    centre-crop."""
+    centre-crop. ``max_pixels`` is PIL's bomb limit for the decode (:func:`use_max_pixels`)."""
+    use_max_pixels(max_pixels)
     with Image.open(io.BytesIO(data)) as opened:
         opened.load()  # raises on truncated data instead of returning grey rows
         img = opened if opened.mode == "RGB" else Image.fromarray(to_rgb8(opened), "RGB")
@@ -107,13 +124,16 @@ def decode_pil(data: bytes, size: int) -> np.ndarray:
 class PilDecoder:
     """Decodes a batch with PIL in a thread pool (PIL releases the GIL while decoding)."""
 
-    def __init__(self, size: int, *, num_threads: int = 2) -> None:
+    def __init__(
+        self, size: int, *, num_threads: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.size = size
+        self.max_pixels = max_pixels
         self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="pil-decode")
 
     def _one(self, data: bytes) -> np.ndarray | DecodeError:
         try:
-            return decode_pil(data, self.size)
+            return decode_pil(data, self.size, max_pixels=self.max_pixels)
         except Exception as exc:  # a bad file is a reject, not a crash
             return DecodeError(f"PIL could not decode it ({type(exc).__name__}: {exc})")
 

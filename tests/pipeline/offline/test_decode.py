@@ -68,3 +68,25 @@ def test_cmyk_and_bilevel() -> None:
     bits = Image.fromarray(np.array([[True, False]]))
     assert bits.mode == "1"
     np.testing.assert_array_equal(to_rgb8(bits)[0, :, 0], [255, 0])
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width x height`` 1-bit pixels (no pixel data needed to probe)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_max_pixels_not_overridden_by_pil_bomb_limit() -> None:
+    from pipeline.offline.decode import probe
+
+    data = huge_png_header(20_000, 10_000)  # 200 MP: over PIL's default bomb limit (2 x 89 MP)
+    assert probe(data, 300_000_000) is None
+    rejected = probe(data, 100_000_000)
+    assert rejected is not None and "--max-pixels" in rejected.reason
