@@ -69,14 +69,35 @@ def test_the_same_torchrun_job_takes_over_its_own_lock(tmp_path):
         pass
 
 
+@pytest.mark.parametrize("run_id", ["none", "", None])
+def test_another_job_without_a_unique_rdzv_id_is_refused(tmp_path, run_id):
+    """torchrun's default rendezvous id is "none": two jobs share it, so it proves nothing."""
+    storage = Storage(tmp_path)
+    write_holder(storage, host="node-7", pid=1234, started="x", run_id=run_id, token="t")
+    with pytest.raises(OutputLockError, match="node-7 pid 1234.*unique --rdzv-id.*--force-unlock"):
+        OutputLock(storage, run_id=run_id).acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == 1234  # left as it was
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_a_malformed_lock_file_is_named_with_what_to_do(tmp_path, content):
+    storage = Storage(tmp_path)
+    (tmp_path / LOCK_NAME).write_bytes(content)
+    with pytest.raises(OutputLockError) as caught:
+        OutputLock(storage).acquire()
+    message = str(caught.value)
+    assert LOCK_NAME in message and "not a make_shards lock" in message
+    assert "--force-unlock" in message and "\n" not in message
+    with OutputLock(storage, force=True):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
 def test_a_holder_that_loses_its_lock_notices(tmp_path, monkeypatch):
     monkeypatch.setattr(outlock, "REFRESH_S", 0.05)
     storage = Storage(tmp_path)
     with OutputLock(storage) as first:
         with OutputLock(storage, force=True):
-            deadline = time.monotonic() + 10
-            while first.lost is None and time.monotonic() < deadline:
-                time.sleep(0.02)
+            assert first.lost_event.wait(10)
             with pytest.raises(OutputLockError, match="taken over by host"):
                 first.check()
         assert not (tmp_path / LOCK_NAME).exists()  # released by the new holder only
