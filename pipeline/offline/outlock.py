@@ -33,6 +33,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from pipeline.cli import one_line
 from pipeline.errors import KeyprotectError
 from pipeline.storage import Storage
 
@@ -187,4 +188,5 @@ def describe(holder: dict) -> str:
     if not holder:
         return "an unknown holder (unreadable lock)"
     text = f"host {holder.get('host')} pid {holder.get('pid')}, started {holder.get('started')}"
-    return text + (f", torchrun run {holder['run_id']}" if holder.get("run_id") else "")
+    text += f", torchrun run {holder['run_id']}" if holder.get("run_id") else ""
+    return one_line(text)  # the lock file is anyone's text: no forged log lines

@@ -110,3 +110,11 @@ def test_s3_lock_is_exclusive(s3_env):
         with pytest.raises(OutputLockError, match="another make_shards run"):
             OutputLock(storage).acquire()
     assert not storage.exists(LOCK_NAME)
+
+
+def test_a_holder_name_cannot_forge_a_line(tmp_path):
+    storage = Storage(tmp_path)
+    write_holder(storage, host="node-7\nINFO done", pid=1234, started="x", token="t")
+    with pytest.raises(OutputLockError) as caught:
+        OutputLock(storage).acquire()
+    assert "\n" not in str(caught.value) and "node-7\\nINFO done" in str(caught.value)
