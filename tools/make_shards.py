@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="decoder threads")
     p.add_argument("--overwrite", action="store_true", help="replace shards made differently")
     p.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="use files and class folders under --src that are symlinks pointing outside it "
+        "(refused otherwise, each named as a rejected entry)",
+    )
+    p.add_argument(
         "--source-map",
         help="also write the sample-to-source table here (Parquet, local or fsspec URL, mode "
         "0600); it names every source file: keep it with the key, not with the shards",
@@ -142,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> ShardConfig:
         num_threads=args.threads,
         overwrite=args.overwrite,
         force_unlock=args.force_unlock,
+        follow_symlinks=args.follow_symlinks,
     )
 
 

@@ -95,7 +95,7 @@ def read_image(
     """``size x size x 3`` uint8 RGB, decoded as ``make_shards.py --decoder pil`` does."""
     data = read_bytes(path, max_pixels=max_pixels)
     try:
-        return decode_pil(data, size)
+        return decode_pil(data, size, max_pixels=max_pixels)
     except Exception as exc:  # PIL raises many types on damaged data
         raise ImageFileError(
             f"{path}: cannot be classified: PIL could not decode it ({type(exc).__name__}: {exc})"

@@ -122,10 +122,11 @@ class ShardConfig:
     num_threads: int = 2
     overwrite: bool = False
     force_unlock: bool = False  # take over another run's lock on the output
+    follow_symlinks: bool = False  # use symlinks that leave src (rejected otherwise)
 
     def data_options(self, device: str) -> dict:
         """The options that shape the shards' content (recorded; a rerun must match them)."""
-        return {
+        options = {
             "size": self.size,
             "per_class": self.per_class,
             "fraction": self.fraction,
@@ -136,6 +137,9 @@ class ShardConfig:
             "plain": self.plain,
             "max_pixels": self.max_pixels,
         }
+        if self.follow_symlinks:  # only then: outputs made without it keep their identity
+            options["follow_symlinks"] = True
+        return options
 
 
 def samples_per_shard(shard_size: str, sample_bytes: int) -> int:
@@ -199,7 +203,7 @@ def make_decoder(config: ShardConfig, device: str, device_id: int = 0):
     if config.decoder == "pil":
         from pipeline.offline.decode import PilDecoder
 
-        return PilDecoder(config.size, num_threads=config.num_threads)
+        return PilDecoder(config.size, num_threads=config.num_threads, max_pixels=config.max_pixels)
     if config.decoder == "dali":
         from pipeline.offline.dali import DaliDecoder
 
@@ -277,6 +281,7 @@ def _plan_split(config: ShardConfig, split: str, key: Key | None) -> _SplitPlan:
         fraction=config.fraction,
         seed=config.seed,
         order_key=order_key,
+        follow_symlinks=config.follow_symlinks,
     )
     if not items:
         raise ShardBuildError(f"{split}: no source images selected under {config.src}/{split}")

@@ -1,16 +1,21 @@
 """Decoding source images to the stored size: NVIDIA DALI (GPU or CPU), PIL as the fallback.
 
 Every image becomes ``size x size x 3`` uint8 RGB: the shorter side is resized to ``size``
-(bilinear, antialiased when shrinking), then the centre ``size x size`` is cropped. CMYK,
-grayscale, palette and alpha images are converted to RGB. Files that cannot be decoded are not
-fatal: each decoder returns a ``DecodeError`` with the reason in that sample's place, and the
-caller records it as a reject.
+(bilinear, antialiased when shrinking), then the centre ``size x size`` is cropped. Every mode
+PIL opens goes through :func:`to_rgb8` first: 16-bit greyscale (``I;16``, ``I;16B``, ``I``) is
+scaled ``x * 255 / 65535`` and rounded, float (``F``) is clipped to 0..255 and rounded, alpha
+(``LA``, ``PA``, ``RGBA``, palette transparency) is dropped, not composited, as DALI's RGB
+output drops it; CMYK, palette and 1-bit images use PIL's own conversion.
+
+Files that cannot be decoded are not fatal: each decoder returns a ``DecodeError`` with the
+reason in that sample's place, and the caller records it as a reject.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +26,16 @@ from PIL import Image, UnidentifiedImageError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 64_000_000  # about 8000 x 8000; ImageNet's largest is under 20 MP
+
+# --max-pixels is the one limit: PIL's bomb check is set to it (use_max_pixels) and its warning,
+# which would fire between max_pixels and twice that, is replaced by probe's reject.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def use_max_pixels(max_pixels: int) -> None:
+    """Make PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, process-wide) agree with
+    ``--max-pixels``; called by every probe and decode, so a worker process gets it too."""
+    Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 @dataclass(frozen=True)
@@ -34,12 +49,17 @@ def probe(data: bytes, max_pixels: int) -> DecodeError | None:
     """Cheap header checks (no pixel decoding): empty, not an image, or too large."""
     if not data:
         return DecodeError("empty file (0 bytes)")
+    use_max_pixels(max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             fmt = img.format
     except UnidentifiedImageError:
         return DecodeError("not a recognised image format")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return DecodeError(
+            f"{exc}; over --max-pixels {max_pixels}: raise --max-pixels to accept it"
+        )
     except Exception as exc:  # PIL raises many types on garbage headers
         return DecodeError(f"unreadable image header ({type(exc).__name__}: {exc})")
     if width * height > max_pixels:
@@ -63,13 +83,39 @@ def crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
     return left, top, left + size, top + size
 
 
-def decode_pil(data: bytes, size: int) -> np.ndarray:
-    """Decode, convert to RGB, resize the shorter side to ``size`` and centre-crop."""
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """``height x width x 3`` uint8 RGB of an opened image, whatever its mode.
+
+    PIL's own ``convert("RGB")`` clips 16-bit values to 255 (a 16-bit PNG comes out white), so
+    16-bit and 32-bit integer greyscale is scaled here: ``round(x * 255 / 65535)`` after clipping
+    to 0..65535. Float greyscale is clipped to 0..255 and rounded. Alpha is dropped.
+    """
+    if image.mode in _SIXTEEN_BIT:
+        grey = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(grey8[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        grey8 = np.rint(np.clip(np.asarray(image, dtype=np.float64), 0, 255)).astype(np.uint8)
+        return np.repeat(grey8[:, :, None], 3, axis=2)
+    if image.mode == "PA":
+        image = image.convert("P")  # keeps the palette; drops the alpha band
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # CMYK, L, LA, P, RGBA, 1 ... -> RGB, alpha dropped
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def decode_pil(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode, convert to RGB (:func:`to_rgb8`), resize the shorter side to ``size`` and
+    centre-crop. ``max_pixels`` is PIL's bomb limit for the decode (:func:`use_max_pixels`)."""
+    use_max_pixels(max_pixels)
     with Image.open(io.BytesIO(data)) as opened:
         opened.load()  # raises on truncated data instead of returning grey rows
-        img: Image.Image = opened
-        if img.mode != "RGB":
-            img = img.convert("RGB")  # CMYK, L, P, RGBA, I;16 ... -> RGB
+        img: Image.Image = (
+            opened if opened.mode == "RGB" else Image.fromarray(to_rgb8(opened), "RGB")
+        )
         width, height = resized_shape(*img.size, size)
         if (width, height) != img.size:
             img = img.resize((width, height), Image.Resampling.BILINEAR)
@@ -80,13 +126,16 @@ def decode_pil(data: bytes, size: int) -> np.ndarray:
 class PilDecoder:
     """Decodes a batch with PIL in a thread pool (PIL releases the GIL while decoding)."""
 
-    def __init__(self, size: int, *, num_threads: int = 2) -> None:
+    def __init__(
+        self, size: int, *, num_threads: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.size = size
+        self.max_pixels = max_pixels
         self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="pil-decode")
 
     def _one(self, data: bytes) -> np.ndarray | DecodeError:
         try:
-            return decode_pil(data, self.size)
+            return decode_pil(data, self.size, max_pixels=self.max_pixels)
         except Exception as exc:  # a bad file is a reject, not a crash
             return DecodeError(f"PIL could not decode it ({type(exc).__name__}: {exc})")
 

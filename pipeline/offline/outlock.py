@@ -7,12 +7,18 @@ done. Another run into the same output is refused with the holder named, unless 
 stale:
 
 - its pid is not running on this host (a killed run: taken over, with a warning);
-- it belongs to this same torchrun job (``TORCHELASTIC_RUN_ID``: a restarted worker group);
+- it belongs to this same torchrun job (``TORCHELASTIC_RUN_ID``: a restarted worker group),
+  only when that id is unique: torchrun's default rendezvous id is ``"none"``, shared by every
+  job started without ``--rdzv-id``, so ``"none"`` (or no id) never counts as the same job;
 - it was not refreshed for ``STALE_AFTER_S`` seconds (a run on another host that died): refused,
   with how to take over (``--force-unlock``), since a paused run elsewhere cannot be told apart.
 
 ``--force-unlock`` takes over any lock; the run that loses its lock notices at its next refresh
-or shard and stops.
+or shard and stops. A lock file that is not valid JSON object is refused, naming the file.
+
+The lock records the host name and pid on purpose, also in an S3 bucket after a crash: the pid
+is what lets a run on the same host recognise a killed holder, and the host name is what a user
+needs to find a live one. Nothing else about the machine is recorded.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from pipeline.cli import one_line
 from pipeline.errors import KeyprotectError
 from pipeline.storage import Storage
 
@@ -35,6 +42,7 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "_lock.json"
 REFRESH_S = 30.0
 STALE_AFTER_S = 600.0
+SHARED_RUN_IDS = frozenset({"", "none"})  # torchrun's default --rdzv-id: not one job's own
 
 
 class OutputLockError(KeyprotectError, RuntimeError):
@@ -79,12 +87,14 @@ class OutputLock:
         return (json.dumps(self.holder, sort_keys=True) + "\n").encode()
 
     def _read(self) -> dict | None:
+        """The holder; ``{}`` when the file is not a JSON object (not a make_shards lock)."""
         try:
-            return json.loads(self.storage.read_bytes(LOCK_NAME))
+            holder = json.loads(self.storage.read_bytes(LOCK_NAME))
         except FileNotFoundError:
             return None
-        except ValueError:
-            return {}  # unreadable: treated as a holder we cannot name
+        except ValueError:  # also UnicodeDecodeError
+            return {}
+        return holder if isinstance(holder, dict) else {}
 
     def acquire(self) -> None:
         for _ in range(3):  # a holder may release between our attempt and our read
@@ -108,7 +118,12 @@ class OutputLock:
         if self.force:
             logger.warning("%s: taking over the lock of %s (--force-unlock)", where, who)
             return
-        if self.run_id and other.get("run_id") == self.run_id:
+        if not other:
+            raise OutputLockError(
+                f"{where}: not a make_shards lock (not a JSON object with a holder). If no run "
+                "is writing this output, delete that file or pass --force-unlock"
+            )
+        if self.run_id not in SHARED_RUN_IDS | {None} and other.get("run_id") == self.run_id:
             logger.info("%s: taking over the lock of this torchrun job's earlier attempt", where)
             return
         if other.get("host") == socket.gethostname() and not _pid_alive(int(other.get("pid", 0))):
@@ -125,8 +140,9 @@ class OutputLock:
         raise OutputLockError(
             f"{where}: another make_shards run is writing this output: {who}"
             + ("" if age is None else f", last refreshed {age:.0f} s ago")
-            + ". Wait for it to finish, or choose another --out; if that run is dead, pass "
-            "--force-unlock"
+            + ". Wait for it to finish, or choose another --out; a restarted torchrun job is "
+            "recognised only when started with a unique --rdzv-id (the default id 'none' is "
+            "shared by every job); if that run is dead, pass --force-unlock"
         )
 
     def _age(self) -> float | None:
@@ -172,4 +188,5 @@ def describe(holder: dict) -> str:
     if not holder:
         return "an unknown holder (unreadable lock)"
     text = f"host {holder.get('host')} pid {holder.get('pid')}, started {holder.get('started')}"
-    return text + (f", torchrun run {holder['run_id']}" if holder.get("run_id") else "")
+    text += f", torchrun run {holder['run_id']}" if holder.get("run_id") else ""
+    return one_line(text)  # the lock file is anyone's text: no forged log lines

@@ -145,6 +145,7 @@ def _items(manifest: Manifest, src: str, key: Key | None, classes_file: str | No
         fraction=options.get("fraction"),
         seed=options.get("seed", 0),
         order_key=order_key,
+        follow_symlinks=options.get("follow_symlinks", False),
     )
     if listing_digest(items, order_key=order_key) != manifest.source_digest:
         raise SourceMapError(

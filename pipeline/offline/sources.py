@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cli import one_line
 from pipeline.errors import ConfigError, KeyprotectError
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,42 @@ class SourceItem:
     label: int
     split: str
     size: int  # bytes on disk, part of the listing digest
+
+
+@dataclass(frozen=True)
+class SourceReject:
+    """An entry of the source tree that is not used, and why."""
+
+    path: str  # relative to the source root, POSIX separators
+    reason: str
+
+
+def _outside(path: Path, root: Path) -> bool:
+    """A symlink whose target is not under ``root``."""
+    return path.is_symlink() and not path.resolve().is_relative_to(root.resolve())
+
+
+def _entry_reject(path: Path, root: Path, *, follow_symlinks: bool, want_dir: bool) -> str | None:
+    """Why ``path`` (a class folder if ``want_dir``, else an image) is not used; None if it is."""
+    if path.name.startswith("."):
+        return "hidden entry (name starts with '.')"
+    if not follow_symlinks and _outside(path, root):
+        return (
+            f"a symlink to {escaped(os.readlink(path))}, outside the source folder; pass "
+            "--follow-symlinks to use it"
+        )
+    if want_dir:
+        return None if path.is_dir() else "not a folder (a file where a class folder should be)"
+    if path.is_dir():
+        return "a folder inside a class folder (not searched)"
+    if not path.is_file():
+        return "not a regular file"
+    if not path.suffix:
+        return f"no file extension (accepted: {' '.join(IMAGE_EXTENSIONS)})"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        accepted = " ".join(IMAGE_EXTENSIONS)
+        return f"extension {path.suffix} is not an accepted image (accepted: {accepted})"
+    return None
 
 
 def read_classes_file(path: str | os.PathLike) -> list[str]:
@@ -70,8 +107,11 @@ def _check_utf8(path: Path) -> None:
         ) from None
 
 
-def find_classes(root: str | os.PathLike, split: str) -> list[str]:
-    """Sorted class folder names under ``root/split``."""
+def find_classes(
+    root: str | os.PathLike, split: str, *, follow_symlinks: bool = False
+) -> list[str]:
+    """Sorted class folder names under ``root/split`` (symlinks out of ``root`` only with
+    ``follow_symlinks``)."""
     split_dir = Path(root) / split
     if not Path(root).is_dir():
         raise SourceError(
@@ -81,7 +121,11 @@ def find_classes(root: str | os.PathLike, split: str) -> list[str]:
         raise SourceError(
             f"{split_dir}: no '{split}' folder; expected {root}/{split}/<class>/<image>"
         )
-    folders = [p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    folders = [
+        p
+        for p in split_dir.iterdir()
+        if _entry_reject(p, Path(root), follow_symlinks=follow_symlinks, want_dir=True) is None
+    ]
     for p in folders:
         _check_utf8(p)
     names = sorted(p.name for p in folders)
@@ -90,38 +134,72 @@ def find_classes(root: str | os.PathLike, split: str) -> list[str]:
     return names
 
 
-def list_split(root: str | os.PathLike, split: str, classes: Sequence[str]) -> list[SourceItem]:
-    """Every image file of ``split``, labelled by position in ``classes``, sorted by path."""
+def scan_split(
+    root: str | os.PathLike,
+    split: str,
+    classes: Sequence[str],
+    *,
+    follow_symlinks: bool = False,
+) -> tuple[list[SourceItem], list[SourceReject]]:
+    """Every entry under ``root/split``: the images used (labelled by position in ``classes``,
+    sorted by path) and every other entry rejected with its reason, each logged. Symlinks that
+    leave ``root`` are rejected unless ``follow_symlinks``."""
     root = Path(root)
-    present = set(find_classes(root, split))
+    present = set(find_classes(root, split, follow_symlinks=follow_symlinks))
     missing = [c for c in classes if c not in present]
     if missing:
         raise SourceError(f"{root / split}: class folder(s) {missing[:5]} missing")
-    extra = sorted(present - set(classes))
-    if extra:
-        logger.warning(
-            "%s: ignoring %d folder(s) not in the class list, e.g. %s",
-            root / split,
-            len(extra),
-            extra[:3],
-        )
+    wanted = set(classes)
+    rejects: list[SourceReject] = []
+
+    def reject(path: Path, reason: str) -> None:
+        rejects.append(SourceReject(path.relative_to(root).as_posix(), reason))
+
+    for entry in sorted((root / split).iterdir()):
+        why = _entry_reject(entry, root, follow_symlinks=follow_symlinks, want_dir=True)
+        if why is None and entry.name not in wanted:
+            why = "folder not in the class list"
+        if why is not None:
+            reject(entry, why)
     items = []
     for label, name in enumerate(classes):
         class_dir = root / split / name
-        files = sorted(
-            p
-            for p in class_dir.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = []
+        for p in sorted(class_dir.iterdir()):
+            why = _entry_reject(p, root, follow_symlinks=follow_symlinks, want_dir=False)
+            if why is None:
+                files.append(p)
+            else:
+                reject(p, why)
         if not files:
             raise SourceError(
-                f"{class_dir}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS[:3])}... files); "
-                "add images or remove the folder"
+                f"{escaped(class_dir)}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS[:3])}... "
+                "files); add images or remove the folder"
             )
         for p in files:
             _check_utf8(p)
             items.append(SourceItem(p.relative_to(root).as_posix(), label, split, p.stat().st_size))
-    return items
+    for r in rejects:
+        logger.warning("%s: not used: %s", one_line(root / r.path), one_line(r.reason))
+    logger.info(
+        "%s: %d entries: %d images used, %d rejected",
+        one_line(root / split),
+        len(items) + len(rejects),
+        len(items),
+        len(rejects),
+    )
+    return items, rejects
+
+
+def list_split(
+    root: str | os.PathLike,
+    split: str,
+    classes: Sequence[str],
+    *,
+    follow_symlinks: bool = False,
+) -> list[SourceItem]:
+    """The images of :func:`scan_split` (its rejects are logged there)."""
+    return scan_split(root, split, classes, follow_symlinks=follow_symlinks)[0]
 
 
 def _digest(data: bytes, order_key: bytes | None) -> bytes:
@@ -180,12 +258,16 @@ def select_split(
     fraction: float | None = None,
     seed: int = 0,
     order_key: bytes | None = None,
+    follow_symlinks: bool = False,
 ) -> tuple[list[str], list[SourceItem]]:
     """The class names of ``split`` and its selected items in shard order: sample ``k`` of the
     split's shards (key ``f"{k:08d}"``) comes from ``items[k]``."""
-    classes = read_classes_file(classes_file) if classes_file else find_classes(src, split)
+    if classes_file:
+        classes = read_classes_file(classes_file)
+    else:
+        classes = find_classes(src, split, follow_symlinks=follow_symlinks)
     items = select_subset(
-        list_split(src, split, classes),
+        list_split(src, split, classes, follow_symlinks=follow_symlinks),
         per_class=per_class,
         fraction=fraction,
         seed=seed,

@@ -69,6 +69,29 @@ def test_the_same_torchrun_job_takes_over_its_own_lock(tmp_path):
         pass
 
 
+@pytest.mark.parametrize("run_id", ["none", "", None])
+def test_another_job_without_a_unique_rdzv_id_is_refused(tmp_path, run_id):
+    """torchrun's default rendezvous id is "none": two jobs share it, so it proves nothing."""
+    storage = Storage(tmp_path)
+    write_holder(storage, host="node-7", pid=1234, started="x", run_id=run_id, token="t")
+    with pytest.raises(OutputLockError, match="node-7 pid 1234.*unique --rdzv-id.*--force-unlock"):
+        OutputLock(storage, run_id=run_id).acquire()
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == 1234  # left as it was
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_a_malformed_lock_file_is_named_with_what_to_do(tmp_path, content):
+    storage = Storage(tmp_path)
+    (tmp_path / LOCK_NAME).write_bytes(content)
+    with pytest.raises(OutputLockError) as caught:
+        OutputLock(storage).acquire()
+    message = str(caught.value)
+    assert LOCK_NAME in message and "not a make_shards lock" in message
+    assert "--force-unlock" in message and "\n" not in message
+    with OutputLock(storage, force=True):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
 def test_a_holder_that_loses_its_lock_notices(tmp_path, monkeypatch):
     monkeypatch.setattr(outlock, "REFRESH_S", 0.05)
     storage = Storage(tmp_path)
@@ -87,3 +110,11 @@ def test_s3_lock_is_exclusive(s3_env):
         with pytest.raises(OutputLockError, match="another make_shards run"):
             OutputLock(storage).acquire()
     assert not storage.exists(LOCK_NAME)
+
+
+def test_a_holder_name_cannot_forge_a_line(tmp_path):
+    storage = Storage(tmp_path)
+    write_holder(storage, host="node-7\nINFO done", pid=1234, started="x", token="t")
+    with pytest.raises(OutputLockError) as caught:
+        OutputLock(storage).acquire()
+    assert "\n" not in str(caught.value) and "node-7\\nINFO done" in str(caught.value)

@@ -93,3 +93,49 @@ def test_an_attacker_without_the_key_places_samples_at_chance(per_class):
         mean = statistics.fmean(measured)
         spread = statistics.stdev(measured) / len(measured) ** 0.5
         assert abs(mean - chance) < 4 * spread + 1e-9, (mean, chance)
+
+
+def test_every_entry_is_used_or_rejected_by_name(tmp_path, caplog):
+    """25 entries: 19 images used, 6 rejected, each named with its reason (issue 21, item 6)."""
+    from PIL import Image
+
+    from pipeline.offline.sources import scan_split
+
+    src, outside = tmp_path / "src", tmp_path / "outside"
+    (outside / "linked_class").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(outside / "stolen.png")
+    for c in ("a", "b"):
+        (src / "train" / c).mkdir(parents=True)
+    for i in range(19):
+        Image.new("RGB", (4, 4)).save(src / "train" / "ab"[i % 2] / f"img{i}.png")
+    frames = [Image.new("P", (4, 4), i) for i in range(2)]
+    frames[0].save(src / "train/a/anim.gif", save_all=True, append_images=frames[1:])
+    (src / "train/a/noext").write_bytes(b"x")
+    (src / "train/a/evil\nINFO 19 images, 0 rejected").write_bytes(b"x")
+    (src / "train/loose.png").write_bytes(b"x")  # a file where a class folder should be
+    (src / "train/b/link.png").symlink_to(outside / "stolen.png")
+    (src / "train/linked_class").symlink_to(outside / "linked_class")
+    entries = sum(1 for _ in (src / "train").rglob("*"))
+    assert entries == 27  # 25 entries + the two class folders themselves
+
+    items, rejects = scan_split(src, "train", ["a", "b"])
+    assert len(items) == 19
+    named = {r.path: r.reason for r in rejects}
+    assert set(named) == {
+        "train/a/anim.gif",
+        "train/a/noext",
+        "train/a/evil\nINFO 19 images, 0 rejected",
+        "train/loose.png",
+        "train/b/link.png",
+        "train/linked_class",
+    }
+    assert len(items) + len(rejects) == 25
+    assert (
+        "outside" in named["train/b/link.png"] and "--follow-symlinks" in named["train/b/link.png"]
+    )
+    assert "not a folder" in named["train/loose.png"]
+    for line in caplog.text.splitlines():
+        assert not line.startswith("INFO 19 images")  # the forged line stays on its own line
+
+    items, rejects = scan_split(src, "train", ["a", "b"], follow_symlinks=True)
+    assert "train/b/link.png" in {it.path for it in items}
