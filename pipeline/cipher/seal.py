@@ -102,9 +102,17 @@ def save_data_key(
     if kms_key_uri is None:
         text = json_proto_keyset_format.serialize(key.handle, secret_key_access.TOKEN)
     else:
-        text = json_proto_keyset_format.serialize_encrypted(
-            key.handle, _kms_aead(kms_key_uri), kms_key_uri.encode()
-        )
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            text = json_proto_keyset_format.serialize_encrypted(
+                key.handle, _kms_aead(kms_key_uri), kms_key_uri.encode()
+            )
+        except (tink.TinkError, BotoCoreError) as exc:
+            raise SealError(
+                f"{kms_key_uri}: KMS did not encrypt the keyset ({exc}); check the key URI, "
+                "its key policy and your AWS credentials"
+            ) from None
         text = f'{{"kms_key_uri": {json.dumps(kms_key_uri)}, "keyset": {text}}}'
     try:
         atomic_write(path, text, perm=0o600, exclusive=not overwrite)
@@ -129,12 +137,14 @@ def load_data_key(path: str | os.PathLike) -> DataKey:
         raise SealError(f"{path}: not a data key (a Tink JSON keyset)") from None
     try:
         if isinstance(doc, dict) and "kms_key_uri" in doc:
+            from botocore.exceptions import BotoCoreError
+
             uri = doc["kms_key_uri"]
             try:
                 handle = json_proto_keyset_format.parse_encrypted(
                     json.dumps(doc["keyset"]), _kms_aead(uri), uri.encode()
                 )
-            except tink.TinkError:
+            except (tink.TinkError, BotoCoreError):
                 raise SealError(
                     f"{path}: wrapped by KMS key {uri}, which does not decrypt it "
                     "(wrong KMS key, no access, or no credentials)"

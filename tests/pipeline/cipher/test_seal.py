@@ -188,3 +188,7 @@ def test_kms_wrapped_key_round_trip(s3_env, tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(SealError, match="does not decrypt"):
         load_data_key(path)
+    with pytest.raises(SealError, match="not an AWS KMS key URI"):
+        save_data_key(KEY, tmp_path / "x.key", kms_key_uri="aws-kms://nonsense")
+    with pytest.raises(SealError, match="KMS did not encrypt"):
+        save_data_key(KEY, tmp_path / "y.key", kms_key_uri=f"aws-kms://{arn}-missing")
