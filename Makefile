@@ -84,6 +84,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_make_shards.py --out bench/results.json
 	$(PY) bench/bench_loader.py --out bench/results.json
 	$(PY) bench/bench_frontier.py --out bench/results.json
+	$(PY) bench/bench_seal.py --out bench/results.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

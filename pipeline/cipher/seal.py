@@ -221,7 +221,9 @@ class _Closing(io.RawIOBase):
         super().close()
 
 
-def sealing_writer(key: DataKey, raw: BinaryIO, *, associated_data: bytes) -> BinaryIO:
+def sealing_writer(
+    key: DataKey, raw: BinaryIO | io.RawIOBase, *, associated_data: bytes
+) -> BinaryIO:
     """A file-like to write plaintext into; closing it finishes the sealed object and closes
     ``raw`` (Tink's stream owns its destination)."""
     return key._primitive().new_encrypting_stream(raw, associated_data)
@@ -249,7 +251,12 @@ def open_sealed(key: DataKey, data: bytes, *, associated_data: bytes) -> bytes:
 
 
 def reseal_stream(
-    old_key: DataKey, new_key: DataKey, src: BinaryIO, dst: BinaryIO, *, associated_data: bytes
+    old_key: DataKey,
+    new_key: DataKey,
+    src: BinaryIO,
+    dst: BinaryIO | io.RawIOBase,
+    *,
+    associated_data: bytes,
 ) -> None:
     """Copy the sealed object ``src`` to ``dst`` sealed with ``new_key`` (key rotation)."""
     with (
