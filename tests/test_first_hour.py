@@ -82,8 +82,10 @@ def test_a_photo_unlike_the_training_images_gets_a_note(protected_run, tmp_path,
     assert predict(["--checkpoint", str(protected_run / "checkpoint.pt"), "--key",
                     str(_key(tmp_path)), str(big), str(small)]) == 0  # fmt: skip
     out = capsys.readouterr().out.splitlines()
+    # the digits are grey: a random colour photo is far off in size and in colour
     assert out[1].startswith("  note: 512x512 is far from the 32x32 images")
-    assert out[out.index(str(small)) + 1].strip().startswith("rank")  # no note: its own size
+    assert "a colour image; this model was trained on grey images" in out[1]
+    assert out[out.index(str(small)) + 1].strip().startswith("rank")  # grey, its own size
 
 
 @pytest.mark.slow  # trains the session's protected model

@@ -56,7 +56,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
 }
 # absent in older checkpoints; absorbed_from only in tools/absorb_key.py's output
 OPTIONAL = {"decoder": (str, type(None)), "world_size": (int,), "absorbed_from": (str,),
-            "finished": (bool,)}  # fmt: skip
+            "finished": (bool,), "input_stats": (dict,)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,7 @@ class Checkpoint:
     world_size: int | None = None  # None in older checkpoints: len(rng)
     absorbed_from: str | None = None  # a key absorbed into plain weights: their digest
     finished: bool | None = None  # whether its run trained every epoch (None: older files)
+    input_stats: dict | None = None  # the train shards' colour statistics (the manifest's)
 
     @property
     def num_classes(self) -> int:
@@ -128,7 +129,7 @@ class Checkpoint:
     def to_dict(self) -> dict[str, Any]:
         """The on-disk form: a plain dict of the fields (lists, not tuples) and ``version``."""
         state = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in ("world_size", "absorbed_from", "finished"):
+        for name in ("world_size", "absorbed_from", "finished", "input_stats"):
             if state[name] is None:
                 del state[name]
         state.update(classes=list(self.classes), image_shape=list(self.image_shape),

@@ -32,7 +32,14 @@ from pipeline.errors import KeyprotectError
 from pipeline.model.checkpoint import Checkpoint, CheckpointError
 from pipeline.model.evaluation import load_model, predict
 from pipeline.offline.dali import DaliUnavailableError
-from pipeline.offline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_pil, probe
+from pipeline.offline.decode import (
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    decode_pil,
+    is_grey,
+    probe,
+    to_rgb8,
+)
 from pipeline.stream.crop import centre_crop, check_crop
 
 logger = logging.getLogger(__name__)
@@ -145,6 +152,7 @@ class ProtectedClassifier:
         self.device = model_device(model)
         self.classes: list[str] = list(saved.classes)
         self.image_shape: tuple[int, int, int] = saved.image_shape
+        self.input_stats: dict | None = saved.input_stats
         # decode as the shards were (checkpoints before this field: PIL, which matches DALI's
         # CPU decoder to within a grey level on average)
         self.decoder: str = saved.decoder or "pil"
@@ -193,30 +201,34 @@ class ProtectedClassifier:
     def remarks(self, paths: Sequence[str | os.PathLike]) -> list[str | None]:
         """Per file, a remark when it is far from what the model was trained on, else None.
 
-        The rule: the file's shorter side is under half, or its longer side over
-        ``FAR_SIZE_FACTOR`` times, the stored side of the training images (they were decoded
-        from files of about that size, or resized from larger photos by at most that factor
-        in the embedded data). The checkpoint records the stored shape, not the training
-        set's colour statistics, so size is what is checked.
+        The rules: the file's shorter side is under half, or its longer side over
+        ``FAR_SIZE_FACTOR`` times, the stored side of the training images; and, where the
+        checkpoint records the training images' colour statistics (``input_stats``), a colour
+        input to a model trained on grey images only, or a grey input to one trained on colour
+        images only.
         """
         from PIL import Image
 
         side = self.stored_size
+        grey_trained = (self.input_stats or {}).get("grey_fraction")
         out: list[str | None] = []
         for path in paths:
             try:
                 with Image.open(path) as image:
                     width, height = image.size
+                    rgb = to_rgb8(image.reduce(max(1, min(width, height) // 64)))
             except Exception:  # read_files names undecodable files; no remark here
                 out.append(None)
                 continue
+            said = []
             if min(width, height) * 2 < side or max(width, height) > FAR_SIZE_FACTOR * side:
-                out.append(
-                    f"{width}x{height} is far from the {side}x{side} images this model was "
-                    "trained on: the prediction may mean little"
-                )
-            else:
-                out.append(None)
+                said.append(f"{width}x{height} is far from the {side}x{side} images this model "
+                            "was trained on")  # fmt: skip
+            if grey_trained is not None and grey_trained >= 0.95 and not is_grey(rgb):
+                said.append("a colour image; this model was trained on grey images")
+            if grey_trained is not None and grey_trained <= 0.05 and is_grey(rgb):
+                said.append("a grey image; this model was trained on colour images")
+            out.append("; ".join(said) + ": the prediction may mean little" if said else None)
         return out
 
     def logits(self, images: np.ndarray | torch.Tensor, *, batch_size: int = 64) -> np.ndarray:

@@ -46,7 +46,7 @@ from pipeline import __version__, paths
 from pipeline.cipher.blockwise import encrypt
 from pipeline.cipher.keys import Key
 from pipeline.errors import ConfigError, KeyprotectError
-from pipeline.offline.decode import DEFAULT_MAX_PIXELS, DecodeError, probe
+from pipeline.offline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_pil, is_grey, probe
 from pipeline.offline.outlock import OutputLock
 from pipeline.offline.sourcemap import log_rejects, reject_entry, reject_source
 from pipeline.offline.sources import SPLITS, SourceItem, listing_digest, select_split
@@ -615,11 +615,29 @@ def _finish_split(
         shards=records,
         rejects=rejects,
         samples_table=samples_table_name(split),
+        input_stats=input_stats(config.src, plan.items, max_pixels=config.max_pixels),
     )
     storage.write_bytes(samples_table_name(split), samples_table_bytes(rows))
     write_manifest(storage, manifest)  # last: its presence means the split is complete
     state.clear()
     return manifest
+
+
+STATS_SAMPLE = 64  # source images whose colour statistics the manifest records
+
+
+def input_stats(src: str, items: Sequence[SourceItem], *, max_pixels: int) -> dict:
+    """Colour statistics of the split's first ``STATS_SAMPLE`` images in shard order (their
+    plain pixels, decoded with PIL): the fraction that are grey. Predict compares its inputs
+    with them. A dataset-level figure: it names and predicts no image."""
+    grey = seen = 0
+    for item in items[:STATS_SAMPLE]:
+        try:
+            rgb = decode_pil((Path(src) / item.path).read_bytes(), 32, max_pixels=max_pixels)
+        except Exception:  # a rejected file: the build has named it already
+            continue
+        seen, grey = seen + 1, grey + is_grey(rgb)
+    return {"grey_fraction": round(grey / seen, 4) if seen else None, "sampled": seen}
 
 
 def _finished_and_same(

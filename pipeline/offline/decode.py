@@ -107,6 +107,16 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).copy()
 
 
+GREY_TOLERANCE = 2  # grey levels between channels that still count as grey (JPEG noise)
+
+
+def is_grey(rgb: np.ndarray) -> bool:
+    """Whether an HxWx3 uint8 image has three equal channels (within ``GREY_TOLERANCE``)."""
+    wide = rgb.astype(np.int16)
+    spread = np.abs(wide[..., 0] - wide[..., 1]).max(), np.abs(wide[..., 1] - wide[..., 2]).max()
+    return bool(max(spread) <= GREY_TOLERANCE)
+
+
 def decode_pil(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode, convert to RGB (:func:`to_rgb8`), resize the shorter side to ``size`` and
     centre-crop. ``max_pixels`` is PIL's bomb limit for the decode (:func:`use_max_pixels`)."""

@@ -86,6 +86,9 @@ class Manifest:
     shards: list[ShardRecord] = field(default_factory=list)
     rejects: list[dict] = field(default_factory=list)
     samples_table: str | None = None  # Parquet: key, shard, label, source per sample
+    # colour statistics of the plain images (a sample): what predict compares its inputs with;
+    # None in manifests made before they were recorded
+    input_stats: dict | None = None
     version: int = MANIFEST_VERSION
 
     @property
@@ -115,6 +118,8 @@ class Manifest:
             "rejects": self.rejects,
             "samples_table": self.samples_table,
         }
+        if self.input_stats is not None:
+            data["input_stats"] = self.input_stats
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -142,6 +147,7 @@ class Manifest:
                 shards=shards,
                 rejects=list(data["rejects"]),
                 samples_table=data.get("samples_table"),
+                input_stats=data.get("input_stats"),
                 version=data["version"],
             )
         except ManifestError:

@@ -35,6 +35,10 @@ warnings.filterwarnings("ignore", message="Grad strides do not match bucket view
 tqdm.monitor_interval = 0  # no monitor thread: DataLoader workers are forked from this process
 
 
+# make_shards options that shape each sample's pixels; train and val must agree on them
+CONTENT_OPTIONS = ("size", "decoder", "decode_device", "max_pixels")
+
+
 def check_shards(train: SplitLoader, val: SplitLoader) -> None:
     a, b = train.manifest, val.manifest
     if a.encrypted != b.encrypted:
@@ -49,6 +53,19 @@ def check_shards(train: SplitLoader, val: SplitLoader) -> None:
         )
     if a.classes != b.classes:
         raise TrainError(f"{train.storage.url}: train and val shards list different classes")
+    fields = {
+        "image shape": (a.image_shape, b.image_shape),
+        "block size": (a.block_size, b.block_size),
+        "transforms": (a.transforms, b.transforms),
+    }
+    for name in CONTENT_OPTIONS:
+        fields[f"option {name!r}"] = (a.options.get(name), b.options.get(name))
+    for name, (mine, theirs) in fields.items():
+        if mine != theirs:
+            raise TrainError(
+                f"{train.storage.url}: train shards have {name} {mine} but val shards "
+                f"{theirs}; make both splits with the same make_shards options"
+            )
 
 
 @torch.no_grad()
@@ -322,6 +339,7 @@ def save_state(run: Run, epoch: int, step_in_epoch: int) -> None:
             global_step=epoch * run.steps_per_epoch + step_in_epoch,
             world_size=env.world_size,
             finished=(epoch, step_in_epoch) == (run.config.epochs, 0),
+            input_stats=manifest.input_stats,
         ).save(run.out / "checkpoint.pt")  # fmt: skip
         logger.info("train: checkpoint at epoch %d, step %d: %s", epoch, step_in_epoch,
                     run.out / "checkpoint.pt")  # fmt: skip

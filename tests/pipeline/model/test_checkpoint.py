@@ -39,7 +39,7 @@ def test_the_training_checkpoint_round_trips_and_is_private(protected_run, saved
     for name, tensor in saved.model.items():
         assert torch.equal(again.model[name], tensor), name
     on_disk = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(on_disk) == {*FIELDS, "decoder", "world_size", "finished", "version"}
+    assert set(on_disk) == {*FIELDS, "decoder", "world_size", "finished", "input_stats", "version"}
     assert on_disk["finished"] is True  # every epoch trained
     assert on_disk["classes"] == list(saved.classes)  # the on-disk form: lists, as before
     assert "optimizer" not in repr(saved.without_state()) and not saved.without_state().model

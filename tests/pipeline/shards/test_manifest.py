@@ -59,3 +59,15 @@ def test_a_manifest_of_another_split_or_table_is_refused(shards, tmp_path):
     shutil.copy(out / "train.manifest.json", out / "val.manifest.json")
     with pytest.raises(ManifestError, match="describes split 'train', not 'val'"):
         load_manifest(Storage(str(out)), "val")
+
+
+def test_the_manifest_records_the_plain_images_colour_and_old_ones_load(shards):
+    from pipeline.shards.manifest import Manifest, load_manifest
+    from pipeline.storage import Storage
+
+    manifest = load_manifest(Storage(shards), "train")
+    assert manifest.input_stats is not None and manifest.input_stats["sampled"] > 0
+    assert 0 <= manifest.input_stats["grey_fraction"] <= 1
+    old = json.loads(manifest.to_json())
+    del old["input_stats"]
+    assert Manifest.from_json(json.dumps(old)).input_stats is None
