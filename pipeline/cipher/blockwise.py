@@ -26,6 +26,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,7 +34,20 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-TRANSFORMS = ("shuffle", "np", "ffx")
+
+class Transform(str, Enum):
+    """The closed set of block transforms; each member equals (and prints as) its name."""
+
+    SHUFFLE = "shuffle"
+    NP = "np"
+    FFX = "ffx"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Plain strings, in the canonical order: key files, manifests and derivations use these bytes.
+TRANSFORMS: tuple[str, ...] = tuple(t.value for t in Transform)
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +62,7 @@ def block_length(block_size: int) -> int:
 
 def check_transforms(transforms: Sequence[str]) -> tuple[str, ...]:
     """Validate an ordered list of transform names (each at most once, at least one)."""
-    names = tuple(transforms)
+    names = tuple(t.value if isinstance(t, Transform) else t for t in transforms)
     if not names:
         raise ValueError(f"transforms is empty; choose an ordered subset of {TRANSFORMS}")
     unknown = [t for t in names if t not in TRANSFORMS]

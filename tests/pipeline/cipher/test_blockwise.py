@@ -226,3 +226,14 @@ def test_chunked_application_matches_whole_batch(fixed_key, rng, monkeypatch):
     fresh = Key(fixed_key.secret, fixed_key.block_size)  # no cached plans
     assert np.array_equal(encrypt(images, fresh), whole)
     assert np.array_equal(decrypt(whole, fresh), images)
+
+
+def test_transform_enum_matches_names_and_normalises_to_plain_strings():
+    from pipeline.cipher.blockwise import TRANSFORMS, Transform, check_transforms
+
+    assert TRANSFORMS == ("shuffle", "np", "ffx")
+    assert [t.value for t in Transform] == list(TRANSFORMS)
+    assert Transform.NP == "np" and str(Transform.FFX) == "ffx"
+    names = check_transforms([Transform.FFX, "shuffle"])
+    assert names == ("ffx", "shuffle")
+    assert all(type(n) is str for n in names)
