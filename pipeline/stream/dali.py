@@ -30,10 +30,8 @@ import torch
 
 from pipeline.offline.dali import _dali
 from pipeline.shards.format import index_name
-from pipeline.shards.manifest import load_manifest
-from pipeline.storage import Storage
-from pipeline.stream.crop import crop_geometry
 from pipeline.stream.dataset import LoaderConfig
+from pipeline.stream.source import open_split
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +50,12 @@ class DaliShardLoader:
         device: str = "cpu",
     ) -> None:
         fn, pipeline_def, types = _dali()
-        self.storage = Storage(data)
-        self.manifest = load_manifest(self.storage, split)
+        source = open_split(data, split, crop_size=config.crop_size, crop_grid=config.crop_grid)
+        self.storage, self.manifest = source.storage, source.manifest
         self.config, self.device = config, device
         self.skip_batches = 0
         height, width, channels = self.manifest.image_shape
-        crop, block = crop_geometry(
-            self.manifest, crop_size=config.crop_size, crop_grid=config.crop_grid
-        )
+        crop, block = source.crop, source.block
         total = self.manifest.total_samples
         lo, hi = rank * total // world_size, (rank + 1) * total // world_size
         self.real = hi - lo  # DALI's shard_id/num_shards split, before padding

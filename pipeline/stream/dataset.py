@@ -26,11 +26,10 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.shards.format import index_name
-from pipeline.shards.manifest import load_manifest
-from pipeline.storage import Storage
-from pipeline.stream.crop import centre_crop, crop_geometry
+from pipeline.stream.crop import centre_crop
 from pipeline.stream.pieces import Piece, cut, epoch_pieces
 from pipeline.stream.remote import open_remote
+from pipeline.stream.source import open_split
 
 # The input normalisation, ``(x/255 - mean)/std``: an image and its negative map to u and -u
 INPUT_MEAN, INPUT_STD = 0.5, 0.5
@@ -76,15 +75,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
         world_size: int = 1,
     ) -> None:
         super().__init__()
-        self.storage = Storage(data)
-        self.manifest = load_manifest(self.storage, split)
+        source = open_split(data, split, crop_size=config.crop_size, crop_grid=config.crop_grid)
+        self.storage, self.manifest = source.storage, source.manifest
+        self.crop, self.block = source.crop, source.block
         self.config, self.rank, self.world_size = config, rank, world_size
         self.epoch, self.skip_batches = 0, 0
         self._indexes: dict[str, list | None] = {}
         self.workers = max(1, config.num_workers)
-        self.crop, self.block = crop_geometry(
-            self.manifest, crop_size=config.crop_size, crop_grid=config.crop_grid
-        )
         rank_length = math.ceil(self.manifest.total_samples / world_size)
         self.worker_length = math.ceil(rank_length / self.workers)
         self.batches_per_worker = math.ceil(self.worker_length / config.batch_size)
