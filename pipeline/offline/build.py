@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -366,24 +367,24 @@ def build_split(
     plan = _plan_split(config, split, key)
     state = _State(storage, split)
     # rank 0 checks the output; every rank then checks that it selected the same data
-    verdict = group.share(
-        f"{split}/setup", _setup_split(config, plan, storage, state) if group.is_primary else None
+    mine = _setup_split(config, plan, storage, state) if group.is_primary else None
+    verdict = SetupVerdict.from_text(
+        group.share(Handshake.SETUP.of(split), None if mine is None else mine.to_text())
     )
-    status, digest = verdict.split(":")
-    if digest != plan.digest:
+    if verdict.digest != plan.digest:
         raise ShardBuildError(
             f"rank {group.rank}: {split}: this rank's source listing or options differ from "
             "rank 0's; every rank must see the same --src and arguments"
         )
-    if status == "complete":
+    if verdict.complete:
         return load_manifest(storage, split) if group.is_primary else None
 
     started, made_before = time.perf_counter(), stats.images
     results = _build_own_shards(config, plan, key, storage, state, stats, group, lock)
-    group.done(f"{split}/built")
+    group.done(Handshake.BUILT.of(split))
     if not group.is_primary:
         return None
-    group.wait_all(f"{split}/built")
+    group.wait_all(Handshake.BUILT.of(split))
     manifest = _finish_split(config, plan, storage, state, results)
     seconds = time.perf_counter() - started
     logger.info(
@@ -403,15 +404,46 @@ def build_split(
     return manifest
 
 
-def _setup_split(config: ShardConfig, plan: _SplitPlan, storage: Storage, state: _State) -> str:
-    """Rank 0, before any shard: "complete:DIGEST" if the split is already made with these
-    options, else clear what --overwrite replaces, record the options, and "build:DIGEST"."""
+class Handshake(str, Enum):
+    """What the ranks of one build tell each other, per split (WorkGroup names)."""
+
+    SETUP = "setup"  # rank 0's verdict on the output: build it, or it is complete
+    BUILT = "built"  # a rank has made its shards
+
+    def of(self, split: str) -> str:
+        return f"{split}/{self.value}"
+
+
+@dataclass(frozen=True)
+class SetupVerdict:
+    """Rank 0's verdict on a split, shared with every rank before any shard is made: whether
+    it is already complete, and the plan's digest (each rank checks it planned the same)."""
+
+    complete: bool
+    digest: str
+
+    def to_text(self) -> str:
+        return f"{'complete' if self.complete else 'build'}:{self.digest}"
+
+    @classmethod
+    def from_text(cls, text: str) -> SetupVerdict:
+        status, _, digest = text.partition(":")
+        if status not in ("complete", "build") or not digest:
+            raise ShardBuildError(f"rank 0 sent a setup verdict this rank cannot read: {text!r}")
+        return cls(status == "complete", digest)
+
+
+def _setup_split(
+    config: ShardConfig, plan: _SplitPlan, storage: Storage, state: _State
+) -> SetupVerdict:
+    """Rank 0, before any shard: complete if the split is already made with these options,
+    else clear what --overwrite replaces, record the options, and build."""
     split = plan.split
     if _finished_and_same(storage, split, plan.identity, config.overwrite):
         logger.info(
             "%s: already complete in %s; nothing to do", split, storage.uri(manifest_name(split))
         )
-        return f"complete:{plan.digest}"
+        return SetupVerdict(complete=True, digest=plan.digest)
     previous, current = state.read_options(), plan.identity.to_json()
     if previous is not None and previous != current:
         if not config.overwrite:
@@ -422,7 +454,7 @@ def _setup_split(config: ShardConfig, plan: _SplitPlan, storage: Storage, state:
             )
         _remove_split(storage, split, state)
     state.write_options(plan.identity)
-    return f"build:{plan.digest}"
+    return SetupVerdict(complete=False, digest=plan.digest)
 
 
 def _build_own_shards(

@@ -330,3 +330,13 @@ def test_publishing_runs_behind_the_builder_in_a_bounded_queue(jpeg_tree, tmp_pa
     publisher.close()
     assert sorted(p.name for p in (tmp_path / "_progress").iterdir()) == [
         "val.000000.json", "val.000001.json", "val.000002.json"]  # fmt: skip
+
+
+def test_the_setup_verdict_crosses_ranks_as_text_and_back():
+    from pipeline.offline.build import Handshake, SetupVerdict
+
+    for verdict in (SetupVerdict(True, "abc"), SetupVerdict(False, "d" * 64)):
+        assert SetupVerdict.from_text(verdict.to_text()) == verdict
+    with pytest.raises(ShardBuildError, match="cannot read"):
+        SetupVerdict.from_text("maybe:abc")
+    assert Handshake.BUILT.of("val") == "val/built"
