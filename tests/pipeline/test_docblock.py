@@ -35,3 +35,14 @@ def test_a_page_without_the_block_is_refused_and_left_alone(tmp_path):
 def test_provenance_here_names_this_command_and_machine():
     here = Provenance.here(data="d")
     assert here.data == "d" and "CPU cores" in here.machine and len(here.date) == 10
+
+
+def test_a_module_run_with_dash_m_is_named_as_typed(tmp_path):
+    import subprocess
+    import sys
+
+    code = "from pipeline.docblock import Provenance; print(Provenance.here(data='d').command)"
+    (tmp_path / "probe.py").write_text(code)
+    done = subprocess.run([sys.executable, "-m", "probe", "--x", "1"], cwd=tmp_path,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert done.stdout.strip() == "python -m probe --x 1"
