@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import textwrap
 import time
 from collections.abc import Callable
 
@@ -32,8 +33,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     def _split_lines(self, text: str, width: int) -> list[str]:
         # wrap at spaces only: a long comma-separated list stays whole instead of being cut
         # mid-word ("wrong_key s")
-        import textwrap
-
         text = " ".join(text.split())
         return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
