@@ -14,20 +14,30 @@ import os
 import posixpath
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.atomic import atomic_write
 
+if TYPE_CHECKING:
+    from pipeline.cipher.seal import Sealer
+
 logger = logging.getLogger(__name__)
 
 
 class Storage:
-    """A folder of named files behind fsspec, with atomic puts."""
+    """A folder of named files behind fsspec, with atomic puts.
 
-    def __init__(self, url: str | os.PathLike) -> None:
+    With a ``sealer`` (a sealed output, see ``pipeline.shards.sealing``) every object read or
+    written through ``read_bytes``, ``write_bytes``, ``create`` and ``open`` is sealed at rest
+    and opened on the way in; ``put`` moves a file its writer already sealed.
+    """
+
+    def __init__(self, url: str | os.PathLike, *, sealer: Sealer | None = None) -> None:
         self.url = str(url)
+        self.sealer = sealer
         self._fs, self.root = fsspec.core.url_to_fs(self.url)
         self._pid = os.getpid()
         self.is_local = isinstance(self._fs, LocalFileSystem)
@@ -56,10 +66,22 @@ class Storage:
         return int(self.fs.size(self.path(name)))
 
     def read_bytes(self, name: str) -> bytes:
+        data = self.fs.cat_file(self.path(name))
+        return data if self.sealer is None else self.sealer.open(name, data)
+
+    def read_raw(self, name: str) -> bytes:
+        """The bytes at rest (sealed, on a sealed output)."""
         return self.fs.cat_file(self.path(name))
 
     def open(self, name: str, mode: str = "rb"):
-        return self.fs.open(self.path(name), mode)
+        """``name`` for reading (its plaintext, on a sealed output) or writing (plain only)."""
+        f = self.fs.open(self.path(name), mode)
+        if self.sealer is None:
+            return f
+        if mode != "rb":
+            f.close()
+            raise ValueError(f"{self.uri(name)}: a sealed output is written by put/write_bytes")
+        return self.sealer.reader(name, f)
 
     def remove(self, name: str) -> None:
         if self.fs.exists(self.path(name)):
@@ -120,6 +142,8 @@ class Storage:
     def create(self, name: str, data: bytes) -> bool:
         """Write a small file only if ``name`` does not exist; False if it does. Atomic locally
         (a hard link) and on S3 (a conditional PUT); elsewhere a check, then a write."""
+        if self.sealer is not None:
+            data = self.sealer.seal(name, data)
         if self.is_local:
             try:
                 atomic_write(self.path(name), data, exclusive=True)  # complete, or not there
@@ -140,8 +164,10 @@ class Storage:
         """When ``name`` was last written (seconds since the epoch, the store's clock)."""
         return self.fs.modified(self.path(name)).timestamp()
 
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Write a small file atomically."""
+    def write_bytes(self, name: str, data: bytes, *, raw: bool = False) -> None:
+        """Write a small file atomically (sealed on a sealed output, unless ``raw``)."""
+        if self.sealer is not None and not raw:
+            data = self.sealer.seal(name, data)
         tmp = self.staging_path(name)
         tmp.write_bytes(data)
         if self.is_local:

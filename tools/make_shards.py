@@ -28,6 +28,7 @@ import sys
 
 from pipeline import cli, paths
 from pipeline.cipher.keys import load_key
+from pipeline.cipher.seal import load_data_key
 from pipeline.offline.build import ShardConfig
 from pipeline.offline.decode import DEFAULT_MAX_PIXELS
 from pipeline.offline.job import ShardJob, resolve_sources
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(refused otherwise, each named as a rejected entry)",
     )
     p.add_argument(
+        "--seal",
+        metavar="DATAKEY",
+        help="seal every object written with this data key (tools/make_data_key.py): the "
+        "bucket then learns object names and sizes only; readers need --data-key DATAKEY",
+    )
+    p.add_argument(
         "--source-map",
         help="also write the sample-to-source table here (Parquet, local or fsspec URL, mode "
         "0600); it names every source file: keep it with the key, not with the shards",
@@ -171,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     def make() -> None:
         nonlocal job, group
         key = None if args.plain else load_key(args.key)
-        job = ShardJob(config_from_args(args), key, source_map=args.source_map)
+        data_key = None if args.seal is None else load_data_key(args.seal)
+        job = ShardJob(config_from_args(args), key, source_map=args.source_map, data_key=data_key)
         group = WorkGroup.from_env()
         job.run(group)
 

@@ -2,10 +2,13 @@
 
     python tools/verify_shards.py                     # ./shards, where make_shards.py writes
     python tools/verify_shards.py s3://bucket/imagenet-10pct
+    python tools/verify_shards.py sealed --data-key data.key   # make_shards --seal output
 
 Checks each shard's SHA-256, byte size and sample count, and that every sample holds an image of
-the manifest's shape and a valid class. Exit 0 only if everything holds; otherwise each bad
-shard is named and the exit code is 1 (2 for a bad argument or an unreadable store).
+the manifest's shape and a valid class; on a sealed output also that every object opens with
+the data key (it authenticates) and has the sealed size the manifest records. Exit 0 only if
+everything holds; otherwise each bad shard is named and the exit code is 1 (2 for a bad
+argument or an unreadable store).
 """
 
 from __future__ import annotations
@@ -31,11 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split", choices=["train", "val", "all"], default="all", help="which split to check"
     )
+    parser.add_argument(
+        "--data-key",
+        metavar="DATAKEY",
+        help="the data key of a sealed output; left out: the file named by "
+        "$KEYPROTECT_DATA_KEY, if set",
+    )
     return parser
 
 
-def verify(out: str, splits: tuple[str, ...]) -> int:
-    report = verify_shards(out, splits)
+def verify(out: str, splits: tuple[str, ...], data_key: str | None = None) -> int:
+    report = verify_shards(out, splits, data_key=data_key)
     for problem in report.problems:
         logger.error("BAD %s", cli.one_line(problem))
     logger.info(
@@ -52,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.setup_logging()
     args = build_parser().parse_args(argv)
     splits = ("train", "val") if args.split == "all" else (args.split,)
-    return cli.run("verify_shards", lambda: verify(args.out, splits))
+    return cli.run("verify_shards", lambda: verify(args.out, splits, args.data_key))
 
 
 if __name__ == "__main__":

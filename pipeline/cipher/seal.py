@@ -287,3 +287,34 @@ class _NoClose(io.RawIOBase):
 
     def write(self, b) -> int:
         return self._buf.write(b)
+
+
+def split_of(name: str) -> str:
+    """The split an object belongs to, from its name (``train-000000.tar``,
+    ``val.manifest.json``, ``_progress/train.options.json`` -> train, val, train)."""
+    leaf = name.rsplit("/", 1)[-1]
+    return leaf.split(".", 1)[0].split("-", 1)[0]
+
+
+@dataclass(frozen=True)
+class Sealer:
+    """Seals and opens the objects of one output: ``key`` and the output's id, so that every
+    object is bound by :func:`object_ad` to (output, split, name)."""
+
+    key: DataKey
+    output_id: str
+
+    def ad(self, name: str) -> bytes:
+        return object_ad(output_id=self.output_id, split=split_of(name), name=name)
+
+    def seal(self, name: str, data: bytes) -> bytes:
+        return seal_bytes(self.key, data, associated_data=self.ad(name))
+
+    def open(self, name: str, data: bytes) -> bytes:
+        return open_sealed(self.key, data, associated_data=self.ad(name))
+
+    def writer(self, name: str, raw: BinaryIO | io.RawIOBase) -> BinaryIO:
+        return sealing_writer(self.key, raw, associated_data=self.ad(name))
+
+    def reader(self, name: str, raw: BinaryIO) -> BinaryIO:
+        return opening_reader(self.key, raw, associated_data=self.ad(name))

@@ -35,13 +35,18 @@ class EvalSet:
 
 
 def load_split(
-    data: str, split: str = "val", *, crop_size: int | None = None, limit: int | None = None
+    data: str,
+    split: str = "val",
+    *,
+    crop_size: int | None = None,
+    limit: int | None = None,
+    data_key: str | None = None,
 ) -> EvalSet:
     """The split's images in shard order (centre crops of ``crop_size``); the first ``limit``
-    when given, so that large splits need not fit in memory."""
+    when given, so that large splits need not fit in memory. ``data_key`` opens sealed shards."""
     dataset = ShardDataset(
         data, split, config=LoaderConfig(batch_size=256, train=False, crop_size=crop_size,
-                                         num_workers=0),
+                                         num_workers=0), data_key=data_key,
     )  # fmt: skip
     images: list[np.ndarray] = []
     labels: list[int] = []

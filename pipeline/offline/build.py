@@ -46,6 +46,7 @@ from tqdm import tqdm
 from pipeline import __version__, paths
 from pipeline.cipher.blockwise import encrypt
 from pipeline.cipher.keys import Key
+from pipeline.cipher.seal import DataKey
 from pipeline.errors import ConfigError, KeyprotectError
 from pipeline.offline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_pil, is_grey, probe
 from pipeline.offline.outlock import OutputLock
@@ -62,6 +63,7 @@ from pipeline.shards.manifest import (
     samples_table_name,
     write_manifest,
 )
+from pipeline.shards.sealing import join_output, prepare_output
 from pipeline.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -407,6 +409,7 @@ def build_split(
 class Handshake(str, Enum):
     """What the ranks of one build tell each other, per split (WorkGroup names)."""
 
+    SEALING = "sealing"  # rank 0's word on the output's sealing: its id, or "" (unsealed)
     SETUP = "setup"  # rank 0's verdict on the output: build it, or it is complete
     BUILT = "built"  # a rank has made its shards
 
@@ -739,7 +742,7 @@ def _finished_shard(storage: Storage, state: _State, index: int, digest: str) ->
         return None  # not made, or made under another key or options: rebuild it
     record = ShardRecord(**entry["record"]) if entry["record"] else None
     if record is not None and (
-        not storage.exists(record.name) or storage.size(record.name) != record.bytes
+        not storage.exists(record.name) or storage.size(record.name) != record.stored_bytes
     ):
         return None  # recorded but missing or different: rebuild it
     return ShardResult(record, entry["rejects"], entry["rows"])
@@ -864,7 +867,7 @@ class _ShardMaker:
         tmp = self.storage.staging_path(name)
         rejects: list[dict] = []
         rows: list[list] = []
-        writer = ShardWriter(tmp, name)
+        writer = ShardWriter(tmp, name, sealer=self.storage.sealer)
         writing: Future | None = None
         try:
             position = index * self.plan.per_shard
@@ -924,6 +927,17 @@ def _encrypt_batch(batch: Any, key: Key | None, device: str = "auto") -> list[np
     return list(batch if isinstance(batch, np.ndarray) else batch.cpu().numpy())
 
 
+def _open_output(out: str, data_key: DataKey | None, group: WorkGroup) -> Storage:
+    """The output to write: rank 0 checks (or starts) its sealing and shares the output's id,
+    which every sealed object's associated data carries."""
+    if group.is_primary:
+        storage = prepare_output(out, data_key)
+        output_id = "" if storage.sealer is None else storage.sealer.output_id
+        group.share(Handshake.SEALING.value, output_id)
+        return storage
+    return join_output(out, data_key, group.share(Handshake.SEALING.value) or None)
+
+
 def _write_samples(writer: ShardWriter, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     for key, files in samples:
         writer.write(key, files)
@@ -933,11 +947,13 @@ def build_shards(
     config: ShardConfig,
     key: Key | None,
     *,
+    data_key: DataKey | None = None,
     stats: BuildStats | None = None,
     group: WorkGroup | None = None,
 ) -> dict[str, Manifest]:
     """Make every split in ``config.splits``; ``key=None`` writes plain shards (``--plain``).
 
+    ``data_key`` seals every object written (``make_shards --seal``; docs/sealing.md).
     ``stats``, when given, receives what the run did (images made, time spent encrypting).
     ``group`` (``WorkGroup.from_env()`` under torchrun) shares the shards among ranks; rank 0
     holds the output's lock and returns the manifests, the other ranks an empty dict.
@@ -954,17 +970,17 @@ def build_shards(
     encryption_device(
         config.encrypt_device, decode_device(config.device, config.decoder), group.local_rank
     )
-    storage = Storage(config.out)
     logger.debug("config: %s", asdict(config))
     stats = stats if stats is not None else BuildStats()
     started, cpu = time.perf_counter(), time.process_time()
-    lock = (
-        OutputLock(storage, run_id=group.run_id, force=config.force_unlock)
+    lock = (  # the lock is a plain object: it is there while a run holds the output
+        OutputLock(Storage(config.out), run_id=group.run_id, force=config.force_unlock)
         if group.is_primary
         else None
     )
     try:
         with lock or contextlib.nullcontext():
+            storage = _open_output(config.out, data_key, group)
             manifests = {}
             for split in config.splits:
                 manifest = build_split(config, split, key, storage, stats, group=group, lock=lock)

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 from pipeline.cipher.keys import Key
+from pipeline.cipher.seal import DataKey
 from pipeline.offline.build import BuildStats, ShardConfig, build_shards
 from pipeline.offline.digits import write_digits_tree
 from pipeline.offline.sourcemap import check_location, write_source_map
@@ -42,17 +43,21 @@ class ShardJob:
     config: ShardConfig
     key: Key | None
     source_map: str | None = None
+    data_key: DataKey | None = field(default=None, repr=False)  # seals the output (--seal)
     stats: BuildStats = field(default_factory=BuildStats)
 
     def run(self, group: WorkGroup) -> dict[str, Manifest]:
         """Build every split, then (rank 0, once all are finished) the source map."""
         if self.source_map:  # before any work
             check_location(self.source_map, self.config.out)
-        manifests = build_shards(self.config, self.key, stats=self.stats, group=group)
+        manifests = build_shards(
+            self.config, self.key, data_key=self.data_key, stats=self.stats, group=group
+        )
         if self.source_map and group.is_primary:
             write_source_map(self.source_map, src=self.config.src, out=self.config.out,
                              key=self.key, splits=self.config.splits,
-                             classes_file=self.config.classes_file)  # fmt: skip
+                             classes_file=self.config.classes_file,
+                             data_key=self.data_key)  # fmt: skip
         if group.is_primary:
             logger.info("%s", self.summary(manifests, group))
         return manifests
@@ -65,7 +70,8 @@ class ShardJob:
             f"made now{by}, {self.stats.images / max(self.stats.seconds, 1e-9):.0f} img/s), "
             f"{sum(len(m.rejects) for m in manifests.values())} rejected, "
             f"{sum(m.total_bytes for m in manifests.values()) / 1e6:.1f} MB at "
-            f"{self.config.out} ({'plain' if self.key is None else f'key {self.key.fingerprint}'})"
+            f"{self.config.out} ({'plain' if self.key is None else f'key {self.key.fingerprint}'}"
+            f"{'' if self.data_key is None else f', sealed with {self.data_key.keyset_id}'})"
         )
 
     def progress(self) -> str:

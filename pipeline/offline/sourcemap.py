@@ -22,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.atomic import atomic_write
 from pipeline.cipher.keys import Key
+from pipeline.cipher.seal import DataKey
 from pipeline.errors import KeyprotectError
 from pipeline.offline.sources import SourceItem, listing_digest, select_split
 from pipeline.shards.manifest import (
@@ -31,6 +32,7 @@ from pipeline.shards.manifest import (
     parquet_bytes,
     samples_table_name,
 )
+from pipeline.shards.sealing import open_output
 from pipeline.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -96,10 +98,11 @@ def _absolute(url: str) -> str:
 
 
 def source_map_rows(*, src: str, out: str, key: Key | None, splits: Sequence[str],
-                    classes_file: str | None = None) -> list[list]:  # fmt: skip
+                    classes_file: str | None = None,
+                    data_key: DataKey | None = None) -> list[list]:  # fmt: skip
     """One row per sample and per rejected file of ``splits`` under ``out``: ``[split, key,
     shard, label, source, rejected]``."""
-    storage, rows = Storage(out), []
+    storage, rows = open_output(out, data_key), []
     for split in splits:
         manifest = load_manifest(storage, split)
         _check_key(manifest, key, storage)
@@ -178,12 +181,15 @@ def write_private(url: str, data: bytes) -> None:
 
 
 def write_source_map(url: str, *, src: str, out: str, key: Key | None, splits: Sequence[str],
-                     classes_file: str | None = None) -> int:  # fmt: skip
+                     classes_file: str | None = None,
+                     data_key: DataKey | None = None) -> int:  # fmt: skip
     """Write the source map of the finished ``splits`` under ``out`` to ``url`` (local or any
     fsspec URL); returns its row count. Works on output made earlier too: the map is rebuilt
     from the source tree, the manifests and the key."""
     check_location(url, out)
-    rows = source_map_rows(src=src, out=out, key=key, splits=splits, classes_file=classes_file)
+    rows = source_map_rows(
+        src=src, out=out, key=key, splits=splits, classes_file=classes_file, data_key=data_key
+    )
     write_private(url, source_map_bytes(rows))
     logger.info("wrote the source map of %d files to %s; keep it with the key", len(rows), url)
     return len(rows)

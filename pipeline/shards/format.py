@@ -12,6 +12,7 @@ data offset, size and name) so DALI's reader can seek in remote shards without a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -20,8 +21,12 @@ import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.cipher.seal import Sealer
 
 TAR_FORMAT = tarfile.GNU_FORMAT
 SAMPLE_EXTENSIONS = ("cls", "json", "u8")
@@ -35,11 +40,20 @@ class ShardRecord:
 
     name: str
     samples: int
-    bytes: int
+    bytes: int  # the tar's own size and hash (on a sealed output: of the opened shard)
     sha256: str
+    sealed_bytes: int | None = None  # the size at rest of a sealed shard
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.sealed_bytes is None:
+            del data["sealed_bytes"]
+        return data
+
+    @property
+    def stored_bytes(self) -> int:
+        """The size of the object in storage."""
+        return self.bytes if self.sealed_bytes is None else self.sealed_bytes
 
 
 def shard_name(split: str, index: int) -> str:
@@ -66,7 +80,7 @@ def sample_files(image: np.ndarray, label: int, source: str | None, split: str) 
 class _HashingFile(io.RawIOBase):
     """A write-only file that hashes and counts what passes through it."""
 
-    def __init__(self, raw: io.BufferedWriter) -> None:
+    def __init__(self, raw: BinaryIO | io.BufferedWriter) -> None:
         self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
 
     def writable(self) -> bool:
@@ -78,17 +92,39 @@ class _HashingFile(io.RawIOBase):
         return self.raw.write(data)
 
 
+class _SyncOnClose(io.RawIOBase):
+    """The file under a sealing stream, which closes it: flushed to disk first."""
+
+    def __init__(self, raw: io.BufferedWriter) -> None:
+        self.raw = raw
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return self.raw.write(data)
+
+    def close(self) -> None:
+        if not self.closed and not self.raw.closed:
+            self.raw.flush()
+            os.fsync(self.raw.fileno())
+            self.raw.close()
+        super().close()
+
+
 class ShardWriter:
     """Write one shard to ``path`` (a local file); ``close()`` returns its ``ShardRecord``.
 
     ``name`` is the shard's final name, recorded in the manifest; the caller moves the file
-    there once it is complete, so no partial shard ever carries a final name.
+    there once it is complete, so no partial shard ever carries a final name. With a
+    ``sealer`` the tar is sealed as it is written: no plaintext byte reaches the disk.
     """
 
-    def __init__(self, path: str | os.PathLike, name: str) -> None:
+    def __init__(self, path: str | os.PathLike, name: str, *, sealer: Sealer | None = None) -> None:
         self.path, self.name, self.samples = Path(path), name, 0
         self._raw = open(self.path, "wb")  # noqa: SIM115 - closed by close() or abort()
-        self._hashing = _HashingFile(self._raw)
+        self._sealed = None if sealer is None else sealer.writer(name, _SyncOnClose(self._raw))
+        self._hashing = _HashingFile(self._raw if self._sealed is None else self._sealed)
         self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=TAR_FORMAT)  # noqa: SIM115
         self.record: ShardRecord | None = None
         self._offset = 0  # where the next header goes
@@ -119,11 +155,18 @@ class ShardWriter:
     def close(self) -> ShardRecord:
         if self.record is None:
             self._tar.close()
-            self._raw.flush()
-            os.fsync(self._raw.fileno())
-            self._raw.close()
+            if self._sealed is not None:
+                self._sealed.close()  # the last segment, then the file flushed and closed
+            else:
+                self._raw.flush()
+                os.fsync(self._raw.fileno())
+                self._raw.close()
             self.record = ShardRecord(
-                self.name, self.samples, self._hashing.size, self._hashing.sha256.hexdigest()
+                self.name,
+                self.samples,
+                self._hashing.size,
+                self._hashing.sha256.hexdigest(),
+                None if self._sealed is None else self.path.stat().st_size,
             )
         return self.record
 
@@ -132,6 +175,9 @@ class ShardWriter:
         try:
             self._tar.close()
         finally:
+            if self._sealed is not None:
+                with contextlib.suppress(Exception):  # the file is deleted anyway
+                    self._sealed.close()
             self._raw.close()
             self.path.unlink(missing_ok=True)
 

@@ -9,6 +9,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from pipeline.cipher.seal import SealError
 from pipeline.shards.format import SAMPLE_EXTENSIONS, ShardRecord, index_name
 from pipeline.shards.manifest import (
     Manifest,
@@ -17,6 +18,7 @@ from pipeline.shards.manifest import (
     manifest_name,
     why_no_manifest,
 )
+from pipeline.shards.sealing import open_output
 from pipeline.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,11 @@ def verify_shard(
     problems: list[str] = []
     members: list[str] = []
     count = 0
+    if record.sealed_bytes is not None and storage.size(record.name) != record.sealed_bytes:
+        problems.append(
+            f"{uri}: {storage.size(record.name)} bytes at rest, manifest says "
+            f"{record.sealed_bytes} (truncated or replaced?)"
+        )
     with storage.open(record.name, "rb") as f:
         hasher = _Hasher(f)
         try:
@@ -122,6 +129,8 @@ def verify_shard(
                     if issue:
                         problems.append(f"{uri}: {issue}")
             hasher.drain()
+        except SealError as exc:
+            return [*problems, f"{uri}: {exc}"], count
         except (tarfile.TarError, ValueError, OSError) as exc:
             problems.append(f"{uri}: unreadable tar ({type(exc).__name__}: {exc})")
             hasher.drain()
@@ -141,7 +150,10 @@ def _check_index(storage: Storage, record: ShardRecord, members: list[str]) -> l
     uri = storage.uri(index_name(record.name))
     if not storage.exists(index_name(record.name)):
         return [f"{uri}: missing DALI index of {record.name}"]
-    lines = storage.read_bytes(index_name(record.name)).decode().splitlines()
+    try:
+        lines = storage.read_bytes(index_name(record.name)).decode().splitlines()
+    except SealError as exc:
+        return [f"{uri}: {exc}"]
     tokens = [line.split() for line in lines[1:]]
     listed = [" ".join(t[i : i + 4]) for t in tokens for i in range(0, len(t), 4)]
     if lines[:1] != [f"v1.2 {record.samples}"] or sorted(listed) != sorted(members):
@@ -149,9 +161,12 @@ def _check_index(storage: Storage, record: ShardRecord, members: list[str]) -> l
     return []
 
 
-def verify_shards(url: str, splits: tuple[str, ...] = ("train", "val")) -> VerifyReport:
-    """Check every shard of every split that has a manifest under ``url``."""
-    storage, report = Storage(url), VerifyReport()
+def verify_shards(
+    url: str, splits: tuple[str, ...] = ("train", "val"), *, data_key: str | None = None
+) -> VerifyReport:
+    """Check every shard of every split that has a manifest under ``url`` (a sealed output
+    opens with ``data_key``, else ``$KEYPROTECT_DATA_KEY``; without either, one SealError)."""
+    storage, report = open_output(url, data_key), VerifyReport()
     found = [s for s in splits if storage.exists(manifest_name(s))]
     if not found:
         report.problems.append(why_no_manifest(storage, splits[0]))
@@ -159,7 +174,7 @@ def verify_shards(url: str, splits: tuple[str, ...] = ("train", "val")) -> Verif
     for split in found:
         try:
             manifest = load_manifest(storage, split)
-        except ManifestError as exc:
+        except (ManifestError, SealError) as exc:
             report.problems.append(str(exc))
             continue
         if manifest.encrypted and manifest.version < 2:

@@ -11,6 +11,11 @@ offsets drawn from the block grid) or the centre crop on the grid; on ``device="
 images go to the GPU inside the pipeline. It yields the same ``(images uint8 NHWC, labels,
 valid)`` batches as ``make_loader``.
 
+Sealed shards (``make_shards --seal``): DALI's reader takes files, so the loader opens this
+split's shards once into a node-local cache in ``/dev/shm`` (memory, never persistent storage),
+removed when the loader goes; a split that does not fit there is refused in one line (the
+webdataset loader opens sealed shards while streaming and needs no cache).
+
 Unlike the webdataset loader, its order is not a pure function of (seed, epoch): DALI keeps
 one RNG across epochs, so a resumed run restarts the interrupted epoch's order instead of
 replaying it exactly.
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.offline.dali import _dali
 from pipeline.shards.format import index_name
 from pipeline.stream.dataset import LoaderConfig
@@ -48,9 +56,11 @@ class DaliShardLoader:
         rank: int = 0,
         world_size: int = 1,
         device: str = "cpu",
+        data_key: str | None = None,
     ) -> None:
         fn, pipeline_def, types = _dali()
-        source = open_split(data, split, crop_size=config.crop_size, crop_grid=config.crop_grid)
+        source = open_split(data, split, data_key=data_key, crop_size=config.crop_size,
+                            crop_grid=config.crop_grid)  # fmt: skip
         self.storage, self.manifest = source.storage, source.manifest
         self.config, self.device = config, device
         self.skip_batches = 0
@@ -61,8 +71,14 @@ class DaliShardLoader:
         self.real = hi - lo  # DALI's shard_id/num_shards split, before padding
         self.padded = math.ceil(total / world_size)
         self.batches = math.ceil(self.padded / config.batch_size)
-        paths = [self.storage.uri(s.name) for s in self.manifest.shards]
-        self._tmp = tempfile.TemporaryDirectory(prefix="dali-index-")
+        sealed = self.storage.sealer is not None
+        self._tmp = tempfile.TemporaryDirectory(
+            prefix="dali-index-", dir=_memory_folder(self.manifest.total_bytes) if sealed else None
+        )
+        if sealed:
+            paths = [self._opened_copy(record.name) for record in self.manifest.shards]
+        else:
+            paths = [self.storage.uri(s.name) for s in self.manifest.shards]
         index_paths = []
         for record in self.manifest.shards:  # DALI wants local index files, even for s3://
             local = Path(self._tmp.name) / index_name(record.name)
@@ -105,6 +121,13 @@ class DaliShardLoader:
     def __len__(self) -> int:
         return self.batches
 
+    def _opened_copy(self, name: str) -> str:
+        """Shard ``name`` opened into the loader's memory folder (it authenticates as it goes)."""
+        local = Path(self._tmp.name) / name
+        with self.storage.open(name) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return str(local)
+
     def set_epoch(self, epoch: int, *, skip_batches: int = 0) -> None:
         """DALI reshuffles every epoch by itself; the next pass drops its first
         ``skip_batches`` batches (the same count as an uninterrupted epoch, in DALI's order)."""
@@ -125,6 +148,24 @@ class DaliShardLoader:
             seen += len(label)
             yield batch, label, index < self.real
         self._pipe.reset()
+
+
+def _memory_folder(needed: int) -> str:
+    """Where opened sealed shards may go: /dev/shm (memory), when they fit in half its room."""
+    folder = "/dev/shm"
+    if not os.path.isdir(folder):
+        raise ConfigError(
+            "--loader dali on sealed shards needs /dev/shm for their opened copies; use "
+            "--loader webdataset, which opens sealed shards while streaming"
+        )
+    free = shutil.disk_usage(folder).free
+    if needed > free // 2:
+        raise ConfigError(
+            f"--loader dali on sealed shards: the split's {needed / 1e9:.1f} GB does not fit in "
+            f"half of /dev/shm's {free / 1e9:.1f} GB free; use --loader webdataset, which opens "
+            "sealed shards while streaming"
+        )
+    return folder
 
 
 def _to_torch(images: Any, device: str) -> torch.Tensor:

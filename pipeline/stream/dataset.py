@@ -58,6 +58,17 @@ def _read_exactly(stream, n: int, name: str) -> memoryview:
     return view
 
 
+def _skip(stream, n: int, name: str) -> None:
+    """Read past the first ``n`` bytes (a sealed stream cannot seek: its segments are opened
+    in order; a worker does this at most once per shard it starts in the middle)."""
+    buffer = memoryview(bytearray(min(n, 1 << 20) or 1))
+    while n > 0:
+        count = stream.readinto(buffer[: min(n, len(buffer))])
+        if not count:
+            raise OSError(f"{name}: shard ends early; run verify_shards")
+        n -= count
+
+
 class ShardDataset(torch.utils.data.IterableDataset):
     """Samples ``(image uint8 HWC, label, valid)`` of one rank, for a DataLoader with workers.
 
@@ -73,9 +84,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
         config: LoaderConfig,
         rank: int = 0,
         world_size: int = 1,
+        data_key: str | None = None,
     ) -> None:
         super().__init__()
-        source = open_split(data, split, crop_size=config.crop_size, crop_grid=config.crop_grid)
+        source = open_split(data, split, data_key=data_key, crop_size=config.crop_size,
+                            crop_grid=config.crop_grid)  # fmt: skip
         self.storage, self.manifest = source.storage, source.manifest
         self.crop, self.block = source.crop, source.block
         self.config, self.rank, self.world_size = config, rank, world_size
@@ -121,11 +134,18 @@ class ShardDataset(torch.utils.data.IterableDataset):
             stream.close()
 
     def _open(self, name: str, position: int):
+        sealer = self.storage.sealer
+        start = 0 if sealer is not None else position  # a sealed shard opens from its start
         if self.storage.is_local:
             f = open(self.storage.path(name), "rb")  # noqa: SIM115 - closed by the caller
-            f.seek(position)
+            f.seek(start)
+        else:
+            f = open_remote(self.storage.uri(name), start=start)
+        if sealer is None:
             return f
-        return open_remote(self.storage.uri(name), start=position)
+        opened = sealer.reader(name, f)
+        _skip(opened, position, self.storage.uri(name))
+        return opened
 
     def _index(self, name: str) -> list[dict[str, tuple[int, int]]] | None:
         """Per sample: extension -> (data offset, size), from ``NAME.idx`` (cached)."""

@@ -62,6 +62,7 @@ def make_split_loader(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
+    data_key: str | None = None,
 ) -> SplitLoader:
     """The loader of ``split`` for this rank; ``device`` is where the batches go (pinned host
     memory for the webdataset loader, DALI's own GPU pipeline on ``cuda``)."""
@@ -70,8 +71,10 @@ def make_split_loader(
         from pipeline.stream.dali import DaliShardLoader  # imports DALI: only when asked for
 
         return DaliShardLoader(data, split, config=config, rank=rank, world_size=world_size,
-                               device="gpu" if cuda else "cpu")  # fmt: skip
+                               device="gpu" if cuda else "cpu", data_key=data_key)  # fmt: skip
     if backend != "webdataset":
         raise ConfigError(f"loader {backend!r} is not one of {', '.join(BACKENDS)}")
-    dataset = ShardDataset(data, split, config=config, rank=rank, world_size=world_size)
+    dataset = ShardDataset(
+        data, split, config=config, rank=rank, world_size=world_size, data_key=data_key
+    )
     return WebDatasetLoader(dataset, pin_memory=cuda)

@@ -13,6 +13,7 @@ from pipeline.model.checkpoint import Checkpoint
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = paths.SHARDS  # where make_shards.py writes by default
+    data_key: str | None = None  # sealed shards: the data key file (else $KEYPROTECT_DATA_KEY)
     out: str = paths.RUN
     model: str = "tf_efficientnet_lite0"
     model_kwargs: dict = field(default_factory=dict)  # timm architecture arguments
@@ -47,9 +48,9 @@ class TrainError(KeyprotectError, RuntimeError):
 RESUME_FIXED = ("model", "model_kwargs", "epochs", "batch_size", "lr", "weight_decay",
                 "warmup_epochs", "label_smoothing", "crop_size", "workers", "seed",
                 "loader")  # fmt: skip
-RESUME_FREE = ("data (the same shards: checked by digest)", "out", "ckpt_every", "compile",
-               "max_steps", "overwrite", "pretrained, init, init_checkpoint and key (the "
-               "weights come from the checkpoint)", "dist_timeout")  # fmt: skip
+RESUME_FREE = ("data (the same shards: checked by digest)", "data_key", "out", "ckpt_every",
+               "compile", "max_steps", "overwrite", "pretrained, init, init_checkpoint and key "
+               "(the weights come from the checkpoint)", "dist_timeout")  # fmt: skip
 
 
 def check_resume(saved: Checkpoint, config: TrainConfig, world_size: int, source: str) -> None:

@@ -111,7 +111,7 @@ def open_loaders(config: TrainConfig, env: Dist) -> tuple[SplitLoader, SplitLoad
         try:
             loader = make_split_loader(config.loader, config.data, split, config=loader_config,
                                        rank=env.rank, world_size=env.world_size,
-                                       device=env.device)  # fmt: skip
+                                       device=env.device, data_key=config.data_key)  # fmt: skip
         except ManifestError:
             if config.data == paths.SHARDS and not Path(paths.SHARDS).exists():
                 raise TrainError(

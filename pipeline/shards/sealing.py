@@ -1,0 +1,146 @@
+"""Which outputs are sealed, with which data key: the ``_sealed.json`` marker, and opening an
+output for reading or writing with the right :class:`~pipeline.cipher.seal.Sealer`.
+
+A sealed output holds one plain object, ``_sealed.json``: the format, the id of the data key
+that seals it (``tink:NNNNNNNNNN``, not key material) and the output's random id, which every
+object's associated data carries. Everything else (shards, DALI indexes, manifests, sample
+tables, progress records) is sealed. The marker tells a reader without the key, or with another
+one, which key it needs, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from dataclasses import asdict, dataclass
+
+from pipeline.cipher.seal import (
+    DataKey,
+    Sealer,
+    SealError,
+    load_data_key,
+    resolve_data_key_path,
+)
+from pipeline.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+SEALED_NAME = "_sealed.json"
+SEALED_FORMAT = "keyprotect-sealed-v1"
+ENV_HINT = "pass --data-key FILE (or set KEYPROTECT_DATA_KEY=FILE)"
+
+
+@dataclass(frozen=True)
+class SealInfo:
+    """What ``_sealed.json`` says: public, and enough to name the key a reader needs."""
+
+    keyset_id: str
+    output_id: str
+    format: str = SEALED_FORMAT
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(asdict(self), indent=1, sort_keys=True) + "\n").encode()
+
+
+def read_seal_info(storage: Storage) -> SealInfo | None:
+    """The output's seal marker, or None for an unsealed output."""
+    try:
+        raw = storage.read_raw(SEALED_NAME)
+    except FileNotFoundError:
+        return None
+    try:
+        doc = json.loads(raw)
+        info = SealInfo(str(doc["keyset_id"]), str(doc["output_id"]), str(doc["format"]))
+    except (ValueError, KeyError, TypeError):
+        raise SealError(
+            f"{storage.uri(SEALED_NAME)}: not a seal marker; restore it from a copy of this "
+            "output (without it the sealed objects cannot be opened)"
+        ) from None
+    if info.format != SEALED_FORMAT:
+        raise SealError(
+            f"{storage.uri(SEALED_NAME)}: seal format {info.format!r} is not {SEALED_FORMAT!r}; "
+            "use the release that wrote it"
+        )
+    return info
+
+
+def _key(data_key: str | os.PathLike | DataKey | None) -> DataKey | None:
+    if isinstance(data_key, DataKey):
+        return data_key
+    path = resolve_data_key_path(None if data_key is None else str(data_key))
+    return None if path is None else load_data_key(path)
+
+
+def check_key(storage: Storage, info: SealInfo, key: DataKey | None) -> Sealer:
+    """The sealer for ``info`` with ``key``; a one-line error naming the key it needs."""
+    if key is None:
+        raise SealError(
+            f"{storage.url}: sealed with data key {info.keyset_id}, and no data key was given; "
+            f"{ENV_HINT}"
+        )
+    if key.keyset_id != info.keyset_id:
+        raise SealError(
+            f"{storage.url}: sealed with data key {info.keyset_id}, not {key.keyset_id} (the "
+            f"one given); pass the data key that sealed it"
+        )
+    return Sealer(key, info.output_id)
+
+
+def open_output(
+    url: str | os.PathLike, data_key: str | os.PathLike | DataKey | None = None
+) -> Storage:
+    """``url`` for reading: a sealed output opens with its data key (``data_key``, a path or a
+    loaded key, else ``$KEYPROTECT_DATA_KEY``); an unsealed one reads as it is."""
+    storage = Storage(url)
+    info = read_seal_info(storage)
+    key = _key(data_key)
+    if info is None:
+        if key is not None and data_key is not None:
+            logger.info("%s is not sealed; the data key %s is not needed", storage.url,
+                        key.keyset_id)  # fmt: skip
+        return storage
+    return Storage(url, sealer=check_key(storage, info, key))
+
+
+def _is_empty(storage: Storage) -> bool:
+    from pipeline.offline.outlock import LOCK_NAME  # the lock is ours; anything else is output
+
+    return not [n for n in storage.list() if n != LOCK_NAME]
+
+
+def prepare_output(url: str | os.PathLike, key: DataKey | None) -> Storage:
+    """``url`` for writing, on the run's rank 0, holding the output's lock: a new output sealed
+    with ``key`` gets its marker; an existing output must have been sealed with the same key
+    (or be unsealed when ``key`` is None)."""
+    storage = Storage(url)
+    info = read_seal_info(storage)
+    if info is None and key is None:
+        return storage
+    if info is None:
+        assert key is not None
+        if not _is_empty(storage):
+            raise SealError(
+                f"{storage.url}: holds unsealed shards; --seal writes into an empty output "
+                "only: choose another --out, or remove this one first"
+            )
+        info = SealInfo(key.keyset_id, secrets.token_hex(16))
+        storage.write_bytes(SEALED_NAME, info.to_bytes(), raw=True)
+        logger.info("%s: sealing with data key %s", storage.url, key.keyset_id)
+        return Storage(url, sealer=Sealer(key, info.output_id))
+    if key is None:
+        raise SealError(
+            f"{storage.url}: sealed with data key {info.keyset_id}; pass --seal with that data "
+            "key to add to it or resume it, or choose another --out"
+        )
+    return Storage(url, sealer=check_key(storage, info, key))
+
+
+def join_output(url: str | os.PathLike, key: DataKey | None, output_id: str | None) -> Storage:
+    """``url`` for writing on a rank other than 0: the output id rank 0 shared."""
+    if key is None or output_id is None:
+        if (key is None) != (output_id is None):
+            raise SealError(f"{url}: rank 0 and this rank disagree on sealing; pass --seal to all")
+        return Storage(url)
+    return Storage(url, sealer=Sealer(key, output_id))
