@@ -46,8 +46,9 @@ def steady_img_s(batches) -> float:
     return count / (time.perf_counter() - start)
 
 
-def loader_img_s(shards: str, epochs: int) -> float:
-    dataset = ShardDataset(shards, "train", config=LoaderConfig(batch_size=64, num_workers=2))
+def loader_img_s(shards: str, epochs: int, data_key=None) -> float:
+    dataset = ShardDataset(shards, "train", config=LoaderConfig(batch_size=64, num_workers=2),
+                           data_key=data_key)  # fmt: skip
 
     def batches():
         for epoch in range(epochs):

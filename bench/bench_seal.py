@@ -1,11 +1,17 @@
-"""Sealing throughput (Tink streaming AEAD, the data key) against a plain read of the same bytes.
+"""Sealing (Tink streaming AEAD, the data key): its raw throughput, and what it costs the two
+stages that do it, each against the same work unsealed in the same run.
 
     python bench/bench_seal.py --out bench/results.json
 
-For 1 MB and 4 KB segments: seal a --mb MB object to a file, and open (read back and
-authenticate) it, each the median of --repeats timed runs after one warm-up, in GB/s; the
-baseline reads the plaintext file (page cache) in the same run, and each ratio is its time over
-the plain read's. Results merge into the flat JSON object in --out.
+1. For 1 MB and 4 KB segments: seal a --mb MB object to a file, and open (read back and
+   authenticate) it, each the median of --repeats timed runs after one warm-up, in GB/s; the
+   baseline reads the plaintext file (page cache), and each ratio is its time over the plain
+   read's.
+2. ``make_shards_sealed_vs_unsealed_ratio``: img/s of make_shards (DALI CPU decoder) on --images
+   photo-like JPEGs at 224 px, ``--seal`` over not, runs alternating, medians of --repeats.
+3. ``loader_sealed_vs_unsealed_ratio``: img/s of the training loader (2 workers, batch 64) over
+   those shards sealed and not, alternating, medians of --repeats.
+Results merge into the flat JSON object in --out.
 """
 
 from __future__ import annotations
@@ -76,16 +82,61 @@ def run(mb: int, repeats: int) -> dict[str, float]:
     return {k: round(v, 3) for k, v in results.items()}
 
 
+def stages(images: int, repeats: int) -> dict[str, float]:
+    """make_shards and the loader, sealed over unsealed, on the same photos in the same run."""
+    import logging
+    import shutil
+
+    from bench_loader import loader_img_s
+    from bench_make_shards import make_source
+
+    from pipeline import Key
+    from pipeline.offline.build import BuildStats, ShardConfig, build_shards
+
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="bench-seal-"))
+    key, data_key = Key.generate(), generate_data_key()
+    runs: dict[str, list[float]] = {"made": [], "made_sealed": [], "read": [], "read_sealed": []}
+    try:
+        src = make_source(work / "src", images)
+        for r in range(repeats):
+            for sealed in (False, True):
+                out = work / f"{'sealed' if sealed else 'plain'}-{r}"
+                stats = BuildStats()
+                config = ShardConfig(src=str(src), out=str(out), splits=("train",), size=224,
+                                     decoder="dali", device="cpu", shard_size="100")  # fmt: skip
+                build_shards(config, key, stats=stats, data_key=data_key if sealed else None)
+                runs["made_sealed" if sealed else "made"].append(stats.images / stats.seconds)
+            for sealed in (False, True):
+                out = work / f"{'sealed' if sealed else 'plain'}-{r}"
+                img_s = loader_img_s(str(out), 3, data_key if sealed else None)
+                runs["read_sealed" if sealed else "read"].append(img_s)
+            for name in ("plain", "sealed"):
+                shutil.rmtree(work / f"{name}-{r}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {name: statistics.median(values) for name, values in runs.items()}
+    return {
+        "make_shards_unsealed_img_s": round(med["made"], 1),
+        "make_shards_sealed_img_s": round(med["made_sealed"], 1),
+        "make_shards_sealed_vs_unsealed_ratio": round(med["made_sealed"] / med["made"], 3),
+        "loader_unsealed_img_s": round(med["read"], 1),
+        "loader_sealed_img_s": round(med["read_sealed"], 1),
+        "loader_sealed_vs_unsealed_ratio": round(med["read_sealed"] / med["read"], 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=256, help="object size in MB")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure")
+    parser.add_argument("--images", type=int, default=600, help="photos for the stage figures")
     parser.add_argument("--out", default="bench/results.json", help="results file to merge into")
     args = parser.parse_args(argv)
 
     import tink
 
-    results = run(args.mb, args.repeats)
+    results = {**run(args.mb, args.repeats), **stages(args.images, args.repeats)}
     note = (
         f"{platform.machine()}, {os.cpu_count()} cores, tink {getattr(tink, '__version__', '?')}, "
         f"{args.mb} MB object, AES256-GCM-HKDF streaming"
@@ -93,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     out = merge_results(args.out, results, note_key="seal_bench_machine", note=note)
     print(
         f"open 1 MB segments {results['open_1mb_gb_s']:.2f} GB/s "
-        f"({results['open_1mb_vs_read_ratio']:.1f}x a plain read); wrote {out}"
+        f"({results['open_1mb_vs_read_ratio']:.1f}x a plain read); sealed over unsealed: "
+        f"make_shards {results['make_shards_sealed_vs_unsealed_ratio']:.3f}x, loader "
+        f"{results['loader_sealed_vs_unsealed_ratio']:.3f}x; wrote {out}"
     )
     return 0
 
