@@ -21,8 +21,11 @@ def save_image_grid(
     col_titles: Sequence[str] = (),
     row_titles: Sequence[str] = (),
     cell_inches: float = 1.8,
+    title: str | None = None,
+    perm: int = 0o644,
 ) -> Path:
-    """Save uint8 HWC images laid out as ``rows`` (a list of rows) to a PNG, atomically."""
+    """Save uint8 HWC images laid out as ``rows`` (a list of rows) to a PNG, atomically,
+    with file mode ``perm`` (0o600 for a figure that shows a secret)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never open a window
@@ -45,8 +48,10 @@ def save_image_grid(
                 ax.set_title(col_titles[j], fontsize=9)
             if j == 0 and i < len(row_titles):
                 ax.set_ylabel(row_titles[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_open(path) as f:
+    with atomic_open(path, perm=perm) as f:
         fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return Path(path)
