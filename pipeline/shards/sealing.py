@@ -202,8 +202,8 @@ def _objects(storage: Storage) -> list[str]:
     for name in storage.list():
         if name == RESEAL_DIR:
             continue
-        inner = storage.list_prefix(f"{name}/")
-        names.extend(inner if inner else [name])
+        folder = storage.fs.isdir(storage.path(name))
+        names.extend(storage.list_prefix(f"{name}/") if folder else [name])
     return names
 
 

@@ -107,3 +107,17 @@ def test_s3_bench_runs_the_server_and_make_shards_on_their_own_cores():
         preexec_fn=bench_make_shards.pin(server), capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert shown.stdout.strip() == str(sorted(server))
+
+
+def test_bench_seal_writes_the_stage_ratios(tmp_path):
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_seal.py"), "--mb", "4", "--images", "70",
+         "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    for name in ("open_1mb_gb_s", "make_shards_sealed_vs_unsealed_ratio",
+                 "loader_sealed_vs_unsealed_ratio", "loader_sealed_img_s"):  # fmt: skip
+        assert results[name] > 0

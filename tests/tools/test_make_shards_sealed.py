@@ -99,3 +99,17 @@ def test_s3_sealed_round_trip_and_training_from_the_bucket(
     )  # fmt: skip
     assert refused.returncode == 2 and "no data key was given" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_reseal_command_line(tree, key_file, data_key_file, tmp_path):
+    out = tmp_path / "sealed"
+    made = tool("make_shards.py", *shard_args(tree, key_file, out), "--seal", str(data_key_file))
+    assert made.returncode == 0, made.stderr
+    new = save_data_key(generate_data_key(), tmp_path / "new.key")
+    wrong = tool("reseal.py", str(out), "--data-key", str(new), "--new-data-key", str(new))
+    assert wrong.returncode == 2 and "sealed with data key tink:" in wrong.stderr
+    done = tool("reseal.py", str(out), "--data-key", str(data_key_file), "--new-data-key",
+                str(new))  # fmt: skip
+    assert done.returncode == 0 and "now sealed with" in done.stderr, done.stderr
+    ok = tool("verify_shards.py", str(out), "--data-key", str(new))
+    assert ok.returncode == 0, ok.stderr

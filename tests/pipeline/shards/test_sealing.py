@@ -207,3 +207,42 @@ def test_dali_loader_reads_sealed_shards_from_memory(sealed_out, plain_out, data
     assert labels(sealed_out, data_key) == labels(plain_out)
     assert np.array_equal(np.bincount(labels(sealed_out, data_key)),
                           np.bincount(labels(plain_out)))  # fmt: skip
+
+
+def test_reseal_rotates_the_data_key_and_resumes(sealed_out, data_key, tmp_path, monkeypatch):
+    from pipeline.cipher.seal import Sealer
+    from pipeline.shards import sealing
+
+    out = copy(sealed_out, tmp_path)
+    before = opened_objects(out, data_key)
+    new_key = generate_data_key()
+    # interrupted in phase 1 after a few objects: the output is still whole under the old key
+    calls = {"n": 0}
+    real_seal = Sealer.seal
+
+    def failing_seal(self, name, data):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real_seal(self, name, data)
+
+    monkeypatch.setattr(Sealer, "seal", failing_seal)
+    with pytest.raises(KeyboardInterrupt):
+        sealing.reseal_output(out, data_key, new_key)
+    monkeypatch.undo()
+    assert (out / "_reseal").is_dir() and verify_shards(str(out), data_key=data_key).ok
+    resealed = sealing.reseal_output(out, data_key, new_key)
+    assert 0 < resealed < len(before)  # the staged ones were not sealed again
+    assert not (out / "_reseal").exists()
+    assert read_seal_info(Storage(out)).keyset_id == new_key.keyset_id
+    assert opened_objects(out, new_key) == before
+    assert verify_shards(str(out), data_key=new_key).ok
+    with pytest.raises(SealError, match=f"not {data_key.keyset_id}"):
+        verify_shards(str(out), data_key=data_key)
+    assert sealing.reseal_output(out, data_key, new_key) == 0  # done: nothing to do
+
+
+def opened_objects(out: Path, key) -> dict[str, bytes]:
+    storage = open_output(out, key)
+    names = [n for n in storage.list() if n not in (SEALED_NAME, "_progress")]
+    return {n: storage.read_bytes(n) for n in names}
