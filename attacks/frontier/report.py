@@ -3,6 +3,7 @@
 ``frontier.json`` is ``{"meta", "points", "models"}``: one point per (block size, leaked
 blocks) with, when measured, each key part's median, range and per-key values over the fresh
 keys, and the seconds per estimate; a point that is not measured carries the reason instead.
+Its records are typed in ``attacks.frontier.record``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from attacks.frontier.record import Frontier, FrontierPoint, ModelPoint, Summary
 from pipeline.atomic import atomic_open, atomic_write
 
 PAGE_BLOCK = "frontier-report"  # the block of a results page this report replaces
@@ -29,7 +31,7 @@ def _pct(value: float) -> str:
     return f"{100 * value:.0f}%"
 
 
-def _cell(summary: dict | None) -> str:
+def _cell(summary: Summary | None) -> str:
     if summary is None:
         return "-"
     lo, mid, hi = summary["min"], summary["median"], summary["max"]
@@ -42,8 +44,8 @@ def _blocks(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 
 
-def _seconds(point: dict) -> str:
-    s = point.get("seconds")
+def _seconds(point: FrontierPoint) -> str:
+    s = point.seconds
     if s is None:
         return "-"
     return (
@@ -53,25 +55,25 @@ def _seconds(point: dict) -> str:
     )
 
 
-def table(points: Sequence[dict]) -> str:
+def table(points: Sequence[FrontierPoint]) -> str:
     lines = [
         "| M | leaked blocks | keys | " + " | ".join(COLUMNS.values()) + " | s per estimate |",
         "|---|---|---|" + "---|" * len(COLUMNS) + "---|",
     ]
     for p in points:
-        head = f"| {p['block_size']} | {_blocks(p['leaked_blocks'] or p['budget_blocks'])} | "
-        if not p["measured"]:
-            text = f"**not measured**: {p['reason']}"
+        head = f"| {p.block_size} | {_blocks(p.leaked_blocks or p.budget_blocks)} | "
+        if not p.measured or p.parts is None:
+            text = f"**not measured**: {p.reason}"
             lines.append(
-                head + f"{p['keys']} | {text} |" + " |" * (len(COLUMNS) - 1) + f" {_seconds(p)} |"
+                head + f"{p.keys} | {text} |" + " |" * (len(COLUMNS) - 1) + f" {_seconds(p)} |"
             )
             continue
-        cells = [_cell(p["parts"].get(part)) for part in COLUMNS]
-        lines.append(head + f"{p['keys']} | " + " | ".join(cells) + f" | {_seconds(p)} |")
+        cells = [_cell(p.parts.get(part)) for part in COLUMNS]
+        lines.append(head + f"{p.keys} | " + " | ".join(cells) + f" | {_seconds(p)} |")
     return "\n".join(lines) + "\n"
 
 
-def model_table(models: Sequence[dict]) -> str:
+def model_table(models: Sequence[ModelPoint]) -> str:
     if not models:
         return ""
     lines = [
@@ -80,26 +82,24 @@ def model_table(models: Sequence[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in models:
-        head = f"| `{r['checkpoint']}` | {r['block_size']} | {_blocks(r['budget_blocks'])} | "
-        if not r["measured"]:
-            lines.append(
-                head + f"**not measured**: {r['reason']} | {_pct(r['top1_correct_key'])} | - |"
-            )
+        head = f"| `{r.checkpoint}` | {r.block_size} | {_blocks(r.budget_blocks)} | "
+        if not r.measured or r.top1_estimated_key is None or r.key_recovered is None:
+            lines.append(head + f"**not measured**: {r.reason} | {_pct(r.top1_correct_key)} | - |")
         else:
             lines.append(
-                head + f"{100 * r['top1_estimated_key']:.1f}% | "
-                f"{100 * r['top1_correct_key']:.1f}% | {_pct(r['key_recovered'])} |"
+                head + f"{100 * r.top1_estimated_key:.1f}% | "
+                f"{100 * r.top1_correct_key:.1f}% | {_pct(r.key_recovered)} |"
             )
     return "\n".join(lines) + "\n"
 
 
-def point_line(point: dict) -> str:
+def point_line(point: FrontierPoint) -> str:
     """One point in one line (for the log): never a key byte, only fractions recovered."""
-    where = f"M={point['block_size']} {_blocks(point['leaked_blocks'] or point['budget_blocks'])}"
-    if not point["measured"]:
-        return f"{where} blocks: not measured ({point['reason']})"
-    parts = ", ".join(f"{COLUMNS[k]} {_cell(v)}" for k, v in point["parts"].items())
-    return f"{where} blocks, {point['keys']} keys: {parts}; {_seconds(point)} s per estimate"
+    where = f"M={point.block_size} {_blocks(point.leaked_blocks or point.budget_blocks)}"
+    if not point.measured or point.parts is None:
+        return f"{where} blocks: not measured ({point.reason})"
+    parts = ", ".join(f"{COLUMNS[k]} {_cell(v)}" for k, v in point.parts.items())
+    return f"{where} blocks, {point.keys} keys: {parts}; {_seconds(point)} s per estimate"
 
 
 def _resumed(meta: dict) -> str:
@@ -108,27 +108,28 @@ def _resumed(meta: dict) -> str:
     return f" (and {n} point(s) from an earlier run it resumed)" if n else ""
 
 
-def summary(result: dict) -> str:
-    points = result["points"]
-    measured = [p for p in points if p["measured"]]
-    took = f"{result['meta']['seconds']:.0f} s{_resumed(result['meta'])}"
+def summary(result: Frontier) -> str:
+    points = result.points
+    measured = [p for p in points if p.measured]
+    took = f"{result.meta['seconds']:.0f} s{_resumed(result.meta)}"
     text = f"{len(measured)} of {len(points)} points measured in {took}"
-    best: dict[int, dict] = {}
+
+    def leaked(p: FrontierPoint) -> int:  # a measured point always used some blocks
+        return -1 if p.leaked_blocks is None else p.leaked_blocks
+
+    best: dict[int, FrontierPoint] = {}
     for p in measured:  # the most leaked data measured per block size
-        if p["leaked_blocks"] >= best.get(p["block_size"], {}).get("leaked_blocks", -1):
-            best[p["block_size"]] = p
+        if p.block_size not in best or leaked(p) >= leaked(best[p.block_size]):
+            best[p.block_size] = p
     for m, p in sorted(best.items()):
-        key = p["parts"]["key_recovered"]
-        text += f"; M={m} at {p['leaked_blocks']:,} blocks: key recovered {_cell(key)}" + (
-            f", permutation {_cell(p['parts']['permutation'])}"
-            if "permutation" in p["parts"]
-            else ""
-        )
+        parts = p.parts or {}
+        text += f"; M={m} at {leaked(p):,} blocks: key recovered {_cell(parts['key_recovered'])}"
+        text += f", permutation {_cell(parts['permutation'])}" if "permutation" in parts else ""
     return text
 
 
-def notes(result: dict) -> str:
-    meta = result["meta"]
+def notes(result: Frontier) -> str:
+    meta = result.meta
     return (
         f"Data: {meta['data']}. Transforms {'+'.join(meta['transforms'])}; {meta['keys']} fresh "
         f"key(s) per point (median, and the range over keys in brackets); at most "
@@ -139,22 +140,22 @@ def notes(result: dict) -> str:
     )
 
 
-def markdown(result: dict) -> str:
+def markdown(result: Frontier) -> str:
     parts = [
         "# Security frontier: what the ciphertext-only estimate recovers\n",
         notes(result),
-        table(result["points"]),
+        table(result.points),
     ]
-    if result["models"]:
+    if result.models:
         parts += [
             "## Protected models, with their key estimated the same way\n",
-            model_table(result["models"]),
+            model_table(result.models),
         ]
     parts.append("![frontier](frontier.png)\n")
     return "\n".join(parts)
 
 
-def chart(points: Sequence[dict], path: Path) -> None:
+def chart(points: Sequence[FrontierPoint], path: Path) -> None:
     """One panel per key part; in each, recovery against leaked blocks (log x), one line per
     block size, the range over keys shaded. Points not measured are left out."""
     import matplotlib
@@ -162,19 +163,20 @@ def chart(points: Sequence[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [p for p in COLUMNS if any(p in q.get("parts", {}) for q in points)]
+    parts = [p for p in COLUMNS if any(p in (q.parts or {}) for q in points)]
     fig, axes = plt.subplots(
         1, max(1, len(parts)), figsize=(2.6 * max(1, len(parts)), 2.8), sharey=True, squeeze=False
     )
     for ax, part in zip(axes[0], parts, strict=False):
-        for m in sorted({p["block_size"] for p in points}):
-            rows = [p for p in points if p["block_size"] == m and p["measured"]]
+        for m in sorted({p.block_size for p in points}):
+            rows = [(p.leaked_blocks, p.parts) for p in points
+                    if p.block_size == m and p.measured and p.parts is not None]  # fmt: skip
             if not rows:
                 continue
-            x = [p["leaked_blocks"] for p in rows]
-            med = [100 * p["parts"][part]["median"] for p in rows]
-            lo = [100 * p["parts"][part]["min"] for p in rows]
-            hi = [100 * p["parts"][part]["max"] for p in rows]
+            x = [leaked for leaked, _ in rows]
+            med = [100 * parts[part]["median"] for _, parts in rows]
+            lo = [100 * parts[part]["min"] for _, parts in rows]
+            hi = [100 * parts[part]["max"] for _, parts in rows]
             (line,) = ax.plot(x, med, "o-", label=f"M={m}", markersize=4)
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
         ax.set_xscale("log")
@@ -192,20 +194,20 @@ def chart(points: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_frontier(out: Path, result: dict) -> str:
+def write_frontier(out: Path, result: Frontier) -> str:
     """frontier.json, frontier.md and frontier.png under ``out`` (atomically); the table."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "frontier.json", json.dumps(result, indent=1) + "\n")
-    chart(result["points"], out / "frontier.png")
+    atomic_write(out / "frontier.json", json.dumps(result.to_json(), indent=1) + "\n")
+    chart(result.points, out / "frontier.png")
     atomic_write(out / "frontier.md", markdown(result))
-    return table(result["points"]) + model_table(result["models"])
+    return table(result.points) + model_table(result.models)
 
 
-def page_block(result: dict) -> str:
+def page_block(result: Frontier) -> str:
     """The body of a results page's ``frontier-report`` block: notes, the table and the models'
     rows, and how long the run took."""
-    models = model_table(result["models"])
+    models = model_table(result.models)
     return (
-        f"Measured in {result['meta']['seconds'] / 60:.0f} min{_resumed(result['meta'])}.\n\n"
-        f"{notes(result)}\n{table(result['points'])}" + (f"\n{models}" if models else "")
+        f"Measured in {result.meta['seconds'] / 60:.0f} min{_resumed(result.meta)}.\n\n"
+        f"{notes(result)}\n{table(result.points)}" + (f"\n{models}" if models else "")
     )

@@ -1,0 +1,187 @@
+"""The scenarios of the threat model, one function each: ``Audit`` in, ``Outcome`` out (report
+rows, and the keys the attack ends with). ``STEPS`` is the order they run in."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from attacks import report
+from attacks.audit.config import Audit, AuditError, Outcome, Scenario
+from attacks.ciphertext_only import estimate_key
+from attacks.finetune import finetune, stratified_subset
+from attacks.key_search import heuristic_key_search, random_key_search
+from attacks.keyspace import random_material, to_blocks
+from attacks.known_plaintext import solve_key
+from attacks.report import Row, Spread
+from attacks.weight_matching import WeightMatchingError, recover_key
+from pipeline import BlockOp, apply_op
+from pipeline.model.evaluation import load_model, predict, top1
+from pipeline.model.factory import create_model
+
+logger = logging.getLogger("attacks")
+
+
+def correct_key(a: Audit) -> Outcome:
+    rows = [Row("correct_key", a.correct_top1, 1.0)]
+    if a.config.baseline:
+        baseline, base = load_model(a.config.baseline, a.device)
+        if base.key_fingerprint is not None:
+            raise AuditError(f"{a.config.baseline}: --baseline must be a model of plain data")
+        rows.append(Row("baseline", top1(baseline, a.val)))
+    return Outcome(rows)
+
+
+def no_key(a: Audit) -> Outcome:
+    return Outcome([Row("no_key", a.accuracy(None))])
+
+
+def wrong_keys(a: Audit) -> Outcome:
+    rng = a.rng("wrong_keys")
+    ops = [random_material(*a.scheme, rng).encrypt_op for _ in range(a.config.wrong_keys)]
+    accuracies = [a.accuracy(op) for op in tqdm(ops, desc="wrong keys", leave=False)]
+    row = Row("wrong_keys", statistics.fmean(accuracies), budget={"keys": len(accuracies)},
+              spread=Spread.of(accuracies))  # fmt: skip
+    report.wrong_keys_chart(accuracies, a.correct_top1, Path(a.config.out) / "wrong_keys.png")
+    return Outcome([row], {"wrong key": ops[0]})
+
+
+def key_row(a: Audit, scenario: str, op: BlockOp, budget: dict, **extra) -> Row:
+    """The row of an attack that ends with a key: its accuracy and how much of the key it has."""
+    recovered = a.recovery(op)
+    return Row(scenario, a.accuracy(op), recovered.key_recovered, budget=budget,
+               parts=recovered.parts, **extra)  # fmt: skip
+
+
+def random_search(a: Audit) -> Outcome:
+    images, labels = a.attacker_set()
+    found = random_key_search(
+        a.model, images, labels, a.scheme, keys=a.config.search_keys,
+        rng=a.rng("random_key_search"),
+    )  # fmt: skip
+    op = found.material.encrypt_op
+    row = key_row(a, "random_key_search", op, {"keys_tried": found.tried,
+                  "attacker_images": len(labels)}, attacker_top1=found.accuracy)  # fmt: skip
+    return Outcome([row], {"random key search": op})
+
+
+def heuristic_search(a: Audit) -> Outcome:
+    images, labels = a.attacker_set()
+    found = heuristic_key_search(
+        a.model, images, labels, a.scheme, steps=a.config.search_steps,
+        rng=a.rng("heuristic_key_search"),
+    )  # fmt: skip
+    op = found.material.encrypt_op
+    row = key_row(a, "heuristic_key_search", op, {"steps": a.config.search_steps,
+                  "attacker_images": len(labels)}, attacker_top1=found.accuracy,
+                  accepted_moves=found.accepted)  # fmt: skip
+    return Outcome([row], {"heuristic key search": op})
+
+
+def ciphertext_only(a: Audit) -> Outcome:
+    block_size, transforms = a.scheme
+    natural = a.attacker_set()[0]  # natural-image statistics: plain images, no labels
+    # the leaked images are others than those: statistics from the very images whose
+    # ciphertext is attacked would overstate the attack
+    start = len(natural)
+    leaked = a.train_encrypted[start : start + a.config.leaked_images]
+    if len(leaked) == 0:
+        raise AuditError(
+            f"{a.config.data}: no train images left for the ciphertext-only attack after the "
+            f"{start} statistics images; lower --attacker-images"
+        )
+
+    def confidence(op: BlockOp) -> float:
+        logits = torch.from_numpy(predict(a.model, apply_op(natural, op)))
+        return float(logits.softmax(1).max(1).values.mean())
+
+    estimate = estimate_key(
+        to_blocks(leaked, block_size),
+        to_blocks(natural, block_size),
+        block_size,
+        transforms,
+        rng=a.rng("ciphertext_only"),
+        scorer=confidence,
+    )
+    row = key_row(a, "ciphertext_only", estimate.op, {"leaked_images": len(leaked),
+                  "statistics_images": len(natural),
+                  "model_ranked_candidates": estimate.candidates})  # fmt: skip
+    return Outcome([row], {"ciphertext-only": estimate.op})
+
+
+def known_plaintext(a: Audit) -> Outcome:
+    rows, keys = [], {}
+    for k in a.config.known_pairs:
+        solved = solve_key(a.train_plain.images[:k], a.train_encrypted[:k], *a.scheme)
+        rows.append(key_row(a, f"known_plaintext_{k}", solved.op,
+                            {"pairs": solved.pairs, "blocks": solved.blocks}))  # fmt: skip
+        keys[f"known plaintext, k={k}"] = solved.op
+    return Outcome(rows, keys)
+
+
+def finetune_attacks(a: Audit) -> Outcome:
+    pool = a.train_plain
+    pretrained = a.config.pretrained or a.saved.pretrained
+    torch.manual_seed(a.config.seed)  # the new classifier head: the same on every run
+    public = create_model(
+        a.saved.model_name,
+        num_classes=a.saved.num_classes,
+        pretrained=pretrained,
+        model_kwargs=a.saved.model_kwargs,
+    ).to(a.device)
+    rows: list[Row] = []
+    stolen: list[Row] = []
+    for fraction in a.config.finetune_fractions:
+        share = min(1.0, fraction * a.train_total / len(pool.labels))
+        chosen = stratified_subset(pool.labels, share, a.rng(f"finetune{fraction}"))
+        images, labels = pool.images[chosen], pool.labels[chosen]
+        budget = {
+            "images": len(chosen),
+            "steps": a.config.finetune_steps,
+            "lr": a.config.finetune_lr,
+        }
+        tag = f"{round(100 * fraction)}pct"
+        for name, start in (("finetune_attack", a.model), ("finetune_pretrained", public)):
+            tuned = finetune(
+                start,
+                images,
+                labels,
+                steps=a.config.finetune_steps,
+                lr=a.config.finetune_lr,
+                seed=a.config.seed,
+            )
+            acc = top1(tuned, a.val)
+            (stolen if name == "finetune_attack" else rows).append(
+                Row(f"{name}_{tag}", acc, budget=budget)
+            )
+    return Outcome(stolen + rows)
+
+
+def weight_matching(a: Audit) -> Outcome:
+    if not a.config.reference:
+        why = "it needs --reference (the weights the protected model started from)"
+        logger.info("audit: weight_matching skipped: %s", why)
+        return Outcome([], skipped=why)
+    try:
+        match = recover_key(a.model, a.config.reference,
+                            image_size=a.saved.crop_size or a.saved.image_shape[0],
+                            block_size=a.scheme[0], transforms=a.scheme[1])  # fmt: skip
+    except WeightMatchingError as exc:
+        raise AuditError(f"weight_matching: {exc}") from None
+    row = key_row(a, "weight_matching", match.op, {"reference": Path(a.config.reference).name,
+                  "mean_abs_correlation": round(match.correlation, 3)})  # fmt: skip
+    return Outcome([row], {"weight matching": match.op})
+
+
+STEPS: dict[Scenario, Callable[[Audit], Outcome]] = {
+    Scenario.CORRECT_KEY: correct_key, Scenario.NO_KEY: no_key,
+    Scenario.WRONG_KEYS: wrong_keys, Scenario.RANDOM_KEY_SEARCH: random_search,
+    Scenario.HEURISTIC_KEY_SEARCH: heuristic_search,
+    Scenario.CIPHERTEXT_ONLY: ciphertext_only, Scenario.KNOWN_PLAINTEXT: known_plaintext,
+    Scenario.FINETUNE: finetune_attacks, Scenario.WEIGHT_MATCHING: weight_matching,
+}  # fmt: skip

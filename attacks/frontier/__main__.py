@@ -1,0 +1,3 @@
+from attacks.frontier.cli import main
+
+raise SystemExit(main())
