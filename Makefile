@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
 KEY := $(DEMO)/k.bin
+DATAKEY := $(DEMO)/data.key
 
 .PHONY: venv demo frontier block-sizes test test-fast bench lint format clean
 
@@ -21,38 +22,46 @@ $(STAMP): pyproject.toml constraints.txt
 $(KEY): | $(STAMP)
 	$(PY) tools/make_key.py $(KEY)
 
+# the data key seals the demo's shards at rest (docs/sealing.md); training and the audit open them
+$(DATAKEY): | $(STAMP)
+	$(PY) tools/make_data_key.py $(DATAKEY)
+
 SHARDS := $(DEMO)/shards/val.manifest.json
 PLAIN := $(DEMO)/shards-plain/val.manifest.json
 TORCHRUN := $(PY) -m torch.distributed.run --standalone --nproc_per_node=2
 
-$(SHARDS): $(KEY)
-	$(PY) tools/make_shards.py --key $(KEY) --out $(DEMO)/shards --source-map $(DEMO)/sources.parquet
-	$(PY) tools/verify_shards.py $(DEMO)/shards
+$(SHARDS): $(KEY) | $(DATAKEY)
+	$(PY) tools/make_shards.py --key $(KEY) --seal $(DATAKEY) --out $(DEMO)/shards \
+		--source-map $(DEMO)/sources.parquet
+	$(PY) tools/verify_shards.py $(DEMO)/shards --data-key $(DATAKEY)
 
-$(PLAIN): | $(STAMP)
-	$(PY) tools/make_shards.py --plain --out $(DEMO)/shards-plain
+$(PLAIN): | $(DATAKEY)
+	$(PY) tools/make_shards.py --plain --seal $(DATAKEY) --out $(DEMO)/shards-plain
 
 # a run stopped before its end (its checkpoint there, no summary.json) is resumed
 resume_if = $(if $(wildcard $(1)/checkpoint.pt),--resume)
 
 $(DEMO)/protected/summary.json: $(SHARDS)
-	$(TORCHRUN) train/ddp.py --data $(DEMO)/shards --out $(DEMO)/protected \
+	$(TORCHRUN) train/ddp.py --data $(DEMO)/shards --data-key $(DATAKEY) --out $(DEMO)/protected \
 		$(call resume_if,$(DEMO)/protected)
 
 $(DEMO)/baseline/summary.json: $(PLAIN)
-	$(TORCHRUN) train/ddp.py --data $(DEMO)/shards-plain --out $(DEMO)/baseline \
+	$(TORCHRUN) train/ddp.py --data $(DEMO)/shards-plain --data-key $(DATAKEY) \
+		--out $(DEMO)/baseline \
 		$(call resume_if,$(DEMO)/baseline)
 
 demo: $(STAMP) $(DEMO)/protected/summary.json $(DEMO)/baseline/summary.json
 	$(PY) tools/encryption_grid.py --key $(KEY) --out $(DEMO)/encryption_grid.png
 	$(PY) -m attacks --checkpoint $(DEMO)/protected/checkpoint.pt --key $(KEY) \
-		--data $(DEMO)/shards --baseline $(DEMO)/baseline/checkpoint.pt --out report \
+		--data $(DEMO)/shards --data-key $(DATAKEY) --baseline $(DEMO)/baseline/checkpoint.pt \
+		--out report \
 		--page docs/results/audit.md
 
 # the demo's protected model, where `make demo` made one, also gets its accuracy with the
 # estimated key
 DEMO_MODEL := $(if $(wildcard $(DEMO)/protected/checkpoint.pt),--checkpoint \
-	$(DEMO)/protected/checkpoint.pt --key $(KEY) --model-data $(DEMO)/shards)
+	$(DEMO)/protected/checkpoint.pt --key $(KEY) --model-data $(DEMO)/shards \
+	--data-key $(DATAKEY))
 
 frontier: $(STAMP)
 	$(PY) -m attacks.frontier --out report/frontier --page docs/results/frontier.md $(DEMO_MODEL)

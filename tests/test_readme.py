@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import load_key
+from pipeline.shards.sealing import open_output
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -110,7 +111,9 @@ def test_quick_start_runs_as_written(tmp_path):
     assert all(used.values()), f"quick-run rows that match no Quick start line: {used}"
 
     # What the lines promise: each one's output is where the next one looks for it.
-    manifest = json.loads((work / "shards" / "val.manifest.json").read_text())
+    shards = open_output(work / "shards", str(work / "data.key"))  # sealed: opens with the key
+    assert b"ustar" not in (work / "shards" / "val-000000.tar").read_bytes()
+    manifest = json.loads(shards.read_bytes("val.manifest.json"))
     assert manifest["total_samples"] > 0
     assert manifest["key_fingerprint"] == load_key(work / "k.bin").fingerprint
     run = work / "runs" / "protected"

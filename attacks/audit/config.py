@@ -20,7 +20,7 @@ from pipeline.errors import KeyprotectError
 from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.evaluation import EvalSet, load_model, load_split, top1
 from pipeline.shards.manifest import load_manifest
-from pipeline.storage import Storage
+from pipeline.shards.sealing import open_output
 
 logger = logging.getLogger("attacks")
 
@@ -52,6 +52,7 @@ class AuditConfig:
     key: str
     data: str
     out: str = "report"
+    data_key: str | None = None  # sealed shards: the data key file (else $KEYPROTECT_DATA_KEY)
     baseline: str | None = None
     scenarios: tuple[Scenario, ...] = tuple(Scenario)
     wrong_keys: int = 100
@@ -135,19 +136,21 @@ def prepare(config: AuditConfig) -> Audit:
             f"is key {key.fingerprint}; audit a model with its own key"
         )
     crop = saved.crop_size
-    encrypted_val = load_split(config.data, "val", crop_size=crop, limit=config.eval_images)
+    encrypted_val = load_split(
+        config.data, "val", crop_size=crop, limit=config.eval_images, data_key=config.data_key
+    )
     if encrypted_val.key_fingerprint != key.fingerprint:
         raise AuditError(
             f"{config.data}: shards are encrypted with {encrypted_val.key_fingerprint}, not with "
             f"{config.key} ({key.fingerprint}); pass the shards this model was trained on"
         )
-    train_total = load_manifest(Storage(config.data), "train").total_samples
+    train_total = load_manifest(open_output(config.data, config.data_key), "train").total_samples
     needed = max(
         config.attacker_images + config.leaked_images,  # ciphertext-only: disjoint sets
         max(config.known_pairs, default=0),
         math.ceil(max(config.finetune_fractions, default=0) * train_total),
     )
-    train = load_split(config.data, "train", crop_size=crop, limit=needed)
+    train = load_split(config.data, "train", crop_size=crop, limit=needed, data_key=config.data_key)
     plain_val = replace(encrypted_val, images=decrypt(encrypted_val.images, key))
     train_plain = replace(train, images=decrypt(train.images, key))
     logger.info(

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or an fsspec URL; left out: the embedded photos",
     )
     p.add_argument(
+        "--data-key",
+        metavar="DATAKEY",
+        help="the data key of sealed --data or --model-data shards; left out: the file named "
+        "by $KEYPROTECT_DATA_KEY, if set",
+    )
+    p.add_argument(
         "--image-size",
         type=int,
         default=d["image_size"],
@@ -122,6 +128,7 @@ def parse_args(argv: list[str] | None) -> FrontierConfig:
         checkpoints=tuple(a.checkpoint),
         model_keys=tuple(a.key),
         model_data=tuple(a.model_data),
+        data_key=a.data_key,
         out=a.out,
         page=a.page,
         seed=a.seed,

@@ -30,6 +30,7 @@ class FrontierConfig:
     checkpoints: tuple[str, ...] = ()
     model_keys: tuple[str, ...] = ()
     model_data: tuple[str, ...] = ()
+    data_key: str | None = None  # sealed --data / --model-data (else $KEYPROTECT_DATA_KEY)
     out: str = "report/frontier"
     page: str | None = None  # a results page whose frontier-report block is replaced
     seed: int = 0

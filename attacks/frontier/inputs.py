@@ -55,7 +55,7 @@ def _load_data(config: FrontierConfig) -> Inputs:
 
     data = config.data
     assert data is not None
-    if Storage(data).exists("train.manifest.json"):
+    if Storage(data).exists("train.manifest.json"):  # sealed or not, the name is there
         return _load_shards(config, data)
     if "://" not in data and not Path(data).exists():
         raise FrontierError(
@@ -107,9 +107,9 @@ def _load_folder(config: FrontierConfig, root: Path) -> Inputs:
 def _load_shards(config: FrontierConfig, data: str) -> Inputs:
     from pipeline.model.evaluation import load_split
     from pipeline.shards.manifest import load_manifest
-    from pipeline.storage import Storage
+    from pipeline.shards.sealing import open_output
 
-    manifest = load_manifest(Storage(data), "train")
+    manifest = load_manifest(open_output(data, config.data_key), "train")
     if manifest.encrypted:
         raise FrontierError(
             f"{data}: shards encrypted with key {manifest.key_fingerprint}; the frontier "
@@ -120,7 +120,7 @@ def _load_shards(config: FrontierConfig, data: str) -> Inputs:
     n_stats = config.statistics_images
     limit = n_stats + _images_needed(config, size)
     # shards are in the offline stage's hashed order, so the first images are a sample
-    images = load_split(data, "train", limit=limit).images
+    images = load_split(data, "train", limit=limit, data_key=config.data_key).images
     if len(images) <= n_stats:
         raise FrontierError(
             f"{data}: {len(images)} train images, too few for --statistics-images {n_stats}"

@@ -196,6 +196,7 @@ def _one_model_points(
             checkpoint=checkpoint,
             key=key_file,
             data=data,
+            data_key=config.data_key,
             seed=config.seed,
             device=config.device,
             attacker_images=100,
