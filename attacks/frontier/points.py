@@ -9,6 +9,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +30,24 @@ if TYPE_CHECKING:
 logger = logging.getLogger("attacks.frontier")
 
 PARTS = ("permutation", "np_mask", "ffx_mask", "ffx_table", "byte_maps", "key_recovered")
+SHOWN_IMAGES = 8  # leaked images decrypted with each estimate: PSNR and SSIM, and the figure
+
+
+def reconstruct(images: np.ndarray, truth: BlockOp, estimate: BlockOp) -> np.ndarray:
+    """``images`` encrypted with the true key and decrypted with the estimated one: what the
+    holder of leaked shards sees with the estimate."""
+    return apply_op(apply_op(images, truth), estimate.inverse())
+
+
+def image_quality(plain: np.ndarray, seen: np.ndarray) -> tuple[float, float]:
+    """Mean PSNR (dB; 100 for identical images) and mean SSIM of ``seen`` against ``plain``."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    psnr, ssim = [], []
+    for a, b in zip(plain, seen, strict=True):
+        psnr.append(100.0 if np.array_equal(a, b) else peak_signal_noise_ratio(a, b))
+        ssim.append(structural_similarity(a, b, channel_axis=2, data_range=255))
+    return float(np.mean(psnr)), float(np.mean(ssim))
 
 
 def measured_budgets(config: FrontierConfig, available: int) -> list[tuple[int, int | None]]:
@@ -57,8 +76,9 @@ def _estimate_point(
     truth: BlockOp,
     block_size: int,
     rng: np.random.Generator,
-) -> tuple[dict, float, int]:
-    """One key at one budget: the recovery by part, seconds, and candidates resolved."""
+) -> tuple[dict, float, int, BlockOp]:
+    """One key at one budget: the recovery by part, seconds, candidates resolved, and the
+    estimated encryption op."""
 
     def oracle(op: BlockOp) -> float:
         return key_recovery(op, truth, config.transforms).key_recovered
@@ -75,11 +95,7 @@ def _estimate_point(
     )
     seconds = time.perf_counter() - started
     recovered = key_recovery(estimate.op, truth, config.transforms)
-    return (
-        recovered.to_json(),
-        seconds,
-        estimate.candidates,
-    )
+    return recovered.to_json(), seconds, estimate.candidates, estimate.op
 
 
 def block_size_points(
@@ -104,6 +120,8 @@ def block_size_points(
     ]
     points: list[FrontierPoint] = []
     out_of_time = False
+    side = min(inputs.leaked.shape[1:3]) // block_size * block_size
+    shown = inputs.leaked[:SHOWN_IMAGES, :side, :side]
     for budget, used in measured_budgets(config, len(leaked)):
         if (block_size, budget) in done:
             point = done[block_size, budget]
@@ -131,6 +149,8 @@ def block_size_points(
             save(points)
             continue
         results, seconds, candidates = [], [], 1
+        quality: list[tuple[float, float]] = []
+        first_seen: np.ndarray | None = None
         for k, truth in enumerate(truths):
             sample_rng = _rng(config, "sample", block_size, budget, k)
             chosen = np.sort(sample_rng.choice(len(leaked), used, replace=False))
@@ -138,9 +158,16 @@ def block_size_points(
             # each block is an M x M image, so the blocks encrypt on their own
             cipher = to_blocks(apply_op(leaked[chosen].reshape(-1, m, m, 3), truth), m)
             try:
-                parts, s, candidates = _estimate_point(config, cipher, stats, truth, m, sample_rng)
+                parts, s, candidates, op = _estimate_point(
+                    config, cipher, stats, truth, m, sample_rng
+                )
                 results.append(parts)
                 seconds.append(s)
+                seen = reconstruct(shown, truth, op)
+                quality.append(image_quality(shown, seen))
+                if first_seen is None:
+                    first_seen = seen
+                    first_cipher = apply_op(shown, truth)
             except EstimateTimeout:
                 seconds.append(config.time_budget_s)
                 bar.update(config.keys - k)
@@ -156,7 +183,14 @@ def block_size_points(
             )
         else:
             parts = {p: _summarise([r[p] for r in results]) for p in PARTS if p in results[0]}
-            point = replace(timed, measured=True, candidates=candidates, parts=parts)
+            point = replace(timed, measured=True, candidates=candidates, parts=parts,
+                            psnr=_summarise([q[0] for q in quality]),
+                            ssim=_summarise([q[1] for q in quality]))  # fmt: skip
+            if first_seen is not None:  # the largest budget measured so far replaces it
+                report.reconstruction_grid(
+                    shown, first_cipher, first_seen, point,
+                    Path(config.out) / f"reconstruction_M{block_size}.png",
+                )  # fmt: skip
         points.append(point)
         save(points)
         logger.info("frontier: %s", report.point_line(point))

@@ -38,8 +38,11 @@ class FrontierPoint:
     reason: str | None = None
     candidates: int | None = None  # the symmetric candidates resolved
     parts: dict[str, Summary] | None = None  # key part (attacks.keyspace) -> summary
+    # the leaked images decrypted with the estimated key, against the plain ones (over keys)
+    psnr: Summary | None = None  # dB
+    ssim: Summary | None = None
 
-    OPTIONAL = frozenset({"seconds", "reason", "candidates", "parts"})
+    OPTIONAL = frozenset({"seconds", "reason", "candidates", "parts", "psnr", "ssim"})
 
     def to_json(self) -> dict:
         d = _json(self, self.OPTIONAL)

@@ -12,6 +12,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from attacks.frontier.record import Frontier, FrontierPoint, ModelPoint, Summary
 from pipeline.atomic import atomic_open, atomic_write
 
@@ -55,20 +57,33 @@ def _seconds(point: FrontierPoint) -> str:
     )
 
 
+def _quality(summary: Summary | None, digits: int) -> str:
+    if summary is None:
+        return "-"
+    lo, mid, hi = summary["min"], summary["median"], summary["max"]
+    return f"{mid:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
 def table(points: Sequence[FrontierPoint]) -> str:
+    quality = any(p.psnr is not None for p in points)
+    extra = ["PSNR dB", "SSIM"] if quality else []
     lines = [
-        "| M | leaked blocks | keys | " + " | ".join(COLUMNS.values()) + " | s per estimate |",
-        "|---|---|---|" + "---|" * len(COLUMNS) + "---|",
-    ]
+        "| M | leaked blocks | keys | " + " | ".join([*COLUMNS.values(), *extra])
+        + " | s per estimate |",
+        "|---|---|---|" + "---|" * (len(COLUMNS) + len(extra)) + "---|",
+    ]  # fmt: skip
     for p in points:
         head = f"| {p.block_size} | {_blocks(p.leaked_blocks or p.budget_blocks)} | "
         if not p.measured or p.parts is None:
             text = f"**not measured**: {p.reason}"
             lines.append(
-                head + f"{p.keys} | {text} |" + " |" * (len(COLUMNS) - 1) + f" {_seconds(p)} |"
-            )
+                head + f"{p.keys} | {text} |" + " |" * (len(COLUMNS) + len(extra) - 1)
+                + f" {_seconds(p)} |"
+            )  # fmt: skip
             continue
         cells = [_cell(p.parts.get(part)) for part in COLUMNS]
+        if quality:
+            cells += [_quality(p.psnr, 1), _quality(p.ssim, 2)]
         lines.append(head + f"{p.keys} | " + " | ".join(cells) + f" | {_seconds(p)} |")
     return "\n".join(lines) + "\n"
 
@@ -192,6 +207,25 @@ def chart(points: Sequence[FrontierPoint], path: Path) -> None:
     with atomic_open(path) as f:
         fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
+
+
+def reconstruction_grid(
+    plain: np.ndarray, cipher: np.ndarray, seen: np.ndarray, point: FrontierPoint, path: Path
+) -> None:
+    """plain | encrypted | decrypted with the estimated key, a column each, for the first
+    fresh key of ``point`` (frontier keys, never an owner's)."""
+    from pipeline.viz import save_image_grid
+
+    n = min(4, len(plain))
+    psnr = point.psnr["all"][0] if point.psnr else float("nan")
+    ssim = point.ssim["all"][0] if point.ssim else float("nan")
+    save_image_grid(
+        [[plain[i], cipher[i], seen[i]] for i in range(n)],
+        path,
+        col_titles=["plain", "encrypted (fresh key)", "estimated key"],
+        title=f"M={point.block_size}, {point.leaked_blocks:,} leaked blocks: "
+        f"PSNR {psnr:.1f} dB, SSIM {ssim:.2f}",
+    )
 
 
 def write_frontier(out: Path, result: Frontier) -> str:

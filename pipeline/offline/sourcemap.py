@@ -160,10 +160,12 @@ def _items(manifest: Manifest, src: str, key: Key | None, classes_file: str | No
 
 
 def _samples_table(storage: Storage, manifest: Manifest) -> list[dict]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with storage.open(manifest.samples_table or samples_table_name(manifest.split)) as f:
-        return pq.read_table(f).to_pylist()
+    # read whole: Parquet seeks, and a sealed object opens as a stream
+    data = storage.read_bytes(manifest.samples_table or samples_table_name(manifest.split))
+    return pq.read_table(pa.BufferReader(data)).to_pylist()
 
 
 def source_map_bytes(rows: list[list]) -> bytes:

@@ -41,8 +41,13 @@ def test_two_ranks_seal_the_same_content_as_the_unsealed_run(
     tree, key_file, reference, data_key_file, tmp_path
 ):
     out = tmp_path / "sealed"
-    done = torchrun(*shard_args(tree, key_file, out), "--seal", str(data_key_file))
+    sources = tmp_path / "sources.parquet"
+    done = torchrun(*shard_args(tree, key_file, out), "--seal", str(data_key_file),
+                    "--source-map", str(sources))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(sources).num_rows == 64  # the owner's map, from the sealed tables
     assert "rank 0 of 2" in done.stderr and "sealed with tink:" in done.stderr
     plain = Storage(reference)
     assert opened(str(out), data_key_file) == {
