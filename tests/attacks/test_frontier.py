@@ -10,6 +10,7 @@ import logging
 import subprocess
 from contextlib import redirect_stderr, redirect_stdout
 
+import numpy as np
 import pytest
 
 from attacks.frontier import FrontierConfig, _rng, main, measured_budgets
@@ -190,3 +191,24 @@ def test_a_protected_model_gets_its_accuracy_with_the_estimated_key(
     assert not by[10**9]["measured"] and "train shards have" in by[10**9]["reason"]
     assert "top-1 with the estimated key" in (tmp_path / "frontier.md").read_text()
     assert done.stdout.count("| 4 |") >= 2  # the model rows are printed with the table
+
+
+def test_what_leaked_shards_show_is_measured_and_drawn(measured):
+    out, _, _ = measured
+    point = json.loads((out / "frontier.json").read_text())["points"][0]
+    assert point["measured"] and 0 < point["psnr"]["median"] <= 100
+    assert -1 <= point["ssim"]["min"] <= point["ssim"]["max"] <= 1
+    assert "PSNR dB" in (out / "frontier.md").read_text()
+    assert (out / "reconstruction_M4.png").stat().st_size > 1000
+
+
+def test_image_quality_of_a_reconstruction(photo):
+    from attacks.frontier.points import image_quality, reconstruct
+
+    images = np.stack([photo[:64, :64], photo[64:128, 64:128]])
+    truth = random_material(4, ("shuffle", "np", "ffx"), np.random.default_rng(0)).encrypt_op
+    other = random_material(4, ("shuffle", "np", "ffx"), np.random.default_rng(1)).encrypt_op
+    exact = reconstruct(images, truth, truth)
+    assert np.array_equal(exact, images) and image_quality(images, exact) == (100.0, 1.0)
+    psnr, ssim = image_quality(images, reconstruct(images, truth, other))
+    assert psnr < 15 and ssim < 0.3  # a wrong key shows noise
