@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from pipeline.offline.dali import _dali
-from pipeline.shards.format import index_name
+from pipeline.shards.checks import ShardError, at_shard, check_label, parse_index, repair_hint
+from pipeline.shards.format import ShardRecord, index_name
 from pipeline.stream.dataset import LoaderConfig
 from pipeline.stream.source import open_split
 
@@ -63,11 +64,8 @@ class DaliShardLoader:
         self.batches = math.ceil(self.padded / config.batch_size)
         paths = [self.storage.uri(s.name) for s in self.manifest.shards]
         self._tmp = tempfile.TemporaryDirectory(prefix="dali-index-")
-        index_paths = []
-        for record in self.manifest.shards:  # DALI wants local index files, even for s3://
-            local = Path(self._tmp.name) / index_name(record.name)
-            local.write_bytes(self.storage.read_bytes(index_name(record.name)))
-            index_paths.append(str(local))
+        self._hint = repair_hint(self.storage.url)
+        index_paths = [self._local_index(record) for record in self.manifest.shards]
         offsets = [float(v) for v in range(0, height - crop + 1, block)]
         centre = float((height - crop) // 2 // block * block)
 
@@ -102,6 +100,20 @@ class DaliShardLoader:
         self._pipe = pipe()
         self._pipe.build()
 
+    def _local_index(self, record: ShardRecord) -> str:
+        """A local copy of the shard's DALI index (DALI wants local files, even for s3://),
+        checked first: exactly the manifest's samples, each with its files and an image of the
+        manifest's size (else DALI would read fewer samples, or more, without a word)."""
+        name = index_name(record.name)
+        data = self.storage.read_bytes(name)
+        try:
+            parse_index(data, samples=record.samples, image_shape=self.manifest.image_shape)
+        except ShardError as exc:
+            raise at_shard(self.storage.uri(name), exc, self._hint) from None
+        local = Path(self._tmp.name) / name
+        local.write_bytes(data)
+        return str(local)
+
     def __len__(self) -> int:
         return self.batches
 
@@ -118,13 +130,21 @@ class DaliShardLoader:
                 seen += len(labels)
                 continue
             batch = _to_torch(images, self.device)
-            label = torch.tensor(
-                [int(np.asarray(labels.at(i)).tobytes()) for i in range(len(labels))]
-            )
+            label = torch.tensor([self._label(labels.at(i)) for i in range(len(labels))])
             index = torch.arange(seen, seen + len(label))
             seen += len(label)
             yield batch, label, index < self.real
         self._pipe.reset()
+
+    def _label(self, data: Any) -> int:
+        """A sample's class, checked (in range); a bad one names the sample DALI read it from."""
+        try:
+            return check_label("?", np.asarray(data).tobytes(), len(self.manifest.classes))
+        except ShardError as exc:
+            where = data.source_info() or "a sample"  # "SHARD.tar:KEY.cls" where DALI says
+            raise ShardError(
+                f"{where}: {str(exc).removeprefix('sample ?: ')}; {self._hint}"
+            ) from None
 
 
 def _to_torch(images: Any, device: str) -> torch.Tensor:
