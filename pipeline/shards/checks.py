@@ -119,10 +119,9 @@ def parse_index(data: bytes, *, samples: int, image_shape: Sequence[int]) -> lis
         lines = data.decode("ascii").splitlines()
     except UnicodeDecodeError:
         raise ShardError("the DALI index is not text") from None
-    if not lines or lines[0] != f"v1.2 {samples}":
-        head = lines[0][:40] if lines else ""
-        raise ShardError(f"DALI index header {head!r}, expected 'v1.2 {samples}' (the manifest)")
-    check_count(len(lines) - 1, samples, "DALI index lists")
+    check_count(len(lines) - 1, samples, "the DALI index lists")
+    if lines[0] != f"v1.2 {samples}":
+        raise ShardError(f"DALI index header {lines[0][:40]!r}, expected 'v1.2 {samples}'")
     out = []
     for number, line in enumerate(lines[1:]):
         t = line.split()

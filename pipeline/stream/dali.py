@@ -130,21 +130,23 @@ class DaliShardLoader:
                 seen += len(labels)
                 continue
             batch = _to_torch(images, self.device)
-            label = torch.tensor([self._label(labels.at(i)) for i in range(len(labels))])
+            label = torch.tensor([self._label(labels[i]) for i in range(len(labels))])
             index = torch.arange(seen, seen + len(label))
             seen += len(label)
             yield batch, label, index < self.real
         self._pipe.reset()
 
     def _label(self, data: Any) -> int:
-        """A sample's class, checked (in range); a bad one names the sample DALI read it from."""
+        """A sample's class, checked; a bad one names the shard and the sample it came from."""
+        raw, classes = np.asarray(data).tobytes(), len(self.manifest.classes)
         try:
-            return check_label("?", np.asarray(data).tobytes(), len(self.manifest.classes))
+            return check_label("", raw, classes)
+        except ShardError:
+            shard, _, member = data.source_info().rsplit(":", 2)  # DALI: "SHARD:OFFSET:KEY.cls"
+        try:
+            return check_label(member.partition(".")[0], raw, classes)  # fails again, named
         except ShardError as exc:
-            where = data.source_info() or "a sample"  # "SHARD.tar:KEY.cls" where DALI says
-            raise ShardError(
-                f"{where}: {str(exc).removeprefix('sample ?: ')}; {self._hint}"
-            ) from None
+            raise at_shard(shard, exc, self._hint) from None
 
 
 def _to_torch(images: Any, device: str) -> torch.Tensor:
