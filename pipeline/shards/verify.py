@@ -10,7 +10,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pipeline.cipher.seal import SealError
-from pipeline.shards.format import SAMPLE_EXTENSIONS, ShardRecord, index_name
+from pipeline.shards.checks import (
+    ShardError,
+    check_count,
+    check_files,
+    check_image,
+    check_label,
+    parse_index,
+)
+from pipeline.shards.format import ShardRecord, index_name
 from pipeline.shards.manifest import (
     Manifest,
     ManifestError,
@@ -73,16 +81,13 @@ def _samples(tar: tarfile.TarFile, seen: list[str]) -> Iterator[tuple[str, dict[
 
 
 def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest) -> str | None:
-    if sorted(files) != sorted(SAMPLE_EXTENSIONS):
-        return f"sample {key} has files {sorted(files)}, expected {list(SAMPLE_EXTENSIONS)}"
-    expected = 1
-    for d in manifest.image_shape:
-        expected *= d
-    if len(files["u8"]) != expected:
-        return (
-            f"sample {key}: {len(files['u8'])} image bytes, expected {expected} "
-            f"for shape {manifest.image_shape}"
-        )
+    """The loaders' checks (files, image size, class), and the sample's JSON."""
+    try:
+        check_files(key, files)
+        check_image(key, len(files["u8"]), manifest.image_shape)
+        check_label(key, files["cls"], len(manifest.classes))
+    except ShardError as exc:
+        return str(exc)
     try:
         meta = json.loads(files["json"].decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -95,12 +100,6 @@ def _check_sample(key: str, files: dict[str, bytes], manifest: Manifest) -> str 
         )
     if manifest.encrypted and manifest.version >= 2 and "source" in meta:
         return f"sample {key}: names its source file in encrypted shards (known plaintext)"
-    try:
-        label = int(files["cls"].decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        return f"sample {key}: {key}.cls is not a class index ({files['cls'][:20]!r})"
-    if not 0 <= label < len(manifest.classes):
-        return f"sample {key}: class {label} outside 0..{len(manifest.classes) - 1}"
     return None
 
 
@@ -138,25 +137,36 @@ def verify_shard(
         problems.append(f"{uri}: {hasher.size} bytes, manifest says {record.bytes} (truncated?)")
     if hasher.sha256.hexdigest() != record.sha256:
         problems.append(f"{uri}: SHA-256 mismatch (the file was changed or damaged)")
-    if count != record.samples:
-        problems.append(f"{uri}: {count} samples, manifest says {record.samples}")
+    try:
+        check_count(count, record.samples, "the tar holds")
+    except ShardError as exc:
+        problems.append(f"{uri}: {exc}")
     if not problems:
-        problems.extend(_check_index(storage, record, members))
+        problems.extend(_check_index(storage, record, manifest, members))
     return problems, count
 
 
-def _check_index(storage: Storage, record: ShardRecord, members: list[str]) -> list[str]:
-    """The DALI index must list exactly the tar's members, at their offsets."""
-    uri = storage.uri(index_name(record.name))
-    if not storage.exists(index_name(record.name)):
+def _check_index(
+    storage: Storage, record: ShardRecord, manifest: Manifest, members: list[str]
+) -> list[str]:
+    """The DALI index must pass the loaders' checks and list exactly the tar's members, at
+    their offsets."""
+    name = index_name(record.name)
+    uri = storage.uri(name)
+    if not storage.exists(name):
         return [f"{uri}: missing DALI index of {record.name}"]
     try:
-        lines = storage.read_bytes(index_name(record.name)).decode().splitlines()
+        data = storage.read_bytes(name)
     except SealError as exc:
         return [f"{uri}: {exc}"]
+    try:
+        parse_index(data, samples=record.samples, image_shape=manifest.image_shape)
+    except ShardError as exc:
+        return [f"{uri}: {exc}; rerun make_shards"]
+    lines = data.decode("ascii").splitlines()
     tokens = [line.split() for line in lines[1:]]
     listed = [" ".join(t[i : i + 4]) for t in tokens for i in range(0, len(t), 4)]
-    if lines[:1] != [f"v1.2 {record.samples}"] or sorted(listed) != sorted(members):
+    if sorted(listed) != sorted(members):
         return [f"{uri}: DALI index does not match {record.name}; rerun make_shards"]
     return []
 

@@ -37,7 +37,8 @@ import torch
 
 from pipeline.errors import ConfigError
 from pipeline.offline.dali import _dali
-from pipeline.shards.format import index_name
+from pipeline.shards.checks import ShardError, at_shard, check_label, parse_index, repair_hint
+from pipeline.shards.format import ShardRecord, index_name
 from pipeline.stream.dataset import LoaderConfig
 from pipeline.stream.source import open_split
 
@@ -79,11 +80,8 @@ class DaliShardLoader:
             paths = [self._opened_copy(record.name) for record in self.manifest.shards]
         else:
             paths = [self.storage.uri(s.name) for s in self.manifest.shards]
-        index_paths = []
-        for record in self.manifest.shards:  # DALI wants local index files, even for s3://
-            local = Path(self._tmp.name) / index_name(record.name)
-            local.write_bytes(self.storage.read_bytes(index_name(record.name)))
-            index_paths.append(str(local))
+        self._hint = repair_hint(self.storage.url)
+        index_paths = [self._local_index(record) for record in self.manifest.shards]
         offsets = [float(v) for v in range(0, height - crop + 1, block)]
         centre = float((height - crop) // 2 // block * block)
 
@@ -118,6 +116,20 @@ class DaliShardLoader:
         self._pipe = pipe()
         self._pipe.build()
 
+    def _local_index(self, record: ShardRecord) -> str:
+        """A local copy of the shard's DALI index (DALI wants local files, even for s3://),
+        checked first: exactly the manifest's samples, each with its files and an image of the
+        manifest's size (else DALI would read fewer samples, or more, without a word)."""
+        name = index_name(record.name)
+        data = self.storage.read_bytes(name)
+        try:
+            parse_index(data, samples=record.samples, image_shape=self.manifest.image_shape)
+        except ShardError as exc:
+            raise at_shard(self.storage.uri(name), exc, self._hint) from None
+        local = Path(self._tmp.name) / name
+        local.write_bytes(data)
+        return str(local)
+
     def __len__(self) -> int:
         return self.batches
 
@@ -141,13 +153,23 @@ class DaliShardLoader:
                 seen += len(labels)
                 continue
             batch = _to_torch(images, self.device)
-            label = torch.tensor(
-                [int(np.asarray(labels.at(i)).tobytes()) for i in range(len(labels))]
-            )
+            label = torch.tensor([self._label(labels[i]) for i in range(len(labels))])
             index = torch.arange(seen, seen + len(label))
             seen += len(label)
             yield batch, label, index < self.real
         self._pipe.reset()
+
+    def _label(self, data: Any) -> int:
+        """A sample's class, checked; a bad one names the shard and the sample it came from."""
+        raw, classes = np.asarray(data).tobytes(), len(self.manifest.classes)
+        try:
+            return check_label("", raw, classes)
+        except ShardError:
+            shard, _, member = data.source_info().rsplit(":", 2)  # DALI: "SHARD:OFFSET:KEY.cls"
+        try:
+            return check_label(member.partition(".")[0], raw, classes)  # fails again, named
+        except ShardError as exc:
+            raise at_shard(shard, exc, self._hint) from None
 
 
 def _memory_folder(needed: int) -> str:

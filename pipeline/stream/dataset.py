@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,16 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from pipeline.shards.checks import (
+    IndexedSample,
+    ShardError,
+    at_shard,
+    check_files,
+    check_image,
+    check_label,
+    parse_index,
+    repair_hint,
+)
 from pipeline.shards.format import index_name
 from pipeline.stream.crop import centre_crop
 from pipeline.stream.pieces import Piece, cut, epoch_pieces
@@ -46,14 +57,14 @@ class LoaderConfig:
     crop_grid: int | None = None  # crop offsets are multiples of this; None: the block size
 
 
-def _read_exactly(stream, n: int, name: str) -> memoryview:
+def _read_exactly(stream, n: int, key: str) -> memoryview:
     """``n`` bytes into a fresh buffer (its slices and numpy views share it: no more copies)."""
     data = bytearray(n)
     view, got = memoryview(data), 0
     while got < n:
         count = stream.readinto(view[got:])
         if not count:
-            raise OSError(f"{name}: shard ends early ({got} of {n} bytes); run verify_shards")
+            raise ShardError(f"sample {key}: the shard ends early ({got} of {n} bytes)")
         got += count
     return view
 
@@ -93,7 +104,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.crop, self.block = source.crop, source.block
         self.config, self.rank, self.world_size = config, rank, world_size
         self.epoch, self.skip_batches = 0, 0
-        self._indexes: dict[str, list | None] = {}
+        self._indexes: dict[str, list[IndexedSample] | None] = {}
+        self._counts = {s.name: s.samples for s in self.manifest.shards}
+        self._hint = repair_hint(self.storage.url)
         self.workers = max(1, config.num_workers)
         rank_length = math.ceil(self.manifest.total_samples / world_size)
         self.worker_length = math.ceil(rank_length / self.workers)
@@ -112,23 +125,38 @@ class ShardDataset(torch.utils.data.IterableDataset):
         shards = epoch_pieces(self.manifest, epoch=self.epoch, seed=cfg.seed, shuffle=cfg.train)
         return cut(cut(shards, self.world_size, self.rank), self.workers, worker)
 
-    def _read(self, name: str, start: int, stop: int) -> Iterator[dict]:
-        """Samples ``start..stop-1`` of shard ``name``: read at the offsets of its DALI index
-        (no tar parsing), or by walking the tar when a shard has no index."""
+    def _read(self, name: str, start: int, stop: int) -> Iterator[tuple[memoryview, int]]:
+        """Samples ``start..stop-1`` of shard ``name`` as (image bytes, label), each checked
+        against the manifest (its files, image size and class; O(1) each): a damaged sample
+        stops the run with a ``ShardError`` naming the shard and the sample."""
+        shape, classes = self.manifest.image_shape, len(self.manifest.classes)
+        self._index(name)  # an index that does not match the manifest names itself
+        try:
+            for number, (key, files) in enumerate(self._files(name, start, stop), start):
+                where = f"{key} (#{number})"
+                check_files(where, [ext for ext in files if not ext.startswith("__")])
+                check_image(where, len(files["u8"]), shape)
+                yield files["u8"], check_label(where, files["cls"], classes)
+        except ShardError as exc:
+            raise at_shard(self.storage.uri(name), exc, self._hint) from None
+
+    def _files(self, name: str, start: int, stop: int) -> Iterator[tuple[str, dict]]:
+        """(key, files) of samples ``start..stop-1``: read at the offsets of the shard's DALI
+        index (no tar parsing), or by walking the tar when a shard has no index."""
         index = self._index(name)
         if index is None:
             yield from self._read_tar(name, start, stop)
             return
         if start >= stop:
             return
-        position = min(offset for offset, _ in index[start].values())
+        position = min(offset for offset, _ in index[start].files.values())
         stream = self._open(name, position)
         try:
-            for entries in index[start:stop]:
-                end = max(offset + size for offset, size in entries.values())
-                chunk = _read_exactly(stream, end - position, name)
-                yield {ext: chunk[offset - position : offset - position + size]
-                       for ext, (offset, size) in entries.items()}  # fmt: skip
+            for sample in index[start:stop]:
+                end = max(offset + size for offset, size in sample.files.values())
+                chunk = _read_exactly(stream, end - position, sample.key)
+                yield sample.key, {ext: chunk[offset - position : offset - position + size]
+                                   for ext, (offset, size) in sample.files.items()}  # fmt: skip
                 position = end
         finally:
             stream.close()
@@ -147,36 +175,49 @@ class ShardDataset(torch.utils.data.IterableDataset):
         _skip(opened, position, self.storage.uri(name))
         return opened
 
-    def _index(self, name: str) -> list[dict[str, tuple[int, int]]] | None:
-        """Per sample: extension -> (data offset, size), from ``NAME.idx`` (cached)."""
+    def _index(self, name: str) -> list[IndexedSample] | None:
+        """Per sample: its key and extension -> (data offset, size), from ``NAME.idx``
+        (cached), checked: exactly the manifest's count of samples, each with its files and an
+        image of the manifest's size."""
         if name not in self._indexes:
             try:
-                text = self.storage.read_bytes(index_name(name)).decode()
+                data = self.storage.read_bytes(index_name(name))
             except FileNotFoundError:
                 self._indexes[name] = None
             else:
-                samples = []
-                for line in text.splitlines()[1:]:
-                    t = line.split()
-                    samples.append(
-                        {t[i]: (int(t[i + 1]), int(t[i + 2])) for i in range(0, len(t), 4)}
+                try:
+                    self._indexes[name] = parse_index(
+                        data, samples=self._counts[name], image_shape=self.manifest.image_shape
                     )
-                self._indexes[name] = samples
+                except ShardError as exc:
+                    uri = self.storage.uri(index_name(name))
+                    raise at_shard(uri, exc, self._hint) from None
         return self._indexes[name]
 
-    def _read_tar(self, name: str, start: int, stop: int) -> Iterator[dict]:
+    def _read_tar(self, name: str, start: int, stop: int) -> Iterator[tuple[str, dict]]:
+        """Walk the tar to its samples ``start..stop-1``; one that ends too early, or holds more
+        samples than the manifest says when read to its end, is a ``ShardError``."""
         stream = self._open(name, 0)
+        count = 0
         try:
             files = tar_file_expander([{"url": self.storage.uri(name), "stream": stream}])
-            for index, sample in enumerate(group_by_keys(files)):
-                if index >= stop:
+            for count, sample in enumerate(group_by_keys(files), 1):
+                if count > stop:
                     break
-                if index >= start:
-                    yield sample
+                if count > start:
+                    yield sample["__key__"], sample
+        except (tarfile.TarError, ValueError) as exc:  # a damaged header, a repeated file
+            why = exc.args[0] if exc.args else type(exc).__name__
+            raise ShardError(f"unreadable tar after {count} samples ({why})") from None
         finally:
             stream.close()
+        samples = self._counts[name]
+        if count < stop:
+            raise ShardError(f"the tar ends after {count} samples; the manifest says {samples}")
+        if stop == samples and count > samples:
+            raise ShardError(f"the tar holds more samples than the manifest's {samples}")
 
-    def _samples(self, worker: int) -> Iterator[tuple[dict, bool]]:
+    def _samples(self, worker: int) -> Iterator[tuple[tuple[memoryview, int], bool]]:
         pieces = self.worker_pieces(worker)
         count, length = 0, self.worker_length
         for name, start, stop in pieces:
@@ -210,14 +251,14 @@ class ShardDataset(torch.utils.data.IterableDataset):
         if cfg.train and cfg.shuffle_buffer > 1:
             stream = wds.filters._shuffle(stream, bufsize=cfg.shuffle_buffer, rng=rng)
         skip = max(0, -(-(self.skip_batches - stream_id) // self.workers)) * cfg.batch_size
-        for position, (sample, valid) in enumerate(stream):
-            image = self._image(sample, rng)  # draw crops even when skipping: same RNG stream
+        for position, ((data, label), valid) in enumerate(stream):
+            image = self._image(data, rng)  # draw crops even when skipping: same RNG stream
             if position >= skip:
-                yield torch.from_numpy(image), int(bytes(sample["cls"])), valid
+                yield torch.from_numpy(image), label, valid
 
-    def _image(self, sample: dict, rng: random.Random) -> np.ndarray:
+    def _image(self, data: memoryview, rng: random.Random) -> np.ndarray:
         height, width, channels = self.manifest.image_shape
-        image = np.frombuffer(sample["u8"], np.uint8).reshape(height, width, channels)
+        image = np.frombuffer(data, np.uint8).reshape(height, width, channels)
         if self.crop == height == width:  # a fresh writable buffer from _read is used as is
             return image if image.flags.writeable else image.copy()
         if not self.config.train:
