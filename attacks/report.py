@@ -479,12 +479,12 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def sample_grid(columns: dict[str, np.ndarray], path: Path) -> None:
+def sample_grid(columns: dict[str, np.ndarray], path: Path, *, perm: int = 0o644) -> None:
     """One row per image, one column per named NHWC uint8 array."""
     names = list(columns)
     n = len(next(iter(columns.values())))
     rows = [[columns[name][i] for name in names] for i in range(n)]
-    save_image_grid(rows, path, col_titles=names, cell_inches=1.6)
+    save_image_grid(rows, path, col_titles=names, cell_inches=1.6, perm=perm)
 
 
 def write_report(out: Path, rows: Sequence[Row], meta: dict) -> str:
