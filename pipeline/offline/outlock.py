@@ -80,8 +80,18 @@ class OutputLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.release()
+            return
+        try:  # the run is failing already: its error is the one to report
+            self.release()
+        except Exception as again:  # noqa: BLE001 - e.g. the store that failed the run
+            logger.warning(
+                "could not remove %s (%s); a rerun on this host takes it over",
+                self.storage.uri(LOCK_NAME),
+                one_line(str(again)),
+            )
 
     def _data(self) -> bytes:
         return (json.dumps(self.holder, sort_keys=True) + "\n").encode()

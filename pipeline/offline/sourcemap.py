@@ -17,7 +17,6 @@ import os
 import posixpath
 from collections.abc import Sequence
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.atomic import atomic_write
@@ -33,7 +32,7 @@ from pipeline.shards.manifest import (
     samples_table_name,
 )
 from pipeline.shards.sealing import open_output
-from pipeline.storage import Storage
+from pipeline.storage import Storage, filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def check_location(source_map: str, out: str) -> None:
 
 
 def _absolute(url: str) -> str:
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
         return os.path.realpath(path)
     return fs.unstrip_protocol(path)
@@ -174,7 +173,7 @@ def source_map_bytes(rows: list[list]) -> bytes:
 
 def write_private(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` atomically; mode 0600 where the filesystem has modes."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
         atomic_write(path, data, perm=0o600)
     else:

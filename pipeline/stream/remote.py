@@ -12,13 +12,14 @@ logger = logging.getLogger(__name__)
 
 class ResumableFile(io.RawIOBase):
     """A read-only fsspec file that survives dropped connections: on an I/O error it reopens
-    the object and continues from the byte where it broke, with backoff, ``retries`` times."""
+    the object and continues from the byte where it broke, with backoff, ``retries`` times,
+    for at most twice the storage timeout; then one ``StorageError`` naming the object."""
 
     def __init__(self, url: str, *, start: int = 0, retries: int = 5, backoff: float = 0.5) -> None:
-        import fsspec
+        from pipeline.storage import filesystem
 
         self.url, self.retries, self.backoff = url, retries, backoff
-        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self.fs, self.path = filesystem(url)
         self.position = start
         self.reopened = 0
         self._file = self._open()
@@ -33,21 +34,27 @@ class ResumableFile(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
+        from pipeline.storage import storage_timeout, unreachable
+
+        deadline = None
         for attempt in range(self.retries + 1):
             try:
                 data = self._file.read(len(buffer))
                 break
             except Exception as exc:  # the transports raise many types; all mean "try again"
-                if attempt == self.retries:
-                    raise OSError(
-                        f"{self.url}: read failed at byte {self.position}: {exc}"
-                    ) from exc
+                now = time.monotonic()
+                deadline = deadline or now + 2 * storage_timeout()
+                if attempt == self.retries or now >= deadline:
+                    raise unreachable(f"{self.url} (at byte {self.position})", exc) from None
                 logger.warning("%s: %s at byte %d; reopening", self.url, exc, self.position)
                 time.sleep(self.backoff * 2**attempt)
                 with contextlib.suppress(Exception):  # the connection is gone anyway
                     self._file.close()
                 self.fs.invalidate_cache()
-                self._file = self._open()
+                try:
+                    self._file = self._open()
+                except Exception as again:  # noqa: BLE001 - the next read tries again
+                    logger.debug("%s: reopening failed: %s", self.url, again)
                 self.reopened += 1
         buffer[: len(data)] = data
         self.position += len(data)
