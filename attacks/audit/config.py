@@ -19,6 +19,7 @@ from pipeline.device import model_device, resolve_device
 from pipeline.errors import KeyprotectError
 from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.evaluation import EvalSet, load_model, load_split, top1
+from pipeline.model.factory import PACKAGED, has_packaged_weights
 from pipeline.shards.manifest import load_manifest
 from pipeline.shards.sealing import open_output
 
@@ -64,7 +65,9 @@ class AuditConfig:
     finetune_fractions: tuple[float, ...] = (0.01, 0.10)
     finetune_steps: int = 100
     finetune_lr: float = 1e-3
-    pretrained: str | None = None  # the public model; default: what the checkpoint started from
+    # the public start of the finetune_pretrained rows: a local weights file, "package" or
+    # "hub" (only when asked for); None: the model's packaged weights, else those rows skip
+    pretrained: str | None = None
     eval_images: int | None = None  # cap on held-out val images (default: all)
     seed: int = 0
     device: str = "auto"
@@ -134,6 +137,12 @@ def prepare(config: AuditConfig) -> Audit:
         raise AuditError(
             f"{config.checkpoint}: trained with key {saved.key_fingerprint}, but {config.key} "
             f"is key {key.fingerprint}; audit a model with its own key"
+        )
+    if (config.pretrained == PACKAGED and Scenario.FINETUNE in config.scenarios
+            and not has_packaged_weights(saved.model_name)):  # fmt: skip
+        raise AuditError(
+            f"--pretrained package: no package ships weights of {saved.model_name}"
+            "; pass --pretrained PATH (a local weights file) or leave it out"
         )
     crop = saved.crop_size
     encrypted_val = load_split(

@@ -22,7 +22,7 @@ from attacks.report import Row, Spread
 from attacks.weight_matching import WeightMatchingError, recover_key
 from pipeline import BlockOp, apply_op
 from pipeline.model.evaluation import load_model, predict, top1
-from pipeline.model.factory import create_model
+from pipeline.model.factory import PACKAGED, create_model, has_packaged_weights
 
 logger = logging.getLogger("attacks")
 
@@ -124,16 +124,34 @@ def known_plaintext(a: Audit) -> Outcome:
     return Outcome(rows, keys)
 
 
+def public_start(a: Audit) -> tuple[str | None, str | None]:
+    """The public weights the reference rows start from, or None and why: ``--pretrained`` (a
+    local file, ``package``, or ``hub`` when the user asks for it), else the packaged weights of
+    the model. Never what the checkpoint records (untrusted: a file elsewhere, or the hub)."""
+    if a.config.pretrained:
+        return a.config.pretrained, None
+    if has_packaged_weights(a.saved.model_name):
+        return PACKAGED, None
+    return None, (
+        f"the finetune_pretrained rows need public weights of {a.saved.model_name}, and no "
+        "package ships them: pass --pretrained PATH (a local weights file) or --pretrained hub"
+    )
+
+
 def finetune_attacks(a: Audit) -> Outcome:
     pool = a.train_plain
-    pretrained = a.config.pretrained or a.saved.pretrained
+    pretrained, why = public_start(a)
     torch.manual_seed(a.config.seed)  # the new classifier head: the same on every run
-    public = create_model(
-        a.saved.model_name,
-        num_classes=a.saved.num_classes,
-        pretrained=pretrained,
-        model_kwargs=a.saved.model_kwargs,
-    ).to(a.device)
+    public = None
+    if pretrained is not None:
+        public = create_model(
+            a.saved.model_name,
+            num_classes=a.saved.num_classes,
+            pretrained=pretrained,
+            model_kwargs=a.saved.model_kwargs,
+        ).to(a.device)
+    else:
+        logger.info("audit: finetune_pretrained skipped: %s", why)
     rows: list[Row] = []
     stolen: list[Row] = []
     for fraction in a.config.finetune_fractions:
@@ -147,6 +165,8 @@ def finetune_attacks(a: Audit) -> Outcome:
         }
         tag = f"{round(100 * fraction)}pct"
         for name, start in (("finetune_attack", a.model), ("finetune_pretrained", public)):
+            if start is None:
+                continue
             tuned = finetune(
                 start,
                 images,
@@ -159,7 +179,7 @@ def finetune_attacks(a: Audit) -> Outcome:
             (stolen if name == "finetune_attack" else rows).append(
                 Row(f"{name}_{tag}", acc, budget=budget)
             )
-    return Outcome(stolen + rows)
+    return Outcome(stolen + rows, skipped=why)
 
 
 def weight_matching(a: Audit) -> Outcome:

@@ -10,9 +10,12 @@ attribute.
 On disk it is a plain dict of those fields plus ``version`` (what train/ddp.py has always
 written), so older checkpoints load. It is written 0600: the weights are what the key
 protects, and they let an attacker who also holds public weights match the two. A checkpoint
-is untrusted input: every field is checked on load (one line naming the field) and the model
-name must be one of timm's own architectures, so nothing in a checkpoint can make a tool reach
-the network.
+is untrusted input: every field is checked on load (one line naming the file, the field, its
+value and what to do). The model name must be one of timm's own architectures, the decoder one
+of make_shards' decoders, the image shape one make_shards can store; the run config's fields
+that name weights or files (``pretrained``, ``init_checkpoint``, ...) are a record of how the
+run started, checked for type and never opened: nothing in a checkpoint can make a tool reach
+the network or ``torch.load`` another file.
 """
 
 from __future__ import annotations
@@ -27,13 +30,23 @@ import timm
 import torch
 
 from pipeline.atomic import atomic_open
-from pipeline.errors import KeyprotectError
+from pipeline.cipher.blockwise import TRANSFORMS
+from pipeline.errors import ConfigError, KeyprotectError
+from pipeline.model.factory import check_model_kwargs
 
 CHECKPOINT_VERSION = 1
 
 
 class CheckpointError(KeyprotectError, ValueError):
     """A checkpoint that is missing, damaged, or from another key or data set."""
+
+
+# make_shards' decoders (``--decoder``); a checkpoint naming another is refused
+DECODERS = ("pil", "dali")
+# the stored image sides make_shards can write and tools can decode (pixels)
+MIN_SIDE, MAX_SIDE = 8, 4096
+# run-config fields that name weights or files: records of how the run started, never opened
+CONFIG_PATHS = ("pretrained", "init_checkpoint", "resume", "key", "data", "data_key", "out")
 
 
 # Field -> allowed types on disk, for everything train/ddp.py writes.
@@ -96,7 +109,8 @@ class Checkpoint:
 
     @property
     def pretrained(self) -> str:
-        """The weights the run started from (``package`` when older configs lack it)."""
+        """The weights the run started from (``package`` when older configs lack it): a record
+        only, never opened (it may name a file on the machine that trained, or the hub)."""
         return self.config.get("pretrained", "package")
 
     @property
@@ -202,9 +216,62 @@ def check_fields(state: dict, source: str) -> None:
         raise CheckpointError(f"{source}: field 'classes' must be a non-empty list of names")
     if not all(isinstance(t, str) for t in state["transforms"]):
         raise CheckpointError(f"{source}: field 'transforms' must be a list of names")
-    shape = state["image_shape"]
-    if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+    if not all(t in TRANSFORMS for t in state["transforms"]):
+        raise CheckpointError(
+            f"{source}: field 'transforms' is {state['transforms']!r}; each must be one of "
+            f"{', '.join(TRANSFORMS)}: not a train/ddp.py checkpoint"
+        )
+    block = state["block_size"]
+    if block is not None and not 1 <= block <= 255:
+        raise CheckpointError(f"{source}: field 'block_size' is {block}, not 1..255 (what key "
+                              "files hold): not a train/ddp.py checkpoint")  # fmt: skip
+    check_image_shape(state["image_shape"], block, source)
+    decoder = state.get("decoder")
+    if decoder is not None and decoder not in DECODERS:
+        raise CheckpointError(
+            f"{source}: field 'decoder' is {decoder!r}, not one of make_shards' decoders "
+            f"({', '.join(DECODERS)}): not a train/ddp.py checkpoint; use the checkpoint "
+            "train/ddp.py wrote"
+        )
+    check_config(state["config"], source)
+
+
+def check_image_shape(shape: list, block_size: int | None, source: str) -> None:
+    """[height, width, 3], sides in ``MIN_SIDE..MAX_SIDE`` and on the key's block grid."""
+    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise CheckpointError(f"{source}: field 'image_shape' must be [height, width, channels]")
+    height, width, channels = shape
+    sides_ok = all(MIN_SIDE <= d <= MAX_SIDE for d in (height, width))
+    grid_ok = not block_size or (height % block_size == 0 and width % block_size == 0)
+    if channels != 3 or not sides_ok or not grid_ok:
+        raise CheckpointError(
+            f"{source}: field 'image_shape' is {shape}; make_shards stores [height, width, 3] "
+            f"with sides {MIN_SIDE}..{MAX_SIDE}"
+            + (f" and multiples of the block size {block_size}" if block_size else "")
+            + ": not a train/ddp.py checkpoint; use the checkpoint train/ddp.py wrote"
+        )
+
+
+def check_config(config: dict, source: str) -> None:
+    """The run config's fields that tools read: model kwargs as the factory takes them, the
+    crop a whole number, the fields naming weights or files strings (records, never opened)."""
+    try:
+        check_model_kwargs(config.get("model_kwargs"), f"{source}: field 'config.model_kwargs'")
+    except ConfigError as exc:
+        raise CheckpointError(f"{exc}; not a train/ddp.py checkpoint") from None
+    crop = config.get("crop_size")
+    if crop is not None and (not isinstance(crop, int) or isinstance(crop, bool) or crop < 1):
+        raise CheckpointError(f"{source}: field 'config.crop_size' is {crop!r}, expected a "
+                              "positive whole number or None")  # fmt: skip
+    for name in CONFIG_PATHS:
+        value = config.get(name)
+        if value is not None and (
+            not isinstance(value, str) or len(value) > 4096 or not value.isprintable()
+        ):
+            raise CheckpointError(
+                f"{source}: field 'config.{name}' is {str(value)[:80]!r}, expected a file name "
+                "or None: not a train/ddp.py checkpoint"
+            )
 
 
 def manifest_digest(text: str) -> str:

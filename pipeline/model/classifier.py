@@ -29,7 +29,7 @@ from pipeline.cipher.blockwise import encrypt
 from pipeline.cipher.keys import Key, load_key
 from pipeline.device import model_device, resolve_device
 from pipeline.errors import KeyprotectError
-from pipeline.model.checkpoint import Checkpoint, CheckpointError
+from pipeline.model.checkpoint import DECODERS, Checkpoint, CheckpointError
 from pipeline.model.evaluation import load_model, predict
 from pipeline.offline.dali import DaliUnavailableError
 from pipeline.offline.decode import (
@@ -156,6 +156,9 @@ class ProtectedClassifier:
         # decode as the shards were (checkpoints before this field: PIL, which matches DALI's
         # CPU decoder to within a grey level on average)
         self.decoder: str = saved.decoder or "pil"
+        if self.decoder not in DECODERS:  # Checkpoint.load refuses it; a record built here too
+            raise CheckpointError(f"{checkpoint}: decoder {saved.decoder!r} is not one of "
+                                  f"{', '.join(DECODERS)}")  # fmt: skip
         self.crop, self.grid = check_crop(self.image_shape, saved.block_size,
                                           crop_size=saved.crop_size)  # fmt: skip
 

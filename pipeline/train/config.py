@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePath
 from typing import Literal
 
 from pipeline import paths
@@ -20,7 +21,7 @@ class TrainConfig:
     pretrained: str = "package"
     init: str = "pretrained"  # or "checkpoint" / "absorb": the weights of init_checkpoint
     init_checkpoint: str | None = None
-    key: str | None = None  # --init absorb only: the key to absorb (never stored, only its path)
+    key: str | None = None  # --init absorb only: the key to absorb (stored: its file name only)
     epochs: int = 8
     batch_size: int = 64  # per rank
     lr: float = 5e-3
@@ -37,6 +38,12 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps in all (0: no limit); for smoke runs
     loader: Literal["webdataset", "dali"] = "webdataset"
     dist_timeout: float = 600.0  # seconds a rank waits for the others in a collective
+
+    def record(self) -> dict:
+        """What config.json and every checkpoint store: the settings as given (a relative path
+        stays relative: nothing here resolves one), but of ``key`` only its file name (where
+        the owner keeps the key is not the training run's to record)."""
+        return {**asdict(self), "key": None if self.key is None else PurePath(self.key).name}
 
 
 class TrainError(KeyprotectError, RuntimeError):

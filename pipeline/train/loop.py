@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -332,7 +332,7 @@ def save_state(run: Run, epoch: int, step_in_epoch: int) -> None:
             model_name=run.config.model, classes=tuple(manifest.classes),
             image_shape=(height, width, channels), key_fingerprint=run.fingerprint,
             block_size=manifest.block_size, transforms=tuple(manifest.transforms),
-            decoder=manifest.options.get("decoder"), config=asdict(run.config),
+            decoder=manifest.options.get("decoder"), config=run.config.record(),
             manifest_digests=run.digests, model=run.model.state_dict(),
             optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
             rng=states, epoch=epoch, step_in_epoch=step_in_epoch,

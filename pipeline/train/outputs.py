@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,7 +52,7 @@ def keep_metrics_before(path: Path, epoch: int) -> None:
 def start_outputs(run: Run, start_epoch: int) -> None:
     """config.json; metrics.jsonl cut back to the epochs before ``start_epoch``; no summary
     (written again when the run is complete)."""
-    atomic_write(run.out / "config.json", json.dumps(asdict(run.config), indent=1) + "\n")
+    atomic_write(run.out / "config.json", json.dumps(run.config.record(), indent=1) + "\n")
     keep_metrics_before(run.out / "metrics.jsonl", start_epoch)  # a fresh run: empty
     (run.out / "summary.json").unlink(missing_ok=True)
 

@@ -9,9 +9,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from pipeline import Key, save_key
+from pipeline.model.factory import create_model
 from tests.conftest import FIXED_SECRET
 from tests.train.conftest import ROOT
 
@@ -35,11 +37,15 @@ def attacks(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def audit(protected_run, digit_shards, test_key_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
+    # the public start of the finetune_pretrained rows (no package ships test_efficientnet's)
+    public = out.parent / "public.pth"
+    torch.save(create_model("test_efficientnet", num_classes=1000, pretrained="none")
+               .state_dict(), public)  # fmt: skip
     readme = out.parent / "README.md"
     readme.write_text("# x\n<!-- attacks-report:begin -->\nold\n<!-- attacks-report:end -->\nend\n")
     done = attacks("--checkpoint", str(protected_run / "checkpoint.pt"), "--key",
                    str(test_key_file), "--data", str(digit_shards), "--out", str(out),
-                   "--page", str(readme), *SMALL)  # fmt: skip
+                   "--page", str(readme), "--pretrained", str(public), *SMALL)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done, readme
 

@@ -44,7 +44,7 @@ def test_a_checkpoint_cannot_smuggle_them_in(tmp_path):
         model=model.state_dict(),
     )
     saved.save(tmp_path / "bad.pt")
-    with pytest.raises(CheckpointError, match="bad.pt: cannot build its model.*pretrained"):
+    with pytest.raises(CheckpointError, match="bad.pt: field .config.model_kwargs.*pretrained"):
         load_model(str(tmp_path / "bad.pt"))
     replace(saved, config={"model_kwargs": {"drop_rate": 0.2}}).save(tmp_path / "ok.pt")
     loaded, meta = load_model(str(tmp_path / "ok.pt"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import replace
 
 import pytest
@@ -56,6 +57,17 @@ def test_resume_with_a_changed_setting_names_it():
     with pytest.raises(TrainError, match=r"lr 0.1 -> 0.005.*only these may change"):
         check_resume(saved, TrainConfig(), 1, "ck.pt")
     check_resume(saved, TrainConfig(lr=0.1, epochs=8), 1, "ck.pt")  # the same: no error
+
+
+def test_the_record_keeps_paths_as_given_and_of_the_key_its_file_name_only():
+    config = TrainConfig(data="shards", out="runs/x", init="absorb", init_checkpoint="p/c.pt",
+                         key="/home/owner/vault/k.bin", data_key="../data.key")  # fmt: skip
+    record = config.record()
+    assert record["key"] == "k.bin" and "vault" not in json.dumps(record)
+    assert (record["data"], record["out"], record["init_checkpoint"], record["data_key"]) == (
+        "shards", "runs/x", "p/c.pt", "../data.key")  # fmt: skip
+    assert {**record, "key": config.key} == vars(config)  # nothing else changed
+    assert TrainConfig().record()["key"] is None
 
 
 def test_an_out_with_a_checkpoint_is_refused_unless_resume_or_overwrite(tmp_path):
@@ -117,3 +129,15 @@ def test_one_rank_trains_in_process_and_marks_its_checkpoint(digit_shards, tmp_p
     finished = Checkpoint.load(out / "checkpoint.pt")
     assert finished.finished is True and finished.unfinished_note("x") is None
     assert (out / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_config_json_and_the_checkpoint_keep_relative_paths(digit_shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = os.path.relpath(digit_shards, tmp_path)
+    train(tiny(data, "runs/rel", epochs=1, max_steps=1), CPU)
+    written = json.loads((tmp_path / "runs/rel/config.json").read_text())
+    saved = Checkpoint.load(tmp_path / "runs/rel/checkpoint.pt")
+    for config in (written, saved.config):
+        assert (config["data"], config["out"]) == (data, "runs/rel") and config["key"] is None
+        assert str(tmp_path) not in json.dumps(config)
