@@ -8,7 +8,8 @@ The encrypted shards are reused: the val shards are decrypted with the owner's k
 and re-encrypted as each scenario needs; accuracy is always measured on those held-out val
 images. The attackers' plain images come from the decrypted train split, and the encrypted
 train shards are the "leaked data" of the ciphertext-only attack (other images than those its
-natural-image statistics come from); the first train images and
+natural-image statistics come from) and of source matching (which pairs them with the plain
+train split, shuffled, as with a public dataset); the first train images and
 their ciphertexts are the known-plaintext pairs. Budgets are options; the
 defaults finish on the embedded demo on a 2-core CPU in a few minutes.
 """
@@ -36,8 +37,10 @@ from attacks.audit.scenarios import (
     heuristic_search,
     key_row,
     known_plaintext,
+    leaked_images,
     no_key,
     random_search,
+    source_matching,
     weight_matching,
     wrong_keys,
 )
@@ -57,12 +60,14 @@ __all__ = [
     "heuristic_search",
     "key_row",
     "known_plaintext",
+    "leaked_images",
     "main",
     "no_key",
     "parse_args",
     "prepare",
     "random_search",
     "run_audit",
+    "source_matching",
     "weight_matching",
     "wrong_keys",
 ]

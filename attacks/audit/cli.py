@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--leaked-images",
         type=int,
         default=d["leaked_images"],
-        help="ciphertext-only: encrypted train images used",
+        help="ciphertext-only and source matching: encrypted train images leaked",
     )
     p.add_argument(
         "--known-pairs",

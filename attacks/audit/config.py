@@ -36,6 +36,7 @@ class Scenario(str, Enum):
     HEURISTIC_KEY_SEARCH = "heuristic_key_search"
     CIPHERTEXT_ONLY = "ciphertext_only"
     KNOWN_PLAINTEXT = "known_plaintext"
+    SOURCE_MATCHING = "source_matching"
     FINETUNE = "finetune"
     WEIGHT_MATCHING = "weight_matching"
 
@@ -60,7 +61,7 @@ class AuditConfig:
     attacker_images: int = 100  # the attacker's labelled plain set (key searches)
     search_keys: int = 200  # random key search: keys tried
     search_steps: int = 300  # heuristic key search: moves evaluated
-    leaked_images: int = 2000  # ciphertext-only: encrypted train images used
+    leaked_images: int = 2000  # ciphertext-only, source matching: encrypted train images used
     known_pairs: tuple[int, ...] = (1, 10)  # known-plaintext: (plain, cipher) pairs held
     finetune_fractions: tuple[float, ...] = (0.01, 0.10)
     finetune_steps: int = 100
@@ -120,10 +121,12 @@ class Audit:
 @dataclass(frozen=True)
 class Outcome:
     """What a scenario gives: its report rows, and the keys it ends with (a column each in
-    samples.png: what that key makes of the true ciphertext)."""
+    samples.png: what that key makes of the true ciphertext; those estimated from the leaked
+    train images also in reconstruction.png, as ``reconstructions``)."""
 
     rows: list[Row]
     keys: dict[str, BlockOp] = field(default_factory=dict)
+    reconstructions: dict[str, BlockOp] = field(default_factory=dict)
     skipped: str | None = None  # why the scenario did not run, when it did not
 
 

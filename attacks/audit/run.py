@@ -1,5 +1,6 @@
 """One audit from start to end: prepare, run the chosen scenarios in order, and write the
-report (Markdown, JSON, the charts and the samples figure), optionally into a results page."""
+report (Markdown, JSON, the charts, the samples and reconstruction figures), optionally into a
+results page."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from attacks import report
 from attacks.audit.config import Audit, AuditConfig, prepare
-from attacks.audit.scenarios import STEPS
+from attacks.audit.scenarios import STEPS, leaked_images
 from attacks.report import Row
 from pipeline import BlockOp, apply_op, docblock, load_key
 
@@ -28,6 +29,7 @@ def run_audit(config: AuditConfig) -> list[Row]:
     rows: list[Row] = []
     skipped: dict[str, str] = {}
     keys: dict[str, BlockOp] = {}
+    reconstructions: dict[str, BlockOp] = {}
     for scenario, step in STEPS.items():
         if scenario not in config.scenarios:
             continue
@@ -36,6 +38,7 @@ def run_audit(config: AuditConfig) -> list[Row]:
         outcome = step(audit)
         rows += outcome.rows
         keys.update(outcome.keys)
+        reconstructions.update(outcome.reconstructions)
         if outcome.skipped:
             skipped[name] = outcome.skipped
         for row in outcome.rows:
@@ -55,6 +58,8 @@ def run_audit(config: AuditConfig) -> list[Row]:
     }
     report.accuracy_chart(rows, out / "accuracy.png", chance=1 / len(audit.saved.classes))
     _samples(audit, keys, out / "samples.png")
+    if reconstructions:
+        _reconstruction(audit, reconstructions, out / "reconstruction.png")
     table = report.write_report(out, rows, meta)
     if config.page:
         data = f"{meta['val_images']} held-out val images of {config.data}"
@@ -101,3 +106,15 @@ def _samples(a: Audit, keys: dict[str, BlockOp], path: Path) -> None:
     report.sample_grid(columns, path, perm=0o600)
     logger.info("audit: %s shows plain images encrypted with your key: mode 0600, keep it "
                 "with the key", path)  # fmt: skip
+
+
+def _reconstruction(a: Audit, keys: dict[str, BlockOp], path: Path) -> None:
+    where, leaked = leaked_images(a)
+    shown = slice(0, 4)
+    columns = {"plain": a.train_plain.images[where][shown], "encrypted": leaked[shown]}
+    for name, op in keys.items():  # what the holder of the shards sees with each estimate
+        columns[f"decrypted:\n{name}"] = apply_op(leaked[shown], op.inverse())
+    # the plain leaked images beside their ciphertexts are known plaintext for the owner's key
+    report.sample_grid(columns, path, perm=0o600)
+    logger.info("audit: %s shows leaked images beside their plain versions: mode 0600, keep "
+                "it with the key", path)  # fmt: skip

@@ -8,6 +8,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -15,10 +16,12 @@ from attacks import report
 from attacks.audit.config import Audit, AuditError, Outcome, Scenario
 from attacks.ciphertext_only import estimate_key
 from attacks.finetune import finetune, stratified_subset
+from attacks.frontier.points import image_quality, reconstruct
 from attacks.key_search import heuristic_key_search, random_key_search
 from attacks.keyspace import random_material, to_blocks
 from attacks.known_plaintext import solve_key
-from attacks.report import Row, Spread
+from attacks.report import RECONSTRUCTED, Row, Spread
+from attacks.source_matching import source_matching_attack
 from attacks.weight_matching import WeightMatchingError, recover_key
 from pipeline import BlockOp, apply_op
 from pipeline.model.evaluation import load_model, predict, top1
@@ -83,18 +86,33 @@ def heuristic_search(a: Audit) -> Outcome:
     return Outcome([row], {"heuristic key search": op})
 
 
+def leaked_images(a: Audit) -> tuple[slice, np.ndarray]:
+    """The leaked encrypted train images (``--leaked-images`` of them) and where they are in
+    the train split: after the attacker's plain images, since statistics from the very images
+    whose ciphertext is attacked would overstate the ciphertext-only attack."""
+    start = len(a.attacker_set()[1])
+    where = slice(start, start + a.config.leaked_images)
+    leaked = a.train_encrypted[where]
+    if len(leaked) == 0:
+        raise AuditError(
+            f"{a.config.data}: no train images left to leak after the {start} statistics "
+            "images; lower --attacker-images"
+        )
+    return where, leaked
+
+
+def quality(a: Audit, where: slice, op: BlockOp) -> dict[str, float]:
+    """Mean PSNR (dB) and SSIM of the first leaked images decrypted with ``op``, against their
+    plain versions: what the holder of the shards sees with the attack's key."""
+    plain = a.train_plain.images[where][:RECONSTRUCTED]
+    psnr, ssim = image_quality(plain, reconstruct(plain, a.true_op, op))
+    return {"psnr": psnr, "ssim": ssim}
+
+
 def ciphertext_only(a: Audit) -> Outcome:
     block_size, transforms = a.scheme
     natural = a.attacker_set()[0]  # natural-image statistics: plain images, no labels
-    # the leaked images are others than those: statistics from the very images whose
-    # ciphertext is attacked would overstate the attack
-    start = len(natural)
-    leaked = a.train_encrypted[start : start + a.config.leaked_images]
-    if len(leaked) == 0:
-        raise AuditError(
-            f"{a.config.data}: no train images left for the ciphertext-only attack after the "
-            f"{start} statistics images; lower --attacker-images"
-        )
+    where, leaked = leaked_images(a)
 
     def confidence(op: BlockOp) -> float:
         logits = torch.from_numpy(predict(a.model, apply_op(natural, op)))
@@ -110,8 +128,10 @@ def ciphertext_only(a: Audit) -> Outcome:
     )
     row = key_row(a, "ciphertext_only", estimate.op, {"leaked_images": len(leaked),
                   "statistics_images": len(natural),
-                  "model_ranked_candidates": estimate.candidates})  # fmt: skip
-    return Outcome([row], {"ciphertext-only": estimate.op})
+                  "model_ranked_candidates": estimate.candidates},
+                  **quality(a, where, estimate.op))  # fmt: skip
+    keys = {"ciphertext-only": estimate.op}
+    return Outcome([row], keys, reconstructions=keys)
 
 
 def known_plaintext(a: Audit) -> Outcome:
@@ -136,6 +156,26 @@ def public_start(a: Audit) -> tuple[str | None, str | None]:
         f"the finetune_pretrained rows need public weights of {a.saved.model_name}, and no "
         "package ships them: pass --pretrained PATH (a local weights file) or --pretrained hub"
     )
+
+
+def source_matching(a: Audit) -> Outcome:
+    """The leaked images paired with the public dataset they came from (the plain train split,
+    shuffled: no names, no order), then the key solved from a few pairs; no model needed."""
+    where, leaked = leaked_images(a)
+    public = a.train_plain.images[a.rng("source_matching").permutation(len(a.train_plain.labels))]
+    found = source_matching_attack(leaked, public, a.scheme[0], transforms=a.scheme[1],
+                                   truth=a.true_op)  # fmt: skip
+    logger.info("audit: source_matching: %s of %d pairs correct (checked with your key)",
+                found.pairs_correct, len(found.pairs))  # fmt: skip
+    budget = {"leaked_images": len(leaked), "public_images": len(public),
+              "matched": len(found.pairs), "ambiguous": found.ambiguous,
+              "pairs_used": found.pairs_used, "seconds": round(found.seconds, 2)}  # fmt: skip
+    if found.solution is None:  # no pair, no key: the attacker has the model as it is
+        return Outcome([Row("source_matching", a.accuracy(None), 0.0, budget=budget)])
+    op = found.solution.op
+    row = key_row(a, "source_matching", op, budget, **quality(a, where, op))
+    keys = {"source matching": op}
+    return Outcome([row], keys, reconstructions=keys)
 
 
 def finetune_attacks(a: Audit) -> Outcome:
@@ -203,5 +243,6 @@ STEPS: dict[Scenario, Callable[[Audit], Outcome]] = {
     Scenario.WRONG_KEYS: wrong_keys, Scenario.RANDOM_KEY_SEARCH: random_search,
     Scenario.HEURISTIC_KEY_SEARCH: heuristic_search,
     Scenario.CIPHERTEXT_ONLY: ciphertext_only, Scenario.KNOWN_PLAINTEXT: known_plaintext,
+    Scenario.SOURCE_MATCHING: source_matching,
     Scenario.FINETUNE: finetune_attacks, Scenario.WEIGHT_MATCHING: weight_matching,
 }  # fmt: skip

@@ -23,7 +23,8 @@ SMALL = ["--wrong-keys", "8", "--search-keys", "6", "--search-steps", "6", "--at
          "48", "--leaked-images", "300", "--finetune-steps", "4",
          "--known-pairs", "1,3"]  # fmt: skip
 NAMES = ["correct_key", "no_key", "wrong_keys", "random_key_search", "heuristic_key_search",
-         "ciphertext_only", "known_plaintext_1", "known_plaintext_3", "finetune_attack_1pct",
+         "ciphertext_only", "known_plaintext_1", "known_plaintext_3", "source_matching",
+         "finetune_attack_1pct",
          "finetune_attack_10pct", "finetune_pretrained_1pct",
          "finetune_pretrained_10pct"]  # fmt: skip
 
@@ -86,6 +87,38 @@ def test_the_numbers_are_consistent(audit):
     # Three known digits (grey: the channels stay ambiguous) give a key the model accepts.
     assert rows["known_plaintext_3"]["top1"] > correct - 0.1
     assert set(rows["known_plaintext_3"]["parts"]) >= {"permutation", "byte_maps"}
+
+
+def test_source_matching_pairs_the_leaked_digits_and_solves(audit):
+    """The digits are their own public source: the shuffled plain train split pairs with the
+    300 leaked images, and the pairs give a key the model accepts as its own."""
+    rows = {r["scenario"]: r for r in json.loads((audit[0] / "results.json").read_text())}
+    row = rows["source_matching"]
+    budget = row["budget"]
+    assert budget["leaked_images"] == 300 and budget["public_images"] >= 300
+    assert budget["matched"] + budget["ambiguous"] <= 300 and budget["matched"] >= 270
+    assert 1 <= budget["pairs_used"] <= 4 and budget["seconds"] > 0
+    assert set(row["parts"]) >= {"permutation", "byte_maps"}
+    assert row["parts"]["byte_maps"] > 0.9 and row["top1"] > rows["correct_key"]["top1"] - 0.05
+    assert "| source_matching |" in audit[1].stdout
+
+
+def test_leaked_images_decrypted_with_the_estimates(audit):
+    """PSNR and SSIM of leaked images decrypted with each key estimated from them; the figure
+    shows them beside their plain versions, so it is the owner's only."""
+    out = audit[0]
+    rows = {r["scenario"]: r for r in json.loads((out / "results.json").read_text())}
+    for name in ("ciphertext_only", "source_matching"):
+        assert 0 < rows[name]["psnr"] <= 100 and -1 <= rows[name]["ssim"] <= 1
+    assert rows["source_matching"]["psnr"] > rows["ciphertext_only"]["psnr"]
+    assert rows["source_matching"]["ssim"] > 0.99  # every byte map solved: decrypted exactly
+    assert all("psnr" not in rows[n] for n in ("correct_key", "known_plaintext_1"))
+    report = (out / "report.md").read_text()
+    assert "ciphertext_only PSNR " in report and "source_matching PSNR " in report
+    assert "![reconstruction](reconstruction.png)" in report
+    with Image.open(out / "reconstruction.png") as img:
+        assert img.format == "PNG" and img.width > 200
+    assert (out / "reconstruction.png").stat().st_mode & 0o777 == 0o600
 
 
 def test_report_and_figures(audit):

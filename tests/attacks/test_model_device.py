@@ -114,7 +114,7 @@ def test_audit_scenarios_follow_the_model(model, data, tmp_path):
     assert a.device.type == "meta"
     for scenario in (audit.correct_key, audit.no_key, audit.wrong_keys, audit.random_search,
                      audit.heuristic_search, audit.ciphertext_only,
-                     audit.known_plaintext):  # fmt: skip
+                     audit.known_plaintext, audit.source_matching):  # fmt: skip
         SEEN.clear()
         assert scenario(a).rows, scenario.__name__
         assert_all_on_meta()

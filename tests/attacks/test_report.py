@@ -117,6 +117,29 @@ def test_the_report_opens_with_the_verdict_and_explains_itself():
     assert "| finetune_attack_1pct (10 images) |" in text
 
 
+def test_source_matching_and_the_reconstruction_quality():
+    """The source-matching row has its own attacker and finding; PSNR and SSIM, where rows have
+    them, are a line under the table and in results.json (and nowhere else)."""
+    matched = Row("source_matching", 0.89, 0.4, psnr=100.0, ssim=1.0,
+                  budget={"leaked_images": 300, "public_images": 348, "matched": 299,
+                          "ambiguous": 1, "pairs_used": 4, "seconds": 0.5})  # fmt: skip
+    guessed = Row("ciphertext_only", 0.8, 0.01, psnr=17.84, ssim=0.685)
+    rows = [*ROWS[:5], guessed, matched]
+    assert matched.to_json()["psnr"] == 100.0 and matched.to_json()["ssim"] == 1.0
+    said = {v.short: v for v in verdicts(rows, META)}
+    assert said["shards + public data"].holds is False
+    assert "299 of 300 leaked images" in said["shards + public data"].text
+    assert any(line.startswith("**source_matching succeeds**") and "(1 ambiguous)" in line
+               for line in findings(rows))  # fmt: skip
+    text = markdown(rows, META)
+    line = ("ciphertext_only PSNR 17.8 dB, SSIM 0.685; source_matching PSNR 100.0 dB (exact), "
+            "SSIM 1.000.")  # fmt: skip
+    assert line in text and line in page_block(rows)
+    assert "- source_matching: leaked encrypted train shards and the public dataset" in text
+    assert "![reconstruction](reconstruction.png)" in text
+    assert "PSNR" not in markdown(ROWS, META) and "reconstruction" not in markdown(ROWS, META)
+
+
 def test_the_chart_draws_chance_and_the_correct_key_and_sets_attacks_apart(tmp_path):
     ax = accuracy_chart(ROWS, tmp_path / "a.png", chance=0.1)
     assert (tmp_path / "a.png").stat().st_size > 1000
