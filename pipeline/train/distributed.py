@@ -46,7 +46,10 @@ def setup_distributed(timeout: float = TrainConfig.dist_timeout) -> Dist:
 
 
 # What gloo and NCCL say when a collective's peer is gone (gloo raises plain RuntimeErrors)
-_PEER_LOST = ("timed out", "connection reset", "connection closed", "broken pipe", "closed by peer")
+# gloo and NCCL in words; "application timeout caused pair closure" is gloo's timeout of a
+# collective that DDP runs itself (the buffer broadcast at the start of a forward)
+_PEER_LOST = ("timed out", "connection reset", "connection closed", "broken pipe",
+              "closed by peer", "application timeout", "pair closure")  # fmt: skip
 
 
 def lost_peer(exc: BaseException) -> bool:

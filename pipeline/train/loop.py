@@ -341,9 +341,10 @@ def save_state(run: Run, epoch: int, step_in_epoch: int) -> None:
             finished=(epoch, step_in_epoch) == (run.config.epochs, 0),
             input_stats=manifest.input_stats,
         ).save(run.out / "checkpoint.pt")  # fmt: skip
+    run.progress.saved = (epoch, step_in_epoch)  # before the line: Ctrl-C may follow it at once
+    if env.primary:
         logger.info("train: checkpoint at epoch %d, step %d: %s", epoch, step_in_epoch,
                     run.out / "checkpoint.pt")  # fmt: skip
-    run.progress.saved = (epoch, step_in_epoch)
 
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

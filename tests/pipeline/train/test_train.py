@@ -141,3 +141,14 @@ def test_config_json_and_the_checkpoint_keep_relative_paths(digit_shards, tmp_pa
     for config in (written, saved.config):
         assert (config["data"], config["out"]) == (data, "runs/rel") and config["key"] is None
         assert str(tmp_path) not in json.dumps(config)
+
+
+def test_a_collective_timeout_counts_as_a_lost_peer():
+    from pipeline.train.distributed import lost_peer
+
+    # gloo's words when DDP's own buffer broadcast times out on a hung rank
+    assert lost_peer(RuntimeError("Application timeout caused pair closure"))
+    assert lost_peer(
+        RuntimeError("[/pytorch/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    )
+    assert not lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
