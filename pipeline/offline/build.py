@@ -71,6 +71,7 @@ logger = logging.getLogger(__name__)
 PROGRESS_DIR = "_progress"
 TAR_OVERHEAD = 3 * 512 + 3 * 512 + 256  # three headers, padding and the JSON, per sample
 PUBLISH_QUEUE = 2  # finished shards waiting for (or in) their upload; the builder waits beyond
+DECODE_AHEAD = 2  # batches decoding while the builder encrypts and writes the one before
 
 
 @dataclass
@@ -483,7 +484,7 @@ def _build_own_shards(
     finished = _finished_shards(storage, state, plan, mine)
     todo = [i for i in mine if finished.get(i) is None]
     pools = (
-        ThreadPoolExecutor(1, thread_name_prefix="shard-decode"),
+        ThreadPoolExecutor(DECODE_AHEAD, thread_name_prefix="shard-decode"),
         ThreadPoolExecutor(1, thread_name_prefix="shard-write"),
     )
     batches = (b for i in todo for b in _batches(plan.chunk(i), config.batch_size))
@@ -650,7 +651,9 @@ def _finish_split(
         shards=records,
         rejects=rejects,
         samples_table=samples_table_name(split),
-        input_stats=input_stats(config.src, plan.items, max_pixels=config.max_pixels),
+        input_stats=input_stats(
+            config.src, plan.items, max_pixels=config.max_pixels, threads=config.num_threads
+        ),
     )
     storage.write_bytes(samples_table_name(split), samples_table_bytes(rows))
     write_manifest(storage, manifest)  # last: its presence means the split is complete
@@ -661,18 +664,24 @@ def _finish_split(
 STATS_SAMPLE = 64  # source images whose colour statistics the manifest records
 
 
-def input_stats(src: str, items: Sequence[SourceItem], *, max_pixels: int) -> dict:
+def input_stats(
+    src: str, items: Sequence[SourceItem], *, max_pixels: int, threads: int = 1
+) -> dict:
     """Colour statistics of the split's first ``STATS_SAMPLE`` images in shard order (their
-    plain pixels, decoded with PIL): the fraction that are grey. Predict compares its inputs
-    with them. A dataset-level figure: it names and predicts no image."""
-    grey = seen = 0
-    for item in items[:STATS_SAMPLE]:
+    plain pixels, decoded with PIL on ``threads`` threads): the fraction that are grey. Predict
+    compares its inputs with them. A dataset-level figure: it names and predicts no image."""
+
+    def grey(item: SourceItem) -> bool | None:
         try:
             rgb = decode_pil((Path(src) / item.path).read_bytes(), 32, max_pixels=max_pixels)
         except Exception:  # a rejected file: the build has named it already
-            continue
-        seen, grey = seen + 1, grey + is_grey(rgb)
-    return {"grey_fraction": round(grey / seen, 4) if seen else None, "sampled": seen}
+            return None
+        return is_grey(rgb)
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="input-stats") as pool:
+        found = [g for g in pool.map(grey, items[:STATS_SAMPLE]) if g is not None]
+    seen = len(found)
+    return {"grey_fraction": round(sum(found) / seen, 4) if seen else None, "sampled": seen}
 
 
 def _finished_and_same(
@@ -800,25 +809,31 @@ def _batches(items: Sequence[SourceItem], size: int) -> Iterator[Sequence[Source
 
 
 def _decode_ahead(
-    pool: ThreadPoolExecutor, batches: Iterable[Sequence[SourceItem]], config: ShardConfig, decoder
+    pool: ThreadPoolExecutor,
+    batches: Iterable[Sequence[SourceItem]],
+    config: ShardConfig,
+    decoder,
+    depth: int = DECODE_AHEAD,
 ) -> Generator[tuple[list[DecodeError | None], Any], None, None]:
-    """``_decode_stage`` of each batch, in order, with the next batch always decoding on
-    ``pool`` meanwhile, across shard boundaries (so a shard's tail never idles the decoder)."""
-    src, pending = Path(config.src), None
+    """``_decode_stage`` of each batch, in order, with up to ``depth`` batches decoding on
+    ``pool`` (which has ``depth`` workers) meanwhile, across shard boundaries. With one batch in
+    flight a decoder's threads idled at each batch's tail and while the batch was read, checked
+    and stacked; with two, the next batch's images queue behind this one's on the decoder's
+    threads. Results come back in order, so the bytes do not depend on ``depth``."""
+    src, pending = Path(config.src), deque[Future]()
     try:
         for batch in batches:
-            future = pool.submit(_decode_stage, src, batch, config.max_pixels, decoder)
-            if pending is not None:
-                yield pending.result()
-            pending = future
-        if pending is not None:
-            yield pending.result()
-            pending = None
-    finally:  # closed early (an error): let the decode in flight end before the decoder closes
-        if pending is not None:
-            pending.cancel()
+            pending.append(pool.submit(_decode_stage, src, batch, config.max_pixels, decoder))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # closed early (an error): let the decodes in flight end before the decoder closes
+        for future in pending:
+            future.cancel()
+        for future in pending:
             with contextlib.suppress(BaseException):
-                pending.result()
+                future.result()
 
 
 def _decode_stage(
