@@ -113,7 +113,7 @@ class ShardConfig:
     seed: int = 0
     classes_file: str | None = None
     shard_size: str = "1000"  # samples, or bytes with a unit: "200MB"
-    decoder: str = "dali"
+    decoder: str = "auto"  # auto, dali, nvjpeg, pil: see choose_decoder
     device: str = "auto"
     # where encryption runs: "auto" (where the decoder left the images: the GPU after DALI's
     # GPU decoder, else the CPU), "cpu", "cuda[:N]" (e.g. PIL decoding, encryption on a GPU).
@@ -128,15 +128,16 @@ class ShardConfig:
     force_unlock: bool = False  # take over another run's lock on the output
     follow_symlinks: bool = False  # use symlinks that leave src (rejected otherwise)
 
-    def data_options(self, device: str) -> dict:
-        """The options that shape the shards' content (recorded; a rerun must match them)."""
+    def data_options(self, decoder: str, device: str) -> dict:
+        """The options that shape the shards' content (recorded; a rerun must match them):
+        ``decoder`` and ``device`` are the ones that run (``choose_decoder``), never "auto"."""
         options = {
             "size": self.size,
             "per_class": self.per_class,
             "fraction": self.fraction,
             "seed": self.seed,
             "shard_size": self.shard_size,
-            "decoder": self.decoder,
+            "decoder": decoder,
             "decode_device": device,
             "plain": self.plain,
             "max_pixels": self.max_pixels,
@@ -165,22 +166,55 @@ def samples_per_shard(shard_size: str, sample_bytes: int) -> int:
     return max(1, int(number * scale) // (sample_bytes + TAR_OVERHEAD))
 
 
-def decode_device(device: str, decoder: str) -> str:
-    """Where decoding runs ("cpu" or "gpu"); it shapes the bytes, so the manifest records it."""
+DECODERS = ("auto", "dali", "nvjpeg", "pil")
+
+
+def choose_decoder(decoder: str, device: str) -> tuple[str, str]:
+    """The decoder that runs and where ("cpu" or "gpu"); both shape the bytes, so the manifest
+    records them. ``auto``: DALI on the GPU when DALI and CUDA are there, else nvJPEG when CUDA
+    is there, else the CPU decoder (DALI's when installed, else PIL). Checked before any work."""
     if device not in ("auto", "cpu", "gpu"):
         raise ConfigError(f"--device {device!r} must be one of auto, cpu, gpu")
+    if decoder not in DECODERS:
+        raise ConfigError(f"--decoder {decoder!r} must be one of {', '.join(DECODERS)}")
     if decoder == "pil":
         if device == "gpu":
             raise ConfigError(
-                "--decoder pil decodes on the CPU; use --decoder dali for --device gpu (or "
-                "--encrypt-device cuda to encrypt on the GPU)"
+                "--decoder pil decodes on the CPU; use --decoder dali or nvjpeg for --device gpu "
+                "(or --encrypt-device cuda to encrypt on the GPU)"
             )
-        return "cpu"
-    if device != "auto":
-        return device
+        return "pil", "cpu"
+    cuda = device != "cpu" and _cuda_available()
+    if decoder == "nvjpeg":
+        if device == "cpu" or not cuda:
+            raise ConfigError(
+                "--decoder nvjpeg decodes on a CUDA GPU"
+                + (" (--device cpu was given)" if device == "cpu" else " and none is here")
+                + ": use --decoder auto, dali or pil"
+            )
+        return "nvjpeg", "gpu"
+    if decoder == "dali":
+        return "dali", device if device != "auto" else ("gpu" if cuda else "cpu")
+    dali = _dali_available()
+    if cuda or device == "gpu":
+        return ("dali" if dali else "nvjpeg"), "gpu"
+    return ("dali" if dali else "pil"), "cpu"
+
+
+def _cuda_available() -> bool:
     from pipeline.device import resolve_device as torch_device
 
-    return "gpu" if torch_device("auto").type == "cuda" else "cpu"
+    return torch_device("auto").type == "cuda"
+
+
+def _dali_available() -> bool:
+    from pipeline.offline.dali import DaliUnavailableError, _dali
+
+    try:
+        _dali()
+    except DaliUnavailableError:
+        return False
+    return True
 
 
 def encryption_device(encrypt_device: str, decoding_on: str, local_rank: int) -> str:
@@ -203,12 +237,19 @@ def encryption_device(encrypt_device: str, decoding_on: str, local_rank: int) ->
     return str(torch_device(encrypt_device, local_rank=local_rank))
 
 
-def make_decoder(config: ShardConfig, device: str, device_id: int = 0):
-    if config.decoder == "pil":
+def make_decoder(config: ShardConfig, decoder: str, device: str, device_id: int = 0):
+    """This rank's ``decoder`` (as chosen by :func:`choose_decoder`), on GPU ``device_id``
+    (``LOCAL_RANK``) when it decodes on the GPU."""
+    if decoder == "pil":
         from pipeline.offline.decode import PilDecoder
 
         return PilDecoder(config.size, num_threads=config.num_threads, max_pixels=config.max_pixels)
-    if config.decoder == "dali":
+    if decoder == "nvjpeg":
+        from pipeline.offline.nvjpeg import NvjpegDecoder
+
+        return NvjpegDecoder(config.size, device_id=device_id, num_threads=config.num_threads,
+                             max_pixels=config.max_pixels)  # fmt: skip
+    if decoder == "dali":
         from pipeline.offline.dali import DaliDecoder
 
         return DaliDecoder(
@@ -218,7 +259,7 @@ def make_decoder(config: ShardConfig, device: str, device_id: int = 0):
             num_threads=config.num_threads,
             device_id=device_id,
         )
-    raise ConfigError(f"--decoder {config.decoder!r} must be dali or pil")
+    raise ConfigError(f"--decoder {decoder!r} must be dali, nvjpeg or pil")
 
 
 @dataclass(frozen=True)
@@ -260,6 +301,7 @@ class _SplitPlan:
     items: list[SourceItem]
     shape: list[int]
     per_shard: int
+    decoder: str  # the decoder that runs (never "auto")
     device: str  # where decoding runs
     identity: SplitIdentity = field(repr=False)
 
@@ -289,10 +331,10 @@ def _plan_split(config: ShardConfig, split: str, key: Key | None) -> _SplitPlan:
     )
     if not items:
         raise ShardBuildError(f"{split}: no source images selected under {config.src}/{split}")
-    device = decode_device(config.device, config.decoder)
+    decoder, device = choose_decoder(config.decoder, config.device)
     shape = [config.size, config.size, 3]
     identity = SplitIdentity(
-        options=config.data_options(device),
+        options=config.data_options(decoder, device),
         classes=tuple(classes),
         source_digest=listing_digest(items, order_key=order_key),
         key_fingerprint=None if key is None else key.fingerprint,
@@ -300,7 +342,7 @@ def _plan_split(config: ShardConfig, split: str, key: Key | None) -> _SplitPlan:
         transforms=() if key is None else tuple(key.transforms),
     )
     per_shard = samples_per_shard(config.shard_size, int(np.prod(shape)))
-    return _SplitPlan(split, items, shape, per_shard, device, identity)
+    return _SplitPlan(split, items, shape, per_shard, decoder, device, identity)
 
 
 class _State:
@@ -478,7 +520,7 @@ def _build_own_shards(
     results: dict[int, ShardResult] = {}
     rejected = 0
     encrypt_on = encryption_device(config.encrypt_device, plan.device, group.local_rank)
-    decoder = make_decoder(config, plan.device, device_id=group.local_rank)
+    decoder = make_decoder(config, plan.decoder, plan.device, device_id=group.local_rank)
     _announce(config, plan, key, group, encrypt_on, len(mine))
     progress = _progress_bar(plan, group, sum(len(plan.chunk(i)) for i in mine))
     finished = _finished_shards(storage, state, plan, mine)
@@ -547,7 +589,7 @@ def _announce(
         group.world_size,
         count,
         plan.n_shards,
-        config.decoder,
+        plan.decoder + (" (--decoder auto)" if config.decoder == "auto" else ""),
         plan.device.upper(),
         "nothing (plain)" if key is None else encrypts_on,
     )
@@ -983,7 +1025,7 @@ def build_shards(
     group = group or WorkGroup()
     # a bad --encrypt-device or a missing GPU fails now, before anything is written
     encryption_device(
-        config.encrypt_device, decode_device(config.device, config.decoder), group.local_rank
+        config.encrypt_device, choose_decoder(config.decoder, config.device)[1], group.local_rank
     )
     logger.debug("config: %s", asdict(config))
     stats = stats if stats is not None else BuildStats()
