@@ -13,13 +13,13 @@ Under ``torchrun`` the same holds per rank: rank ``r`` of ``W`` builds the shard
 once every rank is done. The bytes do not depend on ``W``, so a rerun may use another world size.
 One run at a time holds the output (``pipeline.offline.outlock``).
 
-Decoding (DALI or PIL threads), encryption (numpy with the GIL released, or torch on the GPU),
-writing (a writer thread) and publishing (moving or uploading a finished shard and its record:
-another thread) overlap. Publishing is a queue of at most ``PUBLISH_QUEUE`` shards: the next
-shard's decoding goes on while the previous one uploads, and if uploads fall behind the builder
-waits, so at most ``PUBLISH_QUEUE + 1`` shards are staged on local disk at once and memory stays
-flat (a staged shard is a file; one upload runs at a time, and s3fs holds at most 10 parts of
-50 MiB of it in memory).
+Decoding (DALI, nvJPEG or PIL threads, two batches ahead), encryption (numpy with the GIL
+released, or torch on the GPU), writing (a writer thread) and publishing (moving or uploading a
+finished shard and its record: another thread) overlap. Publishing is a queue of at most
+``PUBLISH_QUEUE`` shards: the next shard's decoding goes on while the previous one uploads, and
+if uploads fall behind the builder waits, so at most ``PUBLISH_QUEUE + 1`` shards are staged on
+local disk at once and memory stays flat (a staged shard is a file; one upload runs at a time,
+and s3fs holds at most 10 parts of 50 MiB of it in memory).
 """
 
 from __future__ import annotations
@@ -904,7 +904,7 @@ def _decode_stage(
 @dataclass(frozen=True)
 class _ShardMaker:
     """What every shard of one rank's share of a split is made with: the plan, the key, the
-    decoded batches (one batch ahead, across shards), the writer thread and where to encrypt."""
+    decoded batches (two batches ahead, across shards), the writer thread and where to encrypt."""
 
     config: ShardConfig
     plan: _SplitPlan
@@ -916,7 +916,7 @@ class _ShardMaker:
     encrypt_on: str = "auto"  # resolved for this rank by encryption_device()
 
     def build(self, index: int) -> tuple[ShardResult, str | None]:
-        """Shard ``index``, in three overlapping stages: batch k+1 decodes while batch k is
+        """Shard ``index``, in three overlapping stages: batches k+1 and k+2 decode while batch k is
         encrypted here and batch k-1 is written (another thread). Returns its result and DALI
         index text; the shard is left at its staging path, for ``_Publisher`` to move."""
         split, key, chunk = self.plan.split, self.key, self.plan.chunk(index)
