@@ -7,12 +7,12 @@ antialiased when shrinking (``torch.nn.functional.interpolate(..., antialias=Tru
 follows PIL's filter), rounded to uint8, then the centre crop of ``crop_box`` (offsets rounded
 down). It runs on CPU tensors too, which is how it is tested against ``decode_pil``.
 
-nvJPEG takes baseline 3-channel (YCbCr or RGB) JPEGs. Everything else the other decoders take
-(PNG and other formats, greyscale, CMYK, progressive JPEGs) is decoded on the CPU by
-``decode_pil`` for that file and copied to the GPU; a file nvJPEG refuses (corrupt, truncated)
-gets the same CPU decode, so it is kept or rejected exactly as ``--decoder pil`` would. The
-images come back as CUDA uint8 ``size x size x 3`` tensors on this rank's GPU, where the build
-encrypts them.
+nvJPEG takes whole baseline 3-channel (YCbCr or RGB) JPEGs. Everything else the other decoders
+take (PNG and other formats, greyscale, CMYK, progressive JPEGs, files that do not end with the
+JPEG end-of-image marker) is decoded on the CPU by ``decode_pil`` for that file and copied to
+the GPU; a file nvJPEG refuses (corrupt) gets the same CPU decode, so it is kept or rejected as
+``--decoder pil`` would. The images come back as CUDA uint8 ``size x size x 3`` tensors on this
+rank's GPU, where the build encrypts them.
 
 torchvision 0.29 marks its image decoding deprecated (TorchCodec supersedes it); its warning is
 silenced here as the decoder is still what this module uses.
@@ -71,8 +71,12 @@ def resize_crop(image: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def nvjpeg_takes(data: bytes) -> bool:
-    """Whether a file is a baseline 3-channel JPEG (what nvJPEG decodes); the rest goes to PIL.
-    Reads the header only."""
+    """Whether a file is a whole baseline 3-channel JPEG (what nvJPEG decodes); the rest goes to
+    PIL. Reads the header, and the end: a file that does not end with the end-of-image marker
+    (truncated, or with data after the image) goes to PIL too, which rejects truncated files
+    where a GPU decoder might return grey rows."""
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return False
     try:
         with Image.open(io.BytesIO(data)) as img:
             return (

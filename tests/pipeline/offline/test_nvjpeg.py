@@ -75,6 +75,7 @@ def test_files_nvjpeg_cannot_take_go_to_pil_or_are_rejected_as_with_pil(tmp_path
     }
     bad = {"truncated": good[: len(good) // 2], "garbage": b"\xff\xd8\xff" + b"x" * 500}
     assert nvjpeg_takes(good) and not any(nvjpeg_takes(b) for b in others.values())
+    assert not nvjpeg_takes(bad["truncated"])  # PIL, which rejects it, decodes it
     decoder = NvjpegDecoder(64, device="cpu")
     blobs = [good, *others.values(), *bad.values()]
     results = decoder.decode(blobs)
@@ -93,8 +94,13 @@ def test_files_nvjpeg_cannot_take_go_to_pil_or_are_rejected_as_with_pil(tmp_path
 def test_a_bad_file_in_a_batch_costs_only_that_file(tmp_path):
     blobs = jpeg_blobs(tmp_path, count=4)
     broken = bytearray(blobs[1])
-    broken[len(broken) // 3 : len(broken) // 3 + 400] = b"\x00" * 400  # header intact
-    results = NvjpegDecoder(32, device="cpu").decode([blobs[0], bytes(broken), *blobs[2:]])
+    table = broken.index(b"\xff\xc4")  # a Huffman table of 0xff bytes: the decoder fails
+    broken[table + 5 : table + 25] = b"\xff" * 20
+    assert nvjpeg_takes(bytes(broken))  # the header and the end look fine: it goes to nvJPEG
+    decoder = NvjpegDecoder(32, device="cpu")
+    results = decoder.decode([blobs[0], bytes(broken), *blobs[2:]])
+    assert isinstance(results[1], DecodeError) and "PIL could not decode it" in results[1].reason
+    assert decoder.cpu_files == 1  # the batch failed; each file again, then PIL for that one
     for i in (0, 2, 3):
         diff = np.abs(results[i].numpy().astype(int) - decode_pil(blobs[i], 32).astype(int))
         assert diff.max() <= MAX_BOUND
@@ -171,7 +177,7 @@ def test_nvjpeg_build_on_the_gpu(tmp_path):
                          decoder="nvjpeg", splits=("train",), max_reject_fraction=0.2)  # fmt: skip
     manifest = build_shards(config, key)["train"]
     assert (manifest.options["decoder"], manifest.options["decode_device"]) == ("nvjpeg", "gpu")
-    assert [Path(r["source"]).name for r in manifest.rejects] in ([], ["truncated.JPEG"])
+    assert [Path(r["source"]).name for r in manifest.rejects] == ["truncated.JPEG"]  # by PIL
     import tarfile
 
     sources = sources_by_key(src, tmp_path / "out", key, "train")
