@@ -142,12 +142,13 @@ def test_nvjpeg_without_cuda_is_refused_before_any_work(monkeypatch, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_auto_records_the_decoder_that_ran_and_makes_its_bytes(monkeypatch, tmp_path):
+def test_auto_records_the_decoder_that_ran_and_makes_its_bytes(monkeypatch, tmp_path, caplog):
     """On a CPU machine auto is what the default was (DALI's CPU decoder; PIL without DALI):
     the same manifest options and bytes."""
     monkeypatch.setattr(build, "_cuda_available", lambda: False)
     src = write_jpeg_tree(tmp_path / "src", classes=2, train=3, val=1)
     key = Key(FIXED_SECRET)
+    caplog.set_level("INFO", logger="pipeline.offline.build")
 
     def made(out: str, **kw) -> tuple[dict, list[str]]:
         config = ShardConfig(src=str(src), out=str(tmp_path / out), size=32, shard_size="4",
@@ -158,6 +159,7 @@ def test_auto_records_the_decoder_that_ran_and_makes_its_bytes(monkeypatch, tmp_
     monkeypatch.setattr(build, "_dali_available", lambda: False)
     assert made("auto-pil") == made("pil", decoder="pil")
     assert made("auto-pil")[0]["decoder"] == "pil"
+    assert "decoding with pil (--decoder auto) on the CPU" in caplog.text  # says which ran
     pytest.importorskip("nvidia.dali", reason="DALI is installed on Linux x86_64 only")
     monkeypatch.setattr(build, "_dali_available", lambda: True)
     options, hashes = made("auto-dali", decoder="auto")
