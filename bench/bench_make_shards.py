@@ -8,6 +8,12 @@ same key and write one shard. The naive baseline: PIL decode + resize + crop, th
 encryption one image at a time, and webdataset.TarWriter, in one process. Figures are medians of
 --repeats runs, alternating the two.
 
+make_shards_threads_2_vs_1_ratio: img/s of make_shards with --threads 2 over --threads 1, PIL
+decoder, the same photos, alternating within each repeat, medians. --threads counts decoding
+threads only: the builder (encryption) and the writer thread run beside them either way, so on
+two cores one decoding thread already has the second core for them and the ratio's ceiling is
+(decoding + the rest) / decoding CPU seconds, not 2.
+
 encrypt_time_fraction is encryption's share of the run's CPU time (the encrypting thread's CPU
 seconds over the process's, all threads): stages overlap, so wall time inside encrypt() also
 counts waiting for a core. encrypt_wall_fraction is that wall time over the run's.
@@ -91,10 +97,13 @@ def naive(src: Path, out: Path, key: Key, size: int) -> float:
     return len(items) / (time.perf_counter() - started)
 
 
-def make_shards(src: Path, out: Path, key: Key, size: int, decoder: str) -> tuple[float, float]:
+def make_shards(
+    src: Path, out: Path, key: Key, size: int, decoder: str, threads: int = 2
+) -> tuple[float, float, float]:
     stats = BuildStats()
     config = ShardConfig(src=str(src), out=str(out), splits=("train",), size=size,
-                         decoder=decoder, device="cpu", shard_size="1000")  # fmt: skip
+                         decoder=decoder, device="cpu", shard_size="1000",
+                         num_threads=threads)  # fmt: skip
     build_shards(config, key, stats=stats)
     return (
         stats.images / stats.seconds,
@@ -219,13 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         src = make_source(work / "src", args.images)
         key = Key.generate()
-        runs: dict[str, list[float]] = {"naive": [], "dali": [], "pil": [], "cpu": [], "wall": []}
+        runs: dict[str, list[float]] = {"naive": [], "dali": [], "pil": [], "cpu": [], "wall": [],
+                                        "pil_1_thread": []}  # fmt: skip
         for r in range(args.repeats):
-            for name in ("naive", "dali", "pil"):
+            for name in ("naive", "dali", "pil", "pil_1_thread"):
                 out = work / f"{name}-{r}"
                 out.mkdir()
                 if name == "naive":
                     runs["naive"].append(naive(src, out, key, args.size))
+                elif name == "pil_1_thread":
+                    runs[name].append(make_shards(src, out, key, args.size, "pil", threads=1)[0])
                 else:
                     img_s, cpu_share, wall_share = make_shards(src, out, key, args.size, name)
                     runs[name].append(img_s)
@@ -246,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "make_shards_img_s": round(med["dali"], 1),
         "make_shards_pil_img_s": round(med["pil"], 1),
+        "make_shards_pil_1_thread_img_s": round(med["pil_1_thread"], 1),
+        "make_shards_threads_2_vs_1_ratio": round(med["pil"] / med["pil_1_thread"], 3),
         "naive_img_s": round(med["naive"], 1),
         "make_shards_vs_naive_ratio": round(med["dali"] / med["naive"], 2),
         "encrypt_time_fraction": round(med["cpu"], 3),
@@ -259,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     note = (
         f"{args.images} JPEGs ~500x375 -> {args.size}x{args.size}, {os.cpu_count()} cores, "
-        f"DALI CPU decoder, median of {args.repeats}; S3 vs local: moto_server on loopback, "
+        f"DALI CPU decoder, median of {args.repeats}; threads 2 vs 1: PIL decoder, "
+        f"--threads 2 over --threads 1, median of {args.repeats}; S3 vs local: moto_server on "
+        f"loopback, "
         f"{args.s3_images} JPEGs, {args.s3_shard_size} per shard, a fresh process per run, "
         f"median of {args.s3_repeats} ({where}; shared cores: median of "
         f"{args.s3_shared_repeats})"
@@ -268,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"make_shards {results['make_shards_img_s']:.0f} img/s = "
         f"{results['make_shards_vs_naive_ratio']:.2f}x the naive loop "
-        f"({results['naive_img_s']:.0f} img/s); encryption "
+        f"({results['naive_img_s']:.0f} img/s); PIL --threads 2 / 1 "
+        f"{results['make_shards_threads_2_vs_1_ratio']:.2f}x; encryption "
         f"{100 * results['encrypt_time_fraction']:.1f}% of its CPU time; into loopback S3 "
         f"{results['make_shards_s3_vs_local_ratio']:.2f}x its local speed "
         f"({results['make_shards_s3_vs_local_ratio_shared_cores']:.2f}x with the server on its "

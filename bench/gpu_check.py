@@ -27,7 +27,11 @@ status is 1 if any section failed):
 7. ``predict``: ``tools/predict.py --device cuda`` on image files: the CPU's classes.
 8. ``make_shards_photos``: the offline stage's per-rank img/s on ImageNet-like JPEGs (PIL
    decoding on host threads), encryption on the GPU and on the CPU: the same bytes.
-9. ``frontier``: ``python -m attacks.frontier`` on those photos, block size 4, one key, with
+9. ``make_shards_nvjpeg``: ``--decoder nvjpeg`` (torchvision's nvJPEG, resize and crop on the
+   GPU) on those photos, one torchrun rank: its img/s, the decoder the manifest records, and
+   how far its images are from PIL's (decrypted, the same samples). Without CUDA: the tool's
+   one-line refusal (exit 2).
+10. ``frontier``: ``python -m attacks.frontier`` on those photos, block size 4, one key, with
    the trained model on the device: its top-1 with the estimated key.
 """
 
@@ -300,6 +304,55 @@ def check_make_shards_photos(c: Check) -> dict:
     return figures
 
 
+def _decrypted(out: Path, key_file: Path, count: int) -> list[np.ndarray]:
+    """The first ``count`` images of ``out``'s first train shard, decrypted."""
+    import tarfile
+
+    from pipeline import decrypt, load_key
+
+    key, images = load_key(key_file), []
+    with tarfile.open(out / "train-000000.tar") as tar:
+        for member in tar:
+            if member.name.endswith(".u8") and len(images) < count:
+                data = np.frombuffer(tar.extractfile(member).read(), np.uint8)  # type: ignore[union-attr]
+                images.append(decrypt(data.reshape(224, 224, 3), key))
+    return images
+
+
+def check_make_shards_nvjpeg(c: Check) -> dict:
+    """``--decoder nvjpeg`` on the photos of ``make_shards_photos``: one torchrun rank, nvJPEG
+    decoding and the resize and crop on its GPU; its images beside PIL's (``photos-cpu``: the
+    same key, so the same samples in the same order). Without CUDA the tool must refuse."""
+    photos, out = c.work / "photos", c.work / "photos-nvjpeg"
+    if not photos.is_dir():
+        raise CheckFailed("needs the photos of 'make_shards_photos'")
+    args = ["tools/make_shards.py", "--key", str(c.key), "--src", str(photos), "--split",
+            "train", "--size", "224", "--decoder", "nvjpeg", "--threads",
+            str(max(2, min(12, (os.cpu_count() or 2) - 2))), "--out", str(out)]  # fmt: skip
+    if not c.cuda:
+        try:
+            c.run(*args, cap=120)
+        except CheckFailed as exc:
+            refused = "exit 2" in str(exc) and "--decoder nvjpeg decodes on a CUDA GPU" in str(exc)
+            return {"skipped": True, "refused_without_cuda": refused, "failed": not refused}
+        raise CheckFailed("make_shards --decoder nvjpeg ran without CUDA")
+    log = c.run(*args, cap=240, torchrun=True)
+    options = json.loads((out / "train.manifest.json").read_text())["options"]
+    ours, pils = _decrypted(out, c.key, 64), _decrypted(c.work / "photos-cpu", c.key, 64)
+    diff = [np.abs(a.astype(int) - b.astype(int)) for a, b in zip(ours, pils, strict=True)]
+    mean, worst = float(np.mean([d.mean() for d in diff])), int(max(d.max() for d in diff))
+    ok = (options["decoder"], options["decode_device"]) == ("nvjpeg", "gpu") and mean < 2
+    return {
+        "img_s": _img_s(log),
+        "decoder": options["decoder"],
+        "decode_device": options["decode_device"],
+        "compared_images": len(diff),
+        "mean_abs_diff_vs_pil": round(mean, 3),
+        "max_abs_diff_vs_pil": worst,
+        "failed": not ok,
+    }
+
+
 def check_training(c: Check) -> dict:
     b = c.budget
     args = ["train/ddp.py", "--data", str(c.shards), "--out", str(c.run_dir),
@@ -469,6 +522,7 @@ SECTIONS: list[tuple[str, Callable[[Check], dict]]] = [
     ("audit", check_audit),
     ("predict", check_predict),
     ("make_shards_photos", check_make_shards_photos),
+    ("make_shards_nvjpeg", check_make_shards_nvjpeg),
     ("frontier", check_frontier),
 ]
 

@@ -29,7 +29,7 @@ import sys
 from pipeline import cli, paths
 from pipeline.cipher.keys import load_key
 from pipeline.cipher.seal import load_data_key
-from pipeline.offline.build import ShardConfig
+from pipeline.offline.build import DECODERS, ShardConfig
 from pipeline.offline.decode import DEFAULT_MAX_PIXELS
 from pipeline.offline.job import ShardJob, resolve_sources
 from pipeline.offline.sources import SPLITS
@@ -74,14 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples per shard, or bytes such as 200MB; left out: 1000 (256 for the digits)",
     )
     p.add_argument(
-        "--decoder", choices=["dali", "pil"], default="dali", help="image decoder (PIL: CPU only)"
+        "--decoder",
+        choices=DECODERS,
+        default="auto",
+        help="image decoder: dali (GPU or CPU), nvjpeg (torchvision's, GPU only), pil (CPU "
+        "only); auto: DALI on the GPU, else nvJPEG on the GPU, else DALI's CPU decoder, else PIL",
     )
     p.add_argument(
         "--device",
         type=device_name,
         default="auto",
         metavar="{auto,cpu,cuda}",
-        help="where DALI decodes (cuda: this rank's GPU, LOCAL_RANK; auto: cuda when there)",
+        help="where DALI decodes (cuda: this rank's GPU, LOCAL_RANK; auto: cuda when there); "
+        "--decoder auto with cpu picks a CPU decoder",
     )
     p.add_argument(
         "--encrypt-device",

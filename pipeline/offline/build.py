@@ -13,13 +13,13 @@ Under ``torchrun`` the same holds per rank: rank ``r`` of ``W`` builds the shard
 once every rank is done. The bytes do not depend on ``W``, so a rerun may use another world size.
 One run at a time holds the output (``pipeline.offline.outlock``).
 
-Decoding (DALI or PIL threads), encryption (numpy with the GIL released, or torch on the GPU),
-writing (a writer thread) and publishing (moving or uploading a finished shard and its record:
-another thread) overlap. Publishing is a queue of at most ``PUBLISH_QUEUE`` shards: the next
-shard's decoding goes on while the previous one uploads, and if uploads fall behind the builder
-waits, so at most ``PUBLISH_QUEUE + 1`` shards are staged on local disk at once and memory stays
-flat (a staged shard is a file; one upload runs at a time, and s3fs holds at most 10 parts of
-50 MiB of it in memory).
+Decoding (DALI, nvJPEG or PIL threads, two batches ahead), encryption (numpy with the GIL
+released, or torch on the GPU), writing (a writer thread) and publishing (moving or uploading a
+finished shard and its record: another thread) overlap. Publishing is a queue of at most
+``PUBLISH_QUEUE`` shards: the next shard's decoding goes on while the previous one uploads, and
+if uploads fall behind the builder waits, so at most ``PUBLISH_QUEUE + 1`` shards are staged on
+local disk at once and memory stays flat (a staged shard is a file; one upload runs at a time,
+and s3fs holds at most 10 parts of 50 MiB of it in memory).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ logger = logging.getLogger(__name__)
 PROGRESS_DIR = "_progress"
 TAR_OVERHEAD = 3 * 512 + 3 * 512 + 256  # three headers, padding and the JSON, per sample
 PUBLISH_QUEUE = 2  # finished shards waiting for (or in) their upload; the builder waits beyond
+DECODE_AHEAD = 2  # batches decoding while the builder encrypts and writes the one before
 
 
 @dataclass
@@ -112,7 +113,7 @@ class ShardConfig:
     seed: int = 0
     classes_file: str | None = None
     shard_size: str = "1000"  # samples, or bytes with a unit: "200MB"
-    decoder: str = "dali"
+    decoder: str = "auto"  # auto, dali, nvjpeg, pil: see choose_decoder
     device: str = "auto"
     # where encryption runs: "auto" (where the decoder left the images: the GPU after DALI's
     # GPU decoder, else the CPU), "cpu", "cuda[:N]" (e.g. PIL decoding, encryption on a GPU).
@@ -127,15 +128,16 @@ class ShardConfig:
     force_unlock: bool = False  # take over another run's lock on the output
     follow_symlinks: bool = False  # use symlinks that leave src (rejected otherwise)
 
-    def data_options(self, device: str) -> dict:
-        """The options that shape the shards' content (recorded; a rerun must match them)."""
+    def data_options(self, decoder: str, device: str) -> dict:
+        """The options that shape the shards' content (recorded; a rerun must match them):
+        ``decoder`` and ``device`` are the ones that run (``choose_decoder``), never "auto"."""
         options = {
             "size": self.size,
             "per_class": self.per_class,
             "fraction": self.fraction,
             "seed": self.seed,
             "shard_size": self.shard_size,
-            "decoder": self.decoder,
+            "decoder": decoder,
             "decode_device": device,
             "plain": self.plain,
             "max_pixels": self.max_pixels,
@@ -164,22 +166,55 @@ def samples_per_shard(shard_size: str, sample_bytes: int) -> int:
     return max(1, int(number * scale) // (sample_bytes + TAR_OVERHEAD))
 
 
-def decode_device(device: str, decoder: str) -> str:
-    """Where decoding runs ("cpu" or "gpu"); it shapes the bytes, so the manifest records it."""
+DECODERS = ("auto", "dali", "nvjpeg", "pil")
+
+
+def choose_decoder(decoder: str, device: str) -> tuple[str, str]:
+    """The decoder that runs and where ("cpu" or "gpu"); both shape the bytes, so the manifest
+    records them. ``auto``: DALI on the GPU when DALI and CUDA are there, else nvJPEG when CUDA
+    is there, else the CPU decoder (DALI's when installed, else PIL). Checked before any work."""
     if device not in ("auto", "cpu", "gpu"):
         raise ConfigError(f"--device {device!r} must be one of auto, cpu, gpu")
+    if decoder not in DECODERS:
+        raise ConfigError(f"--decoder {decoder!r} must be one of {', '.join(DECODERS)}")
     if decoder == "pil":
         if device == "gpu":
             raise ConfigError(
-                "--decoder pil decodes on the CPU; use --decoder dali for --device gpu (or "
-                "--encrypt-device cuda to encrypt on the GPU)"
+                "--decoder pil decodes on the CPU; use --decoder dali or nvjpeg for --device gpu "
+                "(or --encrypt-device cuda to encrypt on the GPU)"
             )
-        return "cpu"
-    if device != "auto":
-        return device
+        return "pil", "cpu"
+    cuda = device != "cpu" and _cuda_available()
+    if decoder == "nvjpeg":
+        if device == "cpu" or not cuda:
+            raise ConfigError(
+                "--decoder nvjpeg decodes on a CUDA GPU"
+                + (" (--device cpu was given)" if device == "cpu" else " and none is here")
+                + ": use --decoder auto, dali or pil"
+            )
+        return "nvjpeg", "gpu"
+    if decoder == "dali":
+        return "dali", device if device != "auto" else ("gpu" if cuda else "cpu")
+    dali = _dali_available()
+    if cuda or device == "gpu":
+        return ("dali" if dali else "nvjpeg"), "gpu"
+    return ("dali" if dali else "pil"), "cpu"
+
+
+def _cuda_available() -> bool:
     from pipeline.device import resolve_device as torch_device
 
-    return "gpu" if torch_device("auto").type == "cuda" else "cpu"
+    return torch_device("auto").type == "cuda"
+
+
+def _dali_available() -> bool:
+    from pipeline.offline.dali import DaliUnavailableError, _dali
+
+    try:
+        _dali()
+    except DaliUnavailableError:
+        return False
+    return True
 
 
 def encryption_device(encrypt_device: str, decoding_on: str, local_rank: int) -> str:
@@ -202,12 +237,19 @@ def encryption_device(encrypt_device: str, decoding_on: str, local_rank: int) ->
     return str(torch_device(encrypt_device, local_rank=local_rank))
 
 
-def make_decoder(config: ShardConfig, device: str, device_id: int = 0):
-    if config.decoder == "pil":
+def make_decoder(config: ShardConfig, decoder: str, device: str, device_id: int = 0):
+    """This rank's ``decoder`` (as chosen by :func:`choose_decoder`), on GPU ``device_id``
+    (``LOCAL_RANK``) when it decodes on the GPU."""
+    if decoder == "pil":
         from pipeline.offline.decode import PilDecoder
 
         return PilDecoder(config.size, num_threads=config.num_threads, max_pixels=config.max_pixels)
-    if config.decoder == "dali":
+    if decoder == "nvjpeg":
+        from pipeline.offline.nvjpeg import NvjpegDecoder
+
+        return NvjpegDecoder(config.size, device_id=device_id, num_threads=config.num_threads,
+                             max_pixels=config.max_pixels)  # fmt: skip
+    if decoder == "dali":
         from pipeline.offline.dali import DaliDecoder
 
         return DaliDecoder(
@@ -217,7 +259,7 @@ def make_decoder(config: ShardConfig, device: str, device_id: int = 0):
             num_threads=config.num_threads,
             device_id=device_id,
         )
-    raise ConfigError(f"--decoder {config.decoder!r} must be dali or pil")
+    raise ConfigError(f"--decoder {decoder!r} must be dali, nvjpeg or pil")
 
 
 @dataclass(frozen=True)
@@ -259,6 +301,7 @@ class _SplitPlan:
     items: list[SourceItem]
     shape: list[int]
     per_shard: int
+    decoder: str  # the decoder that runs (never "auto")
     device: str  # where decoding runs
     identity: SplitIdentity = field(repr=False)
 
@@ -288,10 +331,10 @@ def _plan_split(config: ShardConfig, split: str, key: Key | None) -> _SplitPlan:
     )
     if not items:
         raise ShardBuildError(f"{split}: no source images selected under {config.src}/{split}")
-    device = decode_device(config.device, config.decoder)
+    decoder, device = choose_decoder(config.decoder, config.device)
     shape = [config.size, config.size, 3]
     identity = SplitIdentity(
-        options=config.data_options(device),
+        options=config.data_options(decoder, device),
         classes=tuple(classes),
         source_digest=listing_digest(items, order_key=order_key),
         key_fingerprint=None if key is None else key.fingerprint,
@@ -299,7 +342,7 @@ def _plan_split(config: ShardConfig, split: str, key: Key | None) -> _SplitPlan:
         transforms=() if key is None else tuple(key.transforms),
     )
     per_shard = samples_per_shard(config.shard_size, int(np.prod(shape)))
-    return _SplitPlan(split, items, shape, per_shard, device, identity)
+    return _SplitPlan(split, items, shape, per_shard, decoder, device, identity)
 
 
 class _State:
@@ -477,13 +520,13 @@ def _build_own_shards(
     results: dict[int, ShardResult] = {}
     rejected = 0
     encrypt_on = encryption_device(config.encrypt_device, plan.device, group.local_rank)
-    decoder = make_decoder(config, plan.device, device_id=group.local_rank)
+    decoder = make_decoder(config, plan.decoder, plan.device, device_id=group.local_rank)
     _announce(config, plan, key, group, encrypt_on, len(mine))
     progress = _progress_bar(plan, group, sum(len(plan.chunk(i)) for i in mine))
     finished = _finished_shards(storage, state, plan, mine)
     todo = [i for i in mine if finished.get(i) is None]
     pools = (
-        ThreadPoolExecutor(1, thread_name_prefix="shard-decode"),
+        ThreadPoolExecutor(DECODE_AHEAD, thread_name_prefix="shard-decode"),
         ThreadPoolExecutor(1, thread_name_prefix="shard-write"),
     )
     batches = (b for i in todo for b in _batches(plan.chunk(i), config.batch_size))
@@ -546,7 +589,7 @@ def _announce(
         group.world_size,
         count,
         plan.n_shards,
-        config.decoder,
+        plan.decoder + (" (--decoder auto)" if config.decoder == "auto" else ""),
         plan.device.upper(),
         "nothing (plain)" if key is None else encrypts_on,
     )
@@ -650,7 +693,9 @@ def _finish_split(
         shards=records,
         rejects=rejects,
         samples_table=samples_table_name(split),
-        input_stats=input_stats(config.src, plan.items, max_pixels=config.max_pixels),
+        input_stats=input_stats(
+            config.src, plan.items, max_pixels=config.max_pixels, threads=config.num_threads
+        ),
     )
     storage.write_bytes(samples_table_name(split), samples_table_bytes(rows))
     write_manifest(storage, manifest)  # last: its presence means the split is complete
@@ -661,18 +706,24 @@ def _finish_split(
 STATS_SAMPLE = 64  # source images whose colour statistics the manifest records
 
 
-def input_stats(src: str, items: Sequence[SourceItem], *, max_pixels: int) -> dict:
+def input_stats(
+    src: str, items: Sequence[SourceItem], *, max_pixels: int, threads: int = 1
+) -> dict:
     """Colour statistics of the split's first ``STATS_SAMPLE`` images in shard order (their
-    plain pixels, decoded with PIL): the fraction that are grey. Predict compares its inputs
-    with them. A dataset-level figure: it names and predicts no image."""
-    grey = seen = 0
-    for item in items[:STATS_SAMPLE]:
+    plain pixels, decoded with PIL on ``threads`` threads): the fraction that are grey. Predict
+    compares its inputs with them. A dataset-level figure: it names and predicts no image."""
+
+    def grey(item: SourceItem) -> bool | None:
         try:
             rgb = decode_pil((Path(src) / item.path).read_bytes(), 32, max_pixels=max_pixels)
         except Exception:  # a rejected file: the build has named it already
-            continue
-        seen, grey = seen + 1, grey + is_grey(rgb)
-    return {"grey_fraction": round(grey / seen, 4) if seen else None, "sampled": seen}
+            return None
+        return is_grey(rgb)
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="input-stats") as pool:
+        found = [g for g in pool.map(grey, items[:STATS_SAMPLE]) if g is not None]
+    seen = len(found)
+    return {"grey_fraction": round(sum(found) / seen, 4) if seen else None, "sampled": seen}
 
 
 def _finished_and_same(
@@ -800,25 +851,31 @@ def _batches(items: Sequence[SourceItem], size: int) -> Iterator[Sequence[Source
 
 
 def _decode_ahead(
-    pool: ThreadPoolExecutor, batches: Iterable[Sequence[SourceItem]], config: ShardConfig, decoder
+    pool: ThreadPoolExecutor,
+    batches: Iterable[Sequence[SourceItem]],
+    config: ShardConfig,
+    decoder,
+    depth: int = DECODE_AHEAD,
 ) -> Generator[tuple[list[DecodeError | None], Any], None, None]:
-    """``_decode_stage`` of each batch, in order, with the next batch always decoding on
-    ``pool`` meanwhile, across shard boundaries (so a shard's tail never idles the decoder)."""
-    src, pending = Path(config.src), None
+    """``_decode_stage`` of each batch, in order, with up to ``depth`` batches decoding on
+    ``pool`` (which has ``depth`` workers) meanwhile, across shard boundaries. With one batch in
+    flight a decoder's threads idled at each batch's tail and while the batch was read, checked
+    and stacked; with two, the next batch's images queue behind this one's on the decoder's
+    threads. Results come back in order, so the bytes do not depend on ``depth``."""
+    src, pending = Path(config.src), deque[Future]()
     try:
         for batch in batches:
-            future = pool.submit(_decode_stage, src, batch, config.max_pixels, decoder)
-            if pending is not None:
-                yield pending.result()
-            pending = future
-        if pending is not None:
-            yield pending.result()
-            pending = None
-    finally:  # closed early (an error): let the decode in flight end before the decoder closes
-        if pending is not None:
-            pending.cancel()
+            pending.append(pool.submit(_decode_stage, src, batch, config.max_pixels, decoder))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # closed early (an error): let the decodes in flight end before the decoder closes
+        for future in pending:
+            future.cancel()
+        for future in pending:
             with contextlib.suppress(BaseException):
-                pending.result()
+                future.result()
 
 
 def _decode_stage(
@@ -847,7 +904,7 @@ def _decode_stage(
 @dataclass(frozen=True)
 class _ShardMaker:
     """What every shard of one rank's share of a split is made with: the plan, the key, the
-    decoded batches (one batch ahead, across shards), the writer thread and where to encrypt."""
+    decoded batches (two batches ahead, across shards), the writer thread and where to encrypt."""
 
     config: ShardConfig
     plan: _SplitPlan
@@ -859,7 +916,7 @@ class _ShardMaker:
     encrypt_on: str = "auto"  # resolved for this rank by encryption_device()
 
     def build(self, index: int) -> tuple[ShardResult, str | None]:
-        """Shard ``index``, in three overlapping stages: batch k+1 decodes while batch k is
+        """Shard ``index``, in three overlapping stages: batches k+1 and k+2 decode while batch k is
         encrypted here and batch k-1 is written (another thread). Returns its result and DALI
         index text; the shard is left at its staging path, for ``_Publisher`` to move."""
         split, key, chunk = self.plan.split, self.key, self.plan.chunk(index)
@@ -968,7 +1025,7 @@ def build_shards(
     group = group or WorkGroup()
     # a bad --encrypt-device or a missing GPU fails now, before anything is written
     encryption_device(
-        config.encrypt_device, decode_device(config.device, config.decoder), group.local_rank
+        config.encrypt_device, choose_decoder(config.decoder, config.device)[1], group.local_rank
     )
     logger.debug("config: %s", asdict(config))
     stats = stats if stats is not None else BuildStats()

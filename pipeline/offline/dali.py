@@ -13,6 +13,7 @@ that only the bad file becomes a ``DecodeError``. The pipeline stays usable afte
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,7 +46,8 @@ class DaliDecoder:
     """Decode + resize + centre-crop batches of encoded images with one DALI pipeline.
 
     On ``device="gpu"`` the results are CUDA torch tensors on GPU ``device_id`` (so encryption
-    can stay on the GPU); on ``"cpu"`` they are numpy arrays.
+    can stay on the GPU); on ``"cpu"`` they are numpy arrays. One pipeline runs one batch at a
+    time: ``decode`` may be called from several threads and takes them in turn.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class DaliDecoder:
 
         self._pipe = pipe()
         self._pipe.build()
+        self._lock = threading.Lock()  # feed_input + run are one step of one pipeline
 
     def _run(self, blobs: Sequence[bytes]) -> list[Any]:
         self._pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
@@ -98,8 +101,9 @@ class DaliDecoder:
 
     def decode(self, blobs: Sequence[bytes]) -> list[Any]:
         results: list[Any] = []
-        for start in range(0, len(blobs), self.batch_size):
-            results.extend(self._run_robust(blobs[start : start + self.batch_size]))
+        with self._lock:
+            for start in range(0, len(blobs), self.batch_size):
+                results.extend(self._run_robust(blobs[start : start + self.batch_size]))
         return results
 
     def close(self) -> None:

@@ -53,6 +53,7 @@ def test_bench_make_shards_writes_results(tmp_path):
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     for name in ("make_shards_img_s", "naive_img_s", "make_shards_vs_naive_ratio",
+                 "make_shards_threads_2_vs_1_ratio", "make_shards_pil_1_thread_img_s",
                  "make_shards_s3_vs_local_ratio", "make_shards_s3_img_s",
                  "make_shards_s3_vs_local_ratio_shared_cores"):  # fmt: skip
         assert results[name] > 0

@@ -71,6 +71,7 @@ def test_smoke_run_passes_every_section_without_dali_or_s3(tmp_path):
     assert torchrun["same_bytes_as_one_process"] and torchrun["encrypt_device"] == "cpu"
     photos = sections["make_shards_photos"]
     assert photos["images"] == 12 and photos["img_s_encrypt_cpu"] > 0
+    assert sections["make_shards_nvjpeg"]["refused_without_cuda"]  # no CUDA: one line, exit 2
 
 
 def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):

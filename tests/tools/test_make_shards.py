@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline import Key, decrypt, save_key
 from tests.conftest import FIXED_SECRET, ChildLines
@@ -167,6 +168,20 @@ def test_without_dali_the_error_says_what_to_do(tree, tmp_path):
     assert done.returncode == 2, done.stderr
     assert "pip install nvidia-dali-cuda130" in done.stderr and "--decoder pil" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
+def test_nvjpeg_without_a_gpu_is_one_line_before_any_work(tree, tmp_path):
+    done = tool("make_shards.py", "--src", str(tree), "--plain", "--out", str(tmp_path / "o"),
+                "--decoder", "nvjpeg")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "make_shards: error: --decoder nvjpeg decodes on a CUDA GPU and none is here: use "
+        "--decoder auto, dali or pil"
+    ]
+    assert not (tmp_path / "o").exists()
 
 
 def test_second_run_into_a_live_output_is_refused(tree, key_file, tmp_path):
