@@ -51,7 +51,13 @@ from pipeline.errors import ConfigError, KeyprotectError
 from pipeline.offline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_pil, is_grey, probe
 from pipeline.offline.outlock import OutputLock
 from pipeline.offline.sourcemap import log_rejects, reject_entry, reject_source
-from pipeline.offline.sources import SPLITS, SourceItem, listing_digest, select_split
+from pipeline.offline.sources import (
+    SPLITS,
+    SourceItem,
+    SourceReject,
+    listing_digest,
+    select_split,
+)
 from pipeline.offline.workgroup import WorkGroup
 from pipeline.shards.format import ShardRecord, ShardWriter, index_name, sample_files, shard_name
 from pipeline.shards.manifest import (
@@ -78,7 +84,8 @@ DECODE_AHEAD = 2  # batches decoding while the builder encrypts and writes the o
 class BuildStats:
     """What a run did, for the summary line and the benchmark."""
 
-    images: int = 0
+    images: int = 0  # images made into samples by this run
+    rejected: int = 0  # files this run could not decode (not counted in ``images``)
     shards: int = 0  # shards made by this run (not those a resume found finished)
     encrypt_seconds: float = 0.0  # wall-clock seconds inside encryption (other stages overlap)
     encrypt_cpu_seconds: float = 0.0  # CPU seconds of the encrypting thread while encrypting
@@ -304,6 +311,7 @@ class _SplitPlan:
     decoder: str  # the decoder that runs (never "auto")
     device: str  # where decoding runs
     identity: SplitIdentity = field(repr=False)
+    source_rejects: list[SourceReject] = field(default_factory=list)  # not images, not used
 
     @cached_property
     def digest(self) -> str:
@@ -319,7 +327,7 @@ class _SplitPlan:
 
 def _plan_split(config: ShardConfig, split: str, key: Key | None) -> _SplitPlan:
     order_key = None if key is None else key.order_key  # encrypted: an order nobody can redo
-    classes, items = select_split(
+    classes, items, source_rejects = select_split(
         config.src,
         split,
         classes_file=config.classes_file,
@@ -342,7 +350,7 @@ def _plan_split(config: ShardConfig, split: str, key: Key | None) -> _SplitPlan:
         transforms=() if key is None else tuple(key.transforms),
     )
     per_shard = samples_per_shard(config.shard_size, int(np.prod(shape)))
-    return _SplitPlan(split, items, shape, per_shard, decoder, device, identity)
+    return _SplitPlan(split, items, shape, per_shard, decoder, device, identity, source_rejects)
 
 
 class _State:
@@ -679,6 +687,7 @@ def _finish_split(
         )
     log_rejects(split, rejects, plan.items)
     identity = plan.identity
+    manifest_encrypted = identity.key_fingerprint is not None
     manifest = Manifest(
         split=split,
         encrypted=identity.key_fingerprint is not None,
@@ -696,6 +705,7 @@ def _finish_split(
         input_stats=input_stats(
             config.src, plan.items, max_pixels=config.max_pixels, threads=config.num_threads
         ),
+        source_rejects=source_reject_entries(plan.source_rejects, encrypted=manifest_encrypted),
     )
     storage.write_bytes(samples_table_name(split), samples_table_bytes(rows))
     write_manifest(storage, manifest)  # last: its presence means the split is complete
@@ -959,7 +969,8 @@ class _ShardMaker:
                     writing.result()
             writer.abort()
             raise
-        self.stats.images += len(chunk)
+        self.stats.images += len(chunk) - len(rejects)  # made: the rejected ones are not
+        self.stats.rejected += len(rejects)
         if record.samples == 0:
             tmp.unlink(missing_ok=True)
             return ShardResult(None, rejects, []), None
@@ -993,6 +1004,18 @@ def _open_output(out: str, data_key: DataKey | None, group: WorkGroup) -> Storag
         group.share(Handshake.SEALING.value, output_id)
         return storage
     return join_output(out, data_key, group.share(Handshake.SEALING.value) or None)
+
+
+def source_reject_entries(rejects: Sequence[SourceReject], *, encrypted: bool) -> list[dict]:
+    """The entries of the source tree that are not images, as the manifest records them: by
+    name in plain shards; in encrypted ones only how many, per reason (names stay with the
+    owner's log and source map)."""
+    if not encrypted:
+        return [{"source": r.path, "reason": r.reason} for r in rejects]
+    counts: dict[str, int] = {}
+    for r in rejects:
+        counts[r.reason] = counts.get(r.reason, 0) + 1
+    return [{"reason": reason, "count": n} for reason, n in sorted(counts.items())]
 
 
 def _write_samples(writer: ShardWriter, samples: list[tuple[str, dict[str, bytes]]]) -> None:

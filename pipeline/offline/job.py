@@ -22,6 +22,17 @@ DEFAULT_SIZE = 224
 DEFAULT_SHARD_SIZE = "1000"
 
 
+def _rejected(manifests) -> str:
+    """Files that could not be decoded, and entries of --src that are not images: together
+    with the images they account for every entry of the source tree's splits."""
+    manifests = list(manifests)
+    undecodable = sum(len(m.rejects) for m in manifests)
+    other = sum(m.source_rejects_total for m in manifests)
+    if not other:
+        return f"{undecodable} rejected"
+    return f"{undecodable + other} rejected ({other} not images; each named in the log)"
+
+
 def resolve_sources(
     src: str | None, size: int | None, shard_size: str | None
 ) -> tuple[str, int, str]:
@@ -68,7 +79,7 @@ class ShardJob:
             f"make_shards: {sum(m.total_samples for m in manifests.values())} images in "
             f"{sum(len(m.shards) for m in manifests.values())} shards ({self.stats.images} "
             f"made now{by}, {self.stats.images / max(self.stats.seconds, 1e-9):.0f} img/s), "
-            f"{sum(len(m.rejects) for m in manifests.values())} rejected, "
+            f"{_rejected(manifests.values())}, "
             f"{sum(m.total_bytes for m in manifests.values()) / 1e6:.1f} MB at "
             f"{self.config.out} ({'plain' if self.key is None else f'key {self.key.fingerprint}'}"
             f"{'' if self.data_key is None else f', sealed with {self.data_key.keyset_id}'})"

@@ -139,7 +139,7 @@ def _items(manifest: Manifest, src: str, key: Key | None, classes_file: str | No
     """The split's items in shard order, recomputed as the offline stage chose them."""
     order_key = None if key is None else key.order_key
     options = manifest.options
-    _, items = select_split(
+    _, items, _ = select_split(
         src,
         manifest.split,
         classes_file=classes_file,

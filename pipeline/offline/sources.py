@@ -259,18 +259,20 @@ def select_split(
     seed: int = 0,
     order_key: bytes | None = None,
     follow_symlinks: bool = False,
-) -> tuple[list[str], list[SourceItem]]:
-    """The class names of ``split`` and its selected items in shard order: sample ``k`` of the
-    split's shards (key ``f"{k:08d}"``) comes from ``items[k]``."""
+) -> tuple[list[str], list[SourceItem], list[SourceReject]]:
+    """The class names of ``split``, its selected items in shard order (sample ``k`` of the
+    split's shards, key ``f"{k:08d}"``, comes from ``items[k]``) and the entries of the tree
+    that are not used, with why."""
     if classes_file:
         classes = read_classes_file(classes_file)
     else:
         classes = find_classes(src, split, follow_symlinks=follow_symlinks)
+    listed, rejects = scan_split(src, split, classes, follow_symlinks=follow_symlinks)
     items = select_subset(
-        list_split(src, split, classes, follow_symlinks=follow_symlinks),
+        listed,
         per_class=per_class,
         fraction=fraction,
         seed=seed,
         order_key=order_key,
     )
-    return classes, items
+    return classes, items, rejects

@@ -89,7 +89,14 @@ class Manifest:
     # colour statistics of the plain images (a sample): what predict compares its inputs with;
     # None in manifests made before they were recorded
     input_stats: dict | None = None
+    # entries of the source tree that are not images (not used): plain shards name them,
+    # encrypted ones count them per reason
+    source_rejects: list[dict] = field(default_factory=list)
     version: int = MANIFEST_VERSION
+
+    @property
+    def source_rejects_total(self) -> int:
+        return sum(int(r.get("count", 1)) for r in self.source_rejects)
 
     @property
     def total_samples(self) -> int:
@@ -120,6 +127,8 @@ class Manifest:
         }
         if self.input_stats is not None:
             data["input_stats"] = self.input_stats
+        if self.source_rejects:  # left out when empty: manifests without any stay as they were
+            data["source_rejects"] = self.source_rejects
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @classmethod
@@ -148,6 +157,7 @@ class Manifest:
                 rejects=list(data["rejects"]),
                 samples_table=data.get("samples_table"),
                 input_stats=data.get("input_stats"),
+                source_rejects=list(data.get("source_rejects", [])),
                 version=data["version"],
             )
         except ManifestError:
