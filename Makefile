@@ -94,6 +94,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_loader.py --out bench/results.json
 	$(PY) bench/bench_frontier.py --out bench/results.json
 	$(PY) bench/bench_seal.py --out bench/results.json
+	$(PY) bench/report.py --results bench/results.json --page docs/results/benchmarks.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ def merge_results(path: str | os.PathLike, figures: dict, *, note_key: str, note
     merged = json.loads(path.read_text()) if path.exists() else {}
     merged.update(figures)
     merged[note_key] = note
+    merged[f"{note_key}_date"] = datetime.date.today().isoformat()  # when these were measured
     atomic_write(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
     for name, value in figures.items():
         print(f"{name:<36} {value}")
