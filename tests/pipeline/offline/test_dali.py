@@ -37,6 +37,24 @@ def test_cpu_decoder_is_close_to_pil(photos, size):
     assert (diff <= 1).mean() > 0.99  # a misaligned crop or filter would fail this badly
 
 
+def test_16bit_greyscale_png_scales_as_the_pil_decoder_does():
+    """DALI and PIL read a 16-bit PNG by the same convention, round(x * 255 / 65535): the
+    whole range, pixel for pixel at the stored size (no resize to blur the comparison)."""
+    import io
+
+    from PIL import Image
+
+    grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    ours = decode_pil(data, 64)
+    theirs = np.asarray(DaliDecoder(64, batch_size=1).decode([data])[0])
+    np.testing.assert_array_equal(theirs, ours)
+    assert ours[0, 0, 0] == 0 and ours[-1, -1, 0] == 255 and 120 < ours.mean() < 135
+
+
 def test_a_bad_file_fails_alone(photos, tmp_path):
     import io
 
