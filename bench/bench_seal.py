@@ -11,6 +11,11 @@ stages that do it, each against the same work unsealed in the same run.
    photo-like JPEGs at 224 px, ``--seal`` over not, runs alternating, medians of --repeats.
 3. ``loader_sealed_vs_unsealed_ratio``: img/s of the training loader (2 workers, batch 64) over
    those shards sealed and not, alternating, medians of --repeats.
+4. ``dali_loader_sealed_vs_unsealed_ratio``: the DALI loader (CPU) over the same shards for one
+   epoch, from its construction (sealed: the shards opened into /dev/shm first) to the last
+   batch, sealed over unsealed.
+5. ``make_shards_{sealed,unsealed}_peak_rss_mb``: the peak RSS (VmHWM) of a fresh process that
+   runs make_shards once, sealed and not.
 Results merge into the flat JSON object in --out.
 """
 
@@ -26,7 +31,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.cipher.seal import generate_data_key, object_ad, opening_reader, sealing_writer
+from pipeline import save_key
+from pipeline.cipher.seal import (
+    generate_data_key,
+    object_ad,
+    opening_reader,
+    save_data_key,
+    sealing_writer,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results import merge_results  # noqa: E402
@@ -96,9 +108,15 @@ def stages(images: int, repeats: int) -> dict[str, float]:
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-seal-"))
     key, data_key = Key.generate(), generate_data_key()
-    runs: dict[str, list[float]] = {"made": [], "made_sealed": [], "read": [], "read_sealed": []}
+    runs: dict[str, list[float]] = {name: [] for name in ("made", "made_sealed", "read",
+                                    "read_sealed", "dali", "dali_sealed")}  # fmt: skip
     try:
         src = make_source(work / "src", images)
+        key_file = save_key(key, work / "k.bin")
+        data_key_file = save_data_key(data_key, work / "data.key")
+        peak = {sealed: peak_rss_mb(src, work / f"peak-{sealed}", key_file,
+                                    data_key_file if sealed else None)
+                for sealed in (False, True)}  # fmt: skip
         for r in range(repeats):
             for sealed in (False, True):
                 out = work / f"{'sealed' if sealed else 'plain'}-{r}"
@@ -111,6 +129,8 @@ def stages(images: int, repeats: int) -> dict[str, float]:
                 out = work / f"{'sealed' if sealed else 'plain'}-{r}"
                 img_s = loader_img_s(str(out), 3, data_key if sealed else None)
                 runs["read_sealed" if sealed else "read"].append(img_s)
+                img_s = dali_epoch_img_s(str(out), data_key if sealed else None)
+                runs["dali_sealed" if sealed else "dali"].append(img_s)
             for name in ("plain", "sealed"):
                 shutil.rmtree(work / f"{name}-{r}")
     finally:
@@ -123,7 +143,53 @@ def stages(images: int, repeats: int) -> dict[str, float]:
         "loader_unsealed_img_s": round(med["read"], 1),
         "loader_sealed_img_s": round(med["read_sealed"], 1),
         "loader_sealed_vs_unsealed_ratio": round(med["read_sealed"] / med["read"], 3),
+        "dali_loader_unsealed_img_s": round(med["dali"], 1),
+        "dali_loader_sealed_img_s": round(med["dali_sealed"], 1),
+        "dali_loader_sealed_vs_unsealed_ratio": round(med["dali_sealed"] / med["dali"], 3),
+        "make_shards_unsealed_peak_rss_mb": round(peak[False], 1),
+        "make_shards_sealed_peak_rss_mb": round(peak[True], 1),
     }
+
+
+def dali_epoch_img_s(shards: str, data_key) -> float:
+    """One epoch of the DALI loader (CPU), from its construction to the last batch."""
+    from pipeline.stream.dali import DaliShardLoader
+    from pipeline.stream.dataset import LoaderConfig
+
+    started, count = time.perf_counter(), 0
+    loader = DaliShardLoader(shards, "train", config=LoaderConfig(batch_size=64, num_workers=2),
+                             data_key=data_key)  # fmt: skip
+    for images, _, valid in loader:
+        count += int(valid.sum())
+        del images
+    seconds = time.perf_counter() - started
+    del loader
+    return count / seconds
+
+
+PEAK = """
+import sys
+from pipeline import load_key
+from pipeline.cipher.seal import load_data_key
+from pipeline.offline.build import ShardConfig, build_shards
+src, out, key_file, data_key_file = sys.argv[1:5]
+config = ShardConfig(src=src, out=out, splits=("train",), size=224, decoder="dali", device="cpu",
+                     shard_size="100")
+build_shards(config, load_key(key_file),
+             data_key=load_data_key(data_key_file) if data_key_file != "-" else None)
+print(int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024)
+"""
+
+
+def peak_rss_mb(src: Path, out: Path, key_file: Path, data_key_file: Path | None) -> float:
+    """The peak RSS of a fresh process that makes the shards once."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK, str(src), str(out), str(key_file), str(data_key_file or "-")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

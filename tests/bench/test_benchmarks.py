@@ -120,8 +120,11 @@ def test_bench_seal_writes_the_stage_ratios(tmp_path):
     assert done.returncode == 0, done.stderr
     results = json.loads(out.read_text())
     for name in ("open_1mb_gb_s", "make_shards_sealed_vs_unsealed_ratio",
-                 "loader_sealed_vs_unsealed_ratio", "loader_sealed_img_s"):  # fmt: skip
+                 "loader_sealed_vs_unsealed_ratio", "loader_sealed_img_s",
+                 "dali_loader_sealed_vs_unsealed_ratio"):  # fmt: skip
         assert results[name] > 0
+    for name in ("make_shards_sealed_peak_rss_mb", "make_shards_unsealed_peak_rss_mb"):
+        assert 50 < results[name] < 4000  # a process that imported torch and DALI
 
 
 def test_bench_report_groups_every_figure_with_its_note_and_date(tmp_path):
