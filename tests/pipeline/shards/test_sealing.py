@@ -30,8 +30,8 @@ def digits(tmp_path_factory) -> Path:
 
 
 def build(digits: Path, out: Path, data_key=None, **options) -> dict:
-    config = ShardConfig(src=str(digits), out=str(out), size=32, decoder="pil",
-                         shard_size="200", **options)  # fmt: skip
+    settings = {"size": 32, "decoder": "pil", "shard_size": "200", **options}
+    config = ShardConfig(src=str(digits), out=str(out), **settings)
     return build_shards(config, Key(FIXED_SECRET), data_key=data_key)
 
 
@@ -246,3 +246,16 @@ def opened_objects(out: Path, key) -> dict[str, bytes]:
     storage = open_output(out, key)
     names = [n for n in storage.list() if n not in (SEALED_NAME, "_progress")]
     return {n: storage.read_bytes(n) for n in names}
+
+
+def test_overwrite_replaces_a_sealed_output_made_differently(
+    digits, data_key, sealed_out, tmp_path
+):
+    out = copy(sealed_out, tmp_path)
+    with pytest.raises(Exception, match="--overwrite"):
+        build(digits, out, data_key, size=24)
+    build(digits, out, data_key, size=24, overwrite=True)
+    storage = open_output(out, data_key)
+    assert load_manifest(storage, "train").image_shape == [24, 24, 3]
+    assert verify_shards(str(out), data_key=data_key).ok
+    assert read_seal_info(Storage(out)) == read_seal_info(Storage(sealed_out))  # same output
