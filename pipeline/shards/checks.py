@@ -12,7 +12,6 @@ a caller adds where (the shard's URI) and what to do with :func:`at_shard`.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -20,33 +19,15 @@ from pipeline.errors import KeyprotectError
 from pipeline.shards.format import SAMPLE_EXTENSIONS
 
 _EXPECTED = frozenset(SAMPLE_EXTENSIONS)
-_WRAPPED = "Caught ShardError"  # how torch's DataLoader re-raises a worker's exception
-_RAISED = re.compile(r"(?:[\w.]+\.)?ShardError: (.*)")  # its traceback's last line
 
 
 class ShardError(KeyprotectError, ValueError):
     """A shard, its index or one of its samples that does not match its manifest; the message
     names the shard and the sample and says what to do.
 
-    Constructible from one string, so that an error raised in a DataLoader worker reaches the
-    main process as a ``ShardError`` (torch rebuilds it from a message that carries the worker's
-    traceback; the one line the worker raised is kept, the traceback dropped).
+    Raised in a DataLoader worker, it reaches the main process as a ``ShardError`` with the
+    worker's one line (``KeyprotectError`` unwraps torch's message).
     """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(_unwrap(message))
-
-
-def _unwrap(message: str) -> str:
-    """The worker's own line out of torch's "Caught ShardError in DataLoader worker process N.
-    Original Traceback ..." (whose last line is ``...ShardError: LINE``)."""
-    if not message.startswith(_WRAPPED):
-        return message
-    for line in reversed(message.splitlines()):
-        found = _RAISED.fullmatch(line)
-        if found:
-            return found.group(1)
-    return message
 
 
 def at_shard(uri: str, error: ShardError, hint: str) -> ShardError:

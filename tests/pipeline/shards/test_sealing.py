@@ -259,3 +259,26 @@ def test_overwrite_replaces_a_sealed_output_made_differently(
     assert load_manifest(storage, "train").image_shape == [24, 24, 3]
     assert verify_shards(str(out), data_key=data_key).ok
     assert read_seal_info(Storage(out)) == read_seal_info(Storage(sealed_out))  # same output
+
+
+def test_a_damaged_sealed_shard_read_by_a_worker_is_one_line(sealed_out, data_key, tmp_path):
+    """The error crosses the DataLoader's worker boundary as a SealError with one line."""
+    import gc
+
+    from pipeline.stream.dataset import make_loader
+
+    out = copy(sealed_out, tmp_path)
+    data = bytearray((out / "val-000001.tar").read_bytes())
+    data[len(data) // 2] ^= 1
+    (out / "val-000001.tar").write_bytes(bytes(data))
+    dataset = ShardDataset(str(out), "val", config=LoaderConfig(train=False, num_workers=1,
+                           batch_size=64), data_key=data_key)  # fmt: skip
+    text = ""
+    try:
+        for _ in make_loader(dataset):
+            pass
+    except SealError as exc:
+        text = str(exc)
+    gc.collect()  # nothing of the worker's traceback is kept into later tests' forks
+    assert text.startswith("val-000001.tar: does not authenticate") or "val-000001.tar" in text
+    assert "\n" not in text and "Traceback" not in text and "DataLoader worker" not in text
