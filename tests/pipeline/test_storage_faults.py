@@ -125,3 +125,27 @@ def test_the_loader_on_a_stalled_endpoint_raises_one_storage_error(
         os.kill(s3.proc.pid, signal.SIGCONT)
     assert "s3://faults/out/train-000000" in str(caught.value)
     assert time.monotonic() - started < 30 * TIMEOUT_S
+
+
+def test_training_from_a_stalled_endpoint_ends_in_one_line(server, key_file, tmp_path):
+    from tests.train.conftest import FAST
+
+    s3, env = server
+    done = subprocess.run(shards_command(key_file), capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    cmd = [sys.executable, str(ROOT / "train" / "ddp.py"), "--data", "s3://faults/out", "--out",
+           str(tmp_path / "run"), *FAST, "--epochs", "2", "--ckpt-every", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=tmp_path)  # fmt: skip
+    lines = ChildLines(proc.stdout)
+    try:
+        lines.wait_for(lambda line: "checkpoint at epoch 0, step 1:" in line, timeout=300)
+        os.kill(s3.proc.pid, signal.SIGSTOP)  # the loader's next reads find no answer
+        line = one_line_failure(proc, lines, within=40 * TIMEOUT_S + 120)
+    finally:
+        os.kill(s3.proc.pid, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "train: error:" in line and "did not answer" in line and "s3://faults/out/" in line
