@@ -84,6 +84,9 @@ class Budget:
     loader_batches: int
     audit: tuple[str, ...]
     photo_images: int
+    train224_model: str = "resnet50"  # training_224: random init, no download
+    train224_batch: int = 128
+    train224_steps: int = 40  # timed steps per path, after the warm-up ones
 
 
 GPU = Budget(
@@ -101,7 +104,7 @@ SMOKE = Budget(
     audit=("--wrong-keys", "2", "--search-keys", "2", "--search-steps", "2",
            "--attacker-images", "16", "--leaked-images", "40", "--finetune-steps", "1",
            "--finetune-fractions", "0.1", "--eval-images", "40"),
-    photo_images=12,
+    photo_images=12, train224_model="resnet18", train224_batch=4, train224_steps=2,
 )  # fmt: skip
 
 
@@ -401,6 +404,105 @@ def check_training(c: Check) -> dict:
     }  # fmt: skip
 
 
+class _JpegFiles(torch.utils.data.Dataset):
+    """The photos as JPEG bytes and labels (class = folder), read in DataLoader workers."""
+
+    def __init__(self, root: Path) -> None:
+        self.files = sorted(root.rglob("*.JPEG"))
+        classes = sorted({p.parent.name for p in self.files})
+        self.labels = [classes.index(p.parent.name) for p in self.files]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        data = torch.frombuffer(bytearray(self.files[i].read_bytes()), dtype=torch.uint8)
+        return data, self.labels[i]
+
+
+def _jpeg_batch(batch: list) -> tuple[list[torch.Tensor], torch.Tensor]:
+    return [data for data, _ in batch], torch.tensor([label for _, label in batch])
+
+
+def check_training_224(c: Check) -> dict:
+    """Training img/s per GPU at 224 px: timm ``resnet50`` (random init, no download), bf16,
+    channels_last, compiled, from make_shards_photos' encrypted raw shards (the loader as
+    training uses it), against the same photos as JPEG files decoded on the fly on the device
+    (torchvision's batched ``decode_jpeg``), resized and encrypted there. The ratio is what the
+    protected pipeline costs (or saves) in training throughput; the goal is no cost."""
+    import torchvision
+
+    from pipeline import encrypt, load_key
+    from pipeline.offline.nvjpeg import resize_crop
+    from pipeline.stream.dataset import LoaderConfig, ShardDataset, make_loader, to_model_input
+
+    b = c.budget
+    shards = c.work / ("photos-cuda" if c.cuda else "photos-cpu")
+    if not (shards / "train.manifest.json").exists():
+        raise CheckFailed(f"{shards}: no shards; make_shards_photos runs first")
+    key = load_key(c.key)
+    model = timm.create_model(b.train224_model, num_classes=10, pretrained=False)
+    model = model.to(c.device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model) if b.compile else model
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with torch.autocast(c.device.type, dtype=torch.bfloat16, enabled=c.cuda):
+            loss = loss_fn(forward(x), y.to(c.device, non_blocking=True))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def raw():
+        dataset = ShardDataset(str(shards), "train",
+                               config=LoaderConfig(batch_size=b.train224_batch,
+                                                   num_workers=b.workers))  # fmt: skip
+        for epoch in range(10**6):
+            dataset.set_epoch(epoch)
+            for images, labels, _ in make_loader(dataset, pin_memory=c.cuda):
+                yield to_model_input(images, c.device), labels
+
+    def jpeg():
+        files = _JpegFiles(c.work / "photos")
+        loader = torch.utils.data.DataLoader(files, batch_size=b.train224_batch, shuffle=True,
+                                             num_workers=b.workers, collate_fn=_jpeg_batch,
+                                             drop_last=True)  # fmt: skip
+        while True:
+            for datas, labels in loader:
+                images = torchvision.io.decode_jpeg(datas, device=c.device)
+                batch = torch.stack([resize_crop(image, 224) for image in images])
+                yield to_model_input(encrypt(batch, key), c.device), labels
+
+    def img_s(batches) -> float:
+        warmup = 3  # compilation and the loader's start
+        for _ in range(warmup):
+            step(*next(batches))
+        if c.cuda:
+            torch.cuda.synchronize()
+        started, count = time.perf_counter(), 0
+        for _ in range(b.train224_steps):
+            x, y = next(batches)
+            step(x, y)
+            count += len(y)
+        if c.cuda:
+            torch.cuda.synchronize()
+        return count / (time.perf_counter() - started)
+
+    raw_img_s, jpeg_img_s = img_s(raw()), img_s(jpeg())
+    return {
+        "model": b.train224_model,
+        "batch": b.train224_batch,
+        "timed_steps": b.train224_steps,
+        "compiled": b.compile,
+        "bf16": c.cuda,
+        "workers": b.workers,
+        "img_s_encrypted_raw_shards": round(raw_img_s, 1),
+        "img_s_jpeg_decoded_on_device": round(jpeg_img_s, 1),
+        "raw_vs_jpeg_ratio": round(raw_img_s / jpeg_img_s, 3),
+    }
+
+
 def check_loader(c: Check) -> dict:
     from pipeline.stream.dataset import LoaderConfig, ShardDataset, make_loader, to_model_input
 
@@ -523,6 +625,7 @@ SECTIONS: list[tuple[str, Callable[[Check], dict]]] = [
     ("predict", check_predict),
     ("make_shards_photos", check_make_shards_photos),
     ("make_shards_nvjpeg", check_make_shards_nvjpeg),
+    ("training_224", check_training_224),
     ("frontier", check_frontier),
 ]
 
