@@ -48,6 +48,16 @@ def build_parser(doc: str | None, **kwargs) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, **kwargs)
 
 
+def add_data_key(parser: argparse.ArgumentParser, what: str = "sealed shards") -> None:
+    """``--data-key DATAKEY``, the same on every reader of shards (docs/sealing.md)."""
+    parser.add_argument(
+        "--data-key",
+        metavar="DATAKEY",
+        help=f"the data key of {what} (make_shards --seal); left out: the file named by "
+        "$KEYPROTECT_DATA_KEY, if set",
+    )
+
+
 def one_line(text: object) -> str:
     """``text`` with control characters escaped, so that a name from a file or a checkpoint can
     neither forge a log line (newline) nor drive the terminal (ANSI escapes)."""

@@ -34,12 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split", choices=["train", "val", "all"], default="all", help="which split to check"
     )
-    parser.add_argument(
-        "--data-key",
-        metavar="DATAKEY",
-        help="the data key of a sealed output; left out: the file named by "
-        "$KEYPROTECT_DATA_KEY, if set",
-    )
+    cli.add_data_key(parser, "a sealed output")
     return parser
 
 

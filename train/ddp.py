@@ -41,13 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.data,
         help="shard folder or URL with train/val manifests",
     )
-    p.add_argument(
-        "--data-key",
-        default=d.data_key,
-        metavar="DATAKEY",
-        help="the data key of sealed shards (make_shards --seal); left out: the file named by "
-        "$KEYPROTECT_DATA_KEY, if set",
-    )
+    cli.add_data_key(p)
     p.add_argument(
         "--out", default=d.out, help="run folder: metrics.jsonl, checkpoint.pt, summary.json"
     )

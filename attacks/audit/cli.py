@@ -31,12 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=paths.SHARDS,
         help="the encrypted shards it was trained on",
     )
-    p.add_argument(
-        "--data-key",
-        metavar="DATAKEY",
-        help="the data key of sealed shards (make_shards --seal); left out: the file named by "
-        "$KEYPROTECT_DATA_KEY, if set",
-    )
+    cli.add_data_key(p)
     p.add_argument("--out", default=d["out"], help="report folder")
     p.add_argument("--baseline", help="checkpoint of a non-protected model, for reference")
     p.add_argument(

@@ -52,12 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an image folder (SRC/train/<class>/*) or plain shards, local "
         "or an fsspec URL; left out: the embedded photos",
     )
-    p.add_argument(
-        "--data-key",
-        metavar="DATAKEY",
-        help="the data key of sealed --data or --model-data shards; left out: the file named "
-        "by $KEYPROTECT_DATA_KEY, if set",
-    )
+    cli.add_data_key(p, "sealed --data or --model-data shards")
     p.add_argument(
         "--image-size",
         type=int,
