@@ -28,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import save_key
@@ -41,20 +40,11 @@ from pipeline.cipher.seal import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_encrypt import median_seconds  # noqa: E402
 from results import merge_results  # noqa: E402
 
 CHUNK = 1 << 20
 AD = object_ad(output_id="bench", split="train", name="shard-000000.tar")
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def read_all(f) -> None:

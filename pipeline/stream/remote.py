@@ -7,6 +7,8 @@ import io
 import logging
 import time
 
+from pipeline.storage import filesystem, storage_timeout, unreachable
+
 logger = logging.getLogger(__name__)
 
 
@@ -16,8 +18,6 @@ class ResumableFile(io.RawIOBase):
     for at most twice the storage timeout; then one ``StorageError`` naming the object."""
 
     def __init__(self, url: str, *, start: int = 0, retries: int = 5, backoff: float = 0.5) -> None:
-        from pipeline.storage import filesystem
-
         self.url, self.retries, self.backoff = url, retries, backoff
         self.fs, self.path = filesystem(url)
         self.position = start
@@ -34,8 +34,6 @@ class ResumableFile(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        from pipeline.storage import storage_timeout, unreachable
-
         deadline = None
         for attempt in range(self.retries + 1):
             try:
