@@ -77,7 +77,7 @@ def filesystem(url: str):
     return fs, path
 
 
-def _connection_errors() -> tuple[type[BaseException], ...]:
+def connection_errors() -> tuple[type[BaseException], ...]:
     """What the transports raise when a store does not answer (not an ``OSError`` for all)."""
     errors: list[type[BaseException]] = [TimeoutError, ConnectionError]
     with contextlib.suppress(ImportError):
@@ -140,7 +140,7 @@ class Storage:
             return
         try:
             yield
-        except _connection_errors() as exc:
+        except connection_errors() as exc:
             raise unreachable(self.uri(name), exc) from None
 
     def path(self, name: str) -> str:

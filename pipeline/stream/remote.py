@@ -7,7 +7,7 @@ import io
 import logging
 import time
 
-from pipeline.storage import filesystem, storage_timeout, unreachable
+from pipeline.storage import connection_errors, filesystem, storage_timeout, unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,10 @@ class ResumableFile(io.RawIOBase):
         self.fs, self.path = filesystem(url)
         self.position = start
         self.reopened = 0
-        self._file = self._open()
+        try:
+            self._file = self._open()
+        except connection_errors() as exc:  # the store stalls or refuses before the first read
+            raise unreachable(url, exc) from None
 
     def _open(self):
         f = self.fs.open(self.path, "rb", block_size=8 << 20, cache_type="readahead")
