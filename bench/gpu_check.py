@@ -87,6 +87,8 @@ class Budget:
     train224_model: str = "resnet50"  # training_224: random init, no download
     train224_batch: int = 128
     train224_steps: int = 40  # timed steps per path, after the warm-up ones
+    photo_shard_size: str = "16MB"  # about 100 photos a shard: enough shards for every worker
+    threads: tuple[int, ...] = (1, 4, 8, 16)  # make_shards_threads' decoder thread counts
 
 
 GPU = Budget(
@@ -105,6 +107,7 @@ SMOKE = Budget(
            "--attacker-images", "16", "--leaked-images", "40", "--finetune-steps", "1",
            "--finetune-fractions", "0.1", "--eval-images", "40"),
     photo_images=12, train224_model="resnet18", train224_batch=4, train224_steps=2,
+    photo_shard_size="400kB", threads=(1, 2),
 )  # fmt: skip
 
 
@@ -234,9 +237,14 @@ def _shard_hashes(folder: Path, splits: tuple[str, ...] = ("train", "val")) -> d
     }  # fmt: skip
 
 
+def _ensure_key(c: Check) -> None:
+    if not c.key.exists():  # a --sections run over an earlier run's --work keeps its key
+        c.run("tools/make_key.py", str(c.key), cap=60)
+
+
 def check_make_shards(c: Check) -> dict:
     b = c.budget
-    c.run("tools/make_key.py", str(c.key), cap=60)
+    _ensure_key(c)
     common = ["--key", str(c.key), "--decoder", "pil", "--size", str(b.shard_size)]
     common += ["--per-class", str(b.per_class)] if b.per_class else []
     device = "cuda" if c.cuda else "cpu"
@@ -289,14 +297,16 @@ def check_make_shards_photos(c: Check) -> dict:
     from bench_make_shards import make_source
 
     b = c.budget
+    _ensure_key(c)
     src = make_source(c.work / "photos", b.photo_images)
-    threads = max(2, min(12, (os.cpu_count() or 2) - 2))
+    threads = os.cpu_count() or 2
     figures: dict = {"images": b.photo_images, "threads": threads, "cpus": os.cpu_count()}
     for device in ("cuda", "cpu") if c.cuda else ("cpu",):
         out = c.work / f"photos-{device}"
         log = c.run("tools/make_shards.py", "--key", str(c.key), "--src", str(src), "--split",
                     "train", "--size", "224", "--decoder", "pil", "--threads", str(threads),
-                    "--encrypt-device", device, "--out", str(out), cap=240,
+                    "--shard-size", b.photo_shard_size, "--encrypt-device", device,
+                    "--out", str(out), cap=240,
                     torchrun=True)  # fmt: skip
         figures[f"img_s_encrypt_{device}"] = _img_s(log)
     if c.cuda:
@@ -322,29 +332,24 @@ def _decrypted(out: Path, key_file: Path, count: int) -> list[np.ndarray]:
     return images
 
 
-def check_make_shards_nvjpeg(c: Check) -> dict:
-    """``--decoder nvjpeg`` on the photos of ``make_shards_photos``: one torchrun rank, nvJPEG
-    decoding and the resize and crop on its GPU; its images beside PIL's (``photos-cpu``: the
-    same key, so the same samples in the same order). Without CUDA the tool must refuse."""
-    photos, out = c.work / "photos", c.work / "photos-nvjpeg"
-    if not photos.is_dir():
-        raise CheckFailed("needs the photos of 'make_shards_photos'")
+def _photo_decoder_run(c: Check, decoder: str, device: str = "cuda") -> dict:
+    """``--decoder DECODER --device DEVICE`` on the photos of ``make_shards_photos``: one
+    torchrun rank decoding on its GPU (or the CPU); its images beside PIL's (``photos-cpu``: the same key, so the same
+    samples in the same order), decrypted."""
+    photos, out = c.work / "photos", c.work / f"photos-{decoder}"
+    if not (c.work / "photos-cpu").is_dir():
+        raise CheckFailed("needs the photos and shards of 'make_shards_photos'")
     args = ["tools/make_shards.py", "--key", str(c.key), "--src", str(photos), "--split",
-            "train", "--size", "224", "--decoder", "nvjpeg", "--threads",
-            str(max(2, min(12, (os.cpu_count() or 2) - 2))), "--out", str(out)]  # fmt: skip
-    if not c.cuda:
-        try:
-            c.run(*args, cap=120)
-        except CheckFailed as exc:
-            refused = "exit 2" in str(exc) and "--decoder nvjpeg decodes on a CUDA GPU" in str(exc)
-            return {"skipped": True, "refused_without_cuda": refused, "failed": not refused}
-        raise CheckFailed("make_shards --decoder nvjpeg ran without CUDA")
+            "train", "--size", "224", "--decoder", decoder, "--device", device, "--threads",
+            str(os.cpu_count() or 2), "--shard-size", c.budget.photo_shard_size,
+            "--out", str(out)]  # fmt: skip
     log = c.run(*args, cap=240, torchrun=True)
     options = json.loads((out / "train.manifest.json").read_text())["options"]
     ours, pils = _decrypted(out, c.key, 64), _decrypted(c.work / "photos-cpu", c.key, 64)
     diff = [np.abs(a.astype(int) - b.astype(int)) for a, b in zip(ours, pils, strict=True)]
     mean, worst = float(np.mean([d.mean() for d in diff])), int(max(d.max() for d in diff))
-    ok = (options["decoder"], options["decode_device"]) == ("nvjpeg", "gpu") and mean < 2
+    expected = (decoder, "gpu" if device == "cuda" else "cpu")
+    ok = (options["decoder"], options["decode_device"]) == expected and mean < 2
     return {
         "img_s": _img_s(log),
         "decoder": options["decoder"],
@@ -354,6 +359,146 @@ def check_make_shards_nvjpeg(c: Check) -> dict:
         "max_abs_diff_vs_pil": worst,
         "failed": not ok,
     }
+
+
+def check_make_shards_nvjpeg(c: Check) -> dict:
+    """``--decoder nvjpeg`` (torchvision's nvJPEG, resize and crop on the GPU) on the photos.
+    Without CUDA the tool must refuse in one line."""
+    if not c.cuda:
+        try:
+            c.run("tools/make_shards.py", "--key", str(c.key), "--src", str(c.work / "photos"),
+                  "--decoder", "nvjpeg", "--out", str(c.work / "photos-nvjpeg"), cap=120)  # fmt: skip
+        except CheckFailed as exc:
+            refused = "exit 2" in str(exc) and "--decoder nvjpeg decodes on a CUDA GPU" in str(exc)
+            return {"skipped": True, "refused_without_cuda": refused, "failed": not refused}
+        raise CheckFailed("make_shards --decoder nvjpeg ran without CUDA")
+    return _photo_decoder_run(c, "nvjpeg")
+
+
+def _dali_missing() -> str | None:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as exc:
+        return f"DALI is not installed here ({exc}); carry its wheel (docs/benchmarks.md)"
+    return None
+
+
+def check_make_shards_dali(c: Check) -> dict:
+    """``--decoder dali --device cuda``: DALI's own mixed (nvJPEG) decoder, the design card's
+    path, on the photos; beside PIL's images as for nvJPEG. Without CUDA: DALI on the CPU."""
+    missing = _dali_missing()
+    if missing:
+        return {"skipped": True, "reason": missing}
+    return _photo_decoder_run(c, "dali", "cuda" if c.cuda else "cpu")
+
+
+def check_make_shards_threads(c: Check) -> dict:
+    """The offline stage's scaling with host threads: img/s at 1, 4, 8 and 16 decoder threads
+    (PIL, encryption on the CPU) on the photos, one process; parallel efficiency at the most
+    threads is img/s(n) / (n * img/s(1)) (goal: at least 0.75 at 16)."""
+    photos = c.work / "photos"
+    if not photos.is_dir():
+        raise CheckFailed("needs the photos of 'make_shards_photos'")
+    counts = [n for n in c.budget.threads if n <= (os.cpu_count() or 1)] or [1]
+    img_s = {}
+    for n in counts:
+        log = c.run("tools/make_shards.py", "--key", str(c.key), "--src", str(photos), "--split",
+                    "train", "--size", "224", "--decoder", "pil", "--threads", str(n),
+                    "--shard-size", c.budget.photo_shard_size, "--encrypt-device", "cpu",
+                    "--out", str(c.work / f"threads-{n}"), cap=180)  # fmt: skip
+        img_s[n] = _img_s(log)
+    top = counts[-1]
+    efficiency = img_s[top] / (top * img_s[1]) if img_s[1] and img_s[top] else None
+    return {
+        "cpus": os.cpu_count(),
+        "images": c.budget.photo_images,
+        "img_s_by_threads": {str(n): v for n, v in img_s.items()},
+        f"parallel_efficiency_at_{top}": round(efficiency, 3) if efficiency else None,
+        "goal_efficiency": 0.75,
+    }
+
+
+def _loader_img_s(batches, device: torch.device, want: int) -> dict:
+    """Images/s of an epoch-restarting loader onto ``device``, over all the time and over the
+    steady part (each epoch from its first batch: without the workers' start)."""
+    count, steady_count, steady_s, start = 0, 0, 0.0, time.perf_counter()
+    while count < want:
+        first = None
+        for images in batches():
+            x = images if images.device == device else images.to(device, non_blocking=True)
+            if first is None:
+                first = time.perf_counter()
+            else:
+                steady_count += len(x)
+            count += len(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        steady_s += time.perf_counter() - (first or time.perf_counter())
+    seconds = time.perf_counter() - start
+    return {
+        "img_s": round(count / seconds, 1),
+        "img_s_steady": round(steady_count / steady_s, 1) if steady_s else None,
+        "images": count,
+    }
+
+
+def check_loader_224(c: Check) -> dict:
+    """The webdataset loader at 224 px (make_shards_photos' encrypted raw shards) onto the
+    device, pinned, with as many workers as the host has cores."""
+    from pipeline.stream.dataset import LoaderConfig, ShardDataset, make_loader, to_model_input
+
+    shards = c.work / ("photos-cuda" if c.cuda else "photos-cpu")
+    if not (shards / "train.manifest.json").exists():
+        raise CheckFailed(f"{shards}: no shards; make_shards_photos runs first")
+    b, workers = c.budget, os.cpu_count() or 1
+    config = LoaderConfig(batch_size=b.loader_batch, num_workers=workers)
+    dataset = ShardDataset(str(shards), "train", config=config)
+    epoch = iter(range(10**6))
+
+    def batches():
+        dataset.set_epoch(next(epoch))
+        for images, _, _ in make_loader(dataset, pin_memory=c.cuda):
+            yield to_model_input(images, c.device)
+
+    figures = _loader_img_s(batches, c.device, b.loader_batches * b.loader_batch)
+    return {
+        **figures,
+        "workers": workers,
+        "shards": len(dataset.manifest.shards),
+        "epoch_images": dataset.manifest.total_samples,
+        "stored_size": dataset.manifest.image_shape,
+    }
+
+
+def check_dali_loader_gpu(c: Check) -> dict:
+    """The DALI loader at 224 px on the GPU (``DaliShardLoader(device="gpu")``), as
+    ``--loader dali`` uses it, with as many threads as the host has cores (without CUDA: on
+    the CPU)."""
+    missing = _dali_missing()
+    if missing:
+        return {"skipped": True, "reason": missing}
+    from pipeline.stream.dali import DaliShardLoader
+    from pipeline.stream.dataset import LoaderConfig
+
+    shards = c.work / "photos-cuda"
+    workers = os.cpu_count() or 1
+    config = LoaderConfig(batch_size=c.budget.loader_batch, num_workers=workers)
+    shards = shards if c.cuda else c.work / "photos-cpu"
+    loader = DaliShardLoader(str(shards), "train", config=config,
+                             device="gpu" if c.cuda else "cpu")  # fmt: skip
+    try:
+
+        def batches():
+            for images, _, _ in loader:
+                yield images
+
+        figures = _loader_img_s(batches, c.device, c.budget.loader_batches * c.budget.loader_batch)
+        first = next(iter(loader))[0]
+    finally:
+        close = getattr(loader, "close", None)
+        if close:
+            close()
+    return {**figures, "workers": workers, "on_device": str(first.device)}
 
 
 def check_training(c: Check) -> dict:
@@ -625,7 +770,11 @@ SECTIONS: list[tuple[str, Callable[[Check], dict]]] = [
     ("predict", check_predict),
     ("make_shards_photos", check_make_shards_photos),
     ("make_shards_nvjpeg", check_make_shards_nvjpeg),
+    ("make_shards_threads", check_make_shards_threads),
+    ("loader_224", check_loader_224),
     ("training_224", check_training_224),
+    ("make_shards_dali", check_make_shards_dali),
+    ("dali_loader_gpu", check_dali_loader_gpu),
     ("frontier", check_frontier),
 ]
 
@@ -639,7 +788,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="without a GPU: a smoke run on the CPU with tiny budgets")  # fmt: skip
     p.add_argument("--budget-s", type=float, default=450, help="stop starting work after this")
     p.add_argument("--work", help="keep shards, run and report here (default: a temp folder)")
+    p.add_argument("--sections", help="comma-separated section names to run (default: all); "
+                   "with --work, later sections can reuse what an earlier run left there")  # fmt: skip
     args = p.parse_args(argv)
+    chosen = args.sections.split(",") if args.sections else [name for name, _ in SECTIONS]
+    unknown = sorted(set(chosen) - {name for name, _ in SECTIONS})
+    if unknown:
+        p.error(f"unknown sections {', '.join(unknown)}; known: "
+                f"{', '.join(name for name, _ in SECTIONS)}")  # fmt: skip
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
         print("gpu_check: no CUDA device here; nothing checked (--allow-cpu for a smoke run)")
@@ -653,7 +809,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if cuda else "cpu")
         check = Check(device, GPU if cuda else SMOKE, work, out, args.budget_s)
         for name, fn in SECTIONS:
-            check.section(name, fn)
+            if name in chosen:
+                check.section(name, fn)
         check.results["total_seconds"] = round(time.monotonic() - started, 1)
         check.write()
     ok = check.results["ok"]
