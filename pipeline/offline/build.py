@@ -87,10 +87,15 @@ class BuildStats:
     images: int = 0  # images made into samples by this run
     rejected: int = 0  # files this run could not decode (not counted in ``images``)
     shards: int = 0  # shards made by this run (not those a resume found finished)
-    encrypt_seconds: float = 0.0  # wall-clock seconds inside encryption (other stages overlap)
-    encrypt_cpu_seconds: float = 0.0  # CPU seconds of the encrypting thread while encrypting
+    encrypt_seconds: float = 0.0  # wall-clock seconds the builder thread spent encrypting
+    encrypt_cpu_seconds: float = 0.0  # CPU seconds spent encrypting, every thread and process
     seconds: float = 0.0  # wall-clock seconds of the whole run
-    cpu_seconds: float = 0.0  # CPU seconds of the whole process, every thread
+    cpu_seconds: float = 0.0  # CPU seconds of the whole process, every thread, and its workers
+    worker_cpu_seconds: float = 0.0  # of which the decoding processes' (PIL)
+    # the split being built: when its first decoded batch reached the builder, and its size
+    # (the rate after it leaves out start-up: a GPU decoder's CUDA context, a pool's start)
+    first_batch_at: float | None = None
+    first_batch_images: int = 0
 
 
 @dataclass
@@ -244,13 +249,18 @@ def encryption_device(encrypt_device: str, decoding_on: str, local_rank: int) ->
     return str(torch_device(encrypt_device, local_rank=local_rank))
 
 
-def make_decoder(config: ShardConfig, decoder: str, device: str, device_id: int = 0):
+def make_decoder(
+    config: ShardConfig, decoder: str, device: str, device_id: int = 0, key: Key | None = None
+):
     """This rank's ``decoder`` (as chosen by :func:`choose_decoder`), on GPU ``device_id``
-    (``LOCAL_RANK``) when it decodes on the GPU."""
+    (``LOCAL_RANK``) when it decodes on the GPU. Given ``key`` (PIL only), it also encrypts."""
     if decoder == "pil":
         from pipeline.offline.decode import PilDecoder
 
-        return PilDecoder(config.size, num_threads=config.num_threads, max_pixels=config.max_pixels)
+        return PilDecoder(config.size, num_threads=config.num_threads,
+                          max_pixels=config.max_pixels, key=key)  # fmt: skip
+    if key is not None:
+        raise ValueError(f"--decoder {decoder} does not encrypt; the builder does")
     if decoder == "nvjpeg":
         from pipeline.offline.nvjpeg import NvjpegDecoder
 
@@ -433,22 +443,30 @@ def build_split(
         return load_manifest(storage, split) if group.is_primary else None
 
     started, made_before = time.perf_counter(), stats.images
+    stats.first_batch_at, stats.first_batch_images = None, 0
     results = _build_own_shards(config, plan, key, storage, state, stats, group, lock)
+    built = time.perf_counter()
     group.done(Handshake.BUILT.of(split))
     if not group.is_primary:
         return None
     group.wait_all(Handshake.BUILT.of(split))
     manifest = _finish_split(config, plan, storage, state, results)
     seconds = time.perf_counter() - started
+    made = stats.images - made_before
+    steady = ""
+    if stats.first_batch_at is not None and made > stats.first_batch_images:
+        rate = (made - stats.first_batch_images) / max(built - stats.first_batch_at, 1e-9)
+        steady = f" ({rate:.0f} after the first batch)"
     logger.info(
-        "%s: %d images (%d made now%s) in %.1f s, %.0f img/s, %d rejected, %d shards, %.1f MB "
-        "written to %s",
+        "%s: %d images (%d made now%s) in %.1f s, %.0f img/s%s, %d rejected, %d shards, "
+        "%.1f MB written to %s",
         split,
         manifest.total_samples,
-        stats.images - made_before,
+        made,
         "" if group.world_size == 1 else f" by rank 0 of {group.world_size}",
         seconds,
-        (stats.images - made_before) / max(seconds, 1e-9),
+        made / max(seconds, 1e-9),
+        steady,
         len(manifest.rejects),
         len(manifest.shards),
         manifest.total_bytes / 1e6,
@@ -528,7 +546,11 @@ def _build_own_shards(
     results: dict[int, ShardResult] = {}
     rejected = 0
     encrypt_on = encryption_device(config.encrypt_device, plan.device, group.local_rank)
-    decoder = make_decoder(config, plan.decoder, plan.device, device_id=group.local_rank)
+    # PIL's worker processes encrypt what they decode: the builder's one thread would cap a
+    # many-core host (0.4 ms an image at 224 px, against 16 processes decoding)
+    in_decoder = key is not None and plan.decoder == "pil" and encrypt_on in ("auto", "cpu")
+    decoder = make_decoder(config, plan.decoder, plan.device, device_id=group.local_rank,
+                           key=key if in_decoder else None)  # fmt: skip
     _announce(config, plan, key, group, encrypt_on, len(mine))
     progress = _progress_bar(plan, group, sum(len(plan.chunk(i)) for i in mine))
     finished = _finished_shards(storage, state, plan, mine)
@@ -540,7 +562,8 @@ def _build_own_shards(
     batches = (b for i in todo for b in _batches(plan.chunk(i), config.batch_size))
     decoded = _decode_ahead(pools[0], batches, config, decoder)
     maker = _ShardMaker(config=config, plan=plan, key=key, storage=storage, decoded=decoded,
-                        write_pool=pools[1], stats=stats, encrypt_on=encrypt_on)  # fmt: skip
+                        write_pool=pools[1], stats=stats, encrypt_on=encrypt_on,
+                        encrypted_by_decoder=in_decoder)  # fmt: skip
     publisher = _Publisher(storage, state, plan)
     try:
         for index in mine:
@@ -575,6 +598,8 @@ def _build_own_shards(
         for pool in pools:
             pool.shutdown()
         decoder.close()
+        stats.encrypt_cpu_seconds += getattr(decoder, "encrypt_cpu_seconds", 0.0)
+        stats.worker_cpu_seconds += getattr(decoder, "cpu_seconds", 0.0)
     return results
 
 
@@ -904,6 +929,8 @@ def _decode_stage(
             images.append(image)
     if not images:
         return errors, None
+    if getattr(decoder, "encrypts", False):
+        return errors, images  # encrypted already: the writer takes them one by one
     if isinstance(images[0], np.ndarray):
         return errors, np.stack(images)
     import torch
@@ -924,6 +951,7 @@ class _ShardMaker:
     write_pool: ThreadPoolExecutor
     stats: BuildStats
     encrypt_on: str = "auto"  # resolved for this rank by encryption_device()
+    encrypted_by_decoder: bool = False  # the decoder's processes encrypted the batches
 
     def build(self, index: int) -> tuple[ShardResult, str | None]:
         """Shard ``index``, in three overlapping stages: batches k+1 and k+2 decode while batch k is
@@ -941,7 +969,11 @@ class _ShardMaker:
             for batch in _batches(chunk, self.config.batch_size):
                 errors, decoded = next(self.decoded)
                 started, cpu = time.perf_counter(), time.thread_time()
-                images = iter(_encrypt_batch(decoded, key, self.encrypt_on))
+                if self.stats.first_batch_at is None:
+                    self.stats.first_batch_at = started
+                    self.stats.first_batch_images = sum(e is None for e in errors)
+                here = None if self.encrypted_by_decoder else key
+                images = iter(_encrypt_batch(decoded, here, self.encrypt_on))
                 self.stats.encrypt_seconds += time.perf_counter() - started
                 self.stats.encrypt_cpu_seconds += time.thread_time() - cpu
                 samples = []
@@ -982,6 +1014,8 @@ def _encrypt_batch(batch: Any, key: Key | None, device: str = "auto") -> list[np
     on ``device``, then hand numpy images to the writer."""
     if batch is None:
         return []
+    if isinstance(batch, list):  # encrypted by the decoder's processes
+        return batch
     if key is not None:
         if device != "auto":  # already resolved for this rank by encryption_device()
             import torch
@@ -1053,6 +1087,7 @@ def build_shards(
     logger.debug("config: %s", asdict(config))
     stats = stats if stats is not None else BuildStats()
     started, cpu = time.perf_counter(), time.process_time()
+    workers_before = stats.worker_cpu_seconds
     lock = (  # the lock is a plain object: it is there while a run holds the output
         OutputLock(Storage(config.out), run_id=group.run_id, force=config.force_unlock)
         if group.is_primary
@@ -1070,5 +1105,5 @@ def build_shards(
         group.fail(str(exc) or type(exc).__name__)
         raise
     stats.seconds += time.perf_counter() - started
-    stats.cpu_seconds += time.process_time() - cpu
+    stats.cpu_seconds += time.process_time() - cpu + stats.worker_cpu_seconds - workers_before
     return manifests

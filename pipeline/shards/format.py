@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 TAR_FORMAT = tarfile.GNU_FORMAT
 SAMPLE_EXTENSIONS = ("cls", "json", "u8")
 BLOCK = tarfile.BLOCKSIZE
+NUL = b"\0"
 MAX_NAME = 99  # longer names need GNU long-name headers, which break the offsets below
 
 
@@ -87,9 +88,11 @@ class _HashingFile(io.RawIOBase):
         return True
 
     def write(self, data) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.raw.write(data)
+        written = self.raw.write(data)
+        written = len(data) if written is None else written
+        self.sha256.update(memoryview(data)[:written])
+        self.size += written
+        return written
 
 
 class _SyncOnClose(io.RawIOBase):
@@ -125,7 +128,6 @@ class ShardWriter:
         self._raw = open(self.path, "wb")  # noqa: SIM115 - closed by close() or abort()
         self._sealed = None if sealer is None else sealer.writer(name, _SyncOnClose(self._raw))
         self._hashing = _HashingFile(self._raw if self._sealed is None else self._sealed)
-        self._tar = tarfile.open(fileobj=self._hashing, mode="w|", format=TAR_FORMAT)  # noqa: SIM115
         self.record: ShardRecord | None = None
         self._offset = 0  # where the next header goes
         self._index: list[str] = []
@@ -142,11 +144,25 @@ class ShardWriter:
             info.size, info.mtime, info.mode = len(files[ext]), 0, 0o644
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(files[ext]))
+            # the bytes tarfile's addfile writes, without its stream mode's 10 kB re-buffering
+            # (which made the writer thread the offline stage's limit at ~1,400 img/s)
+            self._put(info.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape"))
+            self._put(files[ext])
+            self._put(NUL * (-info.size % BLOCK))
             entries.append(f"{ext} {self._offset + BLOCK} {info.size} {name}")
             self._offset += BLOCK + -(-info.size // BLOCK) * BLOCK  # header + padded data
         self._index.append(" ".join(entries))
         self.samples += 1
+
+    def _put(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._hashing.write(view) :]
+
+    def _end(self) -> None:
+        """The end of archive tarfile writes: two zero blocks, then zeros to a whole record."""
+        self._put(NUL * (2 * BLOCK))
+        self._put(NUL * (-self._hashing.size % tarfile.RECORDSIZE))
 
     def index_text(self) -> str:
         """This shard's DALI index (wds2idx v1.2 format)."""
@@ -154,7 +170,7 @@ class ShardWriter:
 
     def close(self) -> ShardRecord:
         if self.record is None:
-            self._tar.close()
+            self._end()
             if self._sealed is not None:
                 self._sealed.close()  # the last segment, then the file flushed and closed
             else:
@@ -172,14 +188,11 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close and delete the unfinished file."""
-        try:
-            self._tar.close()
-        finally:
-            if self._sealed is not None:
-                with contextlib.suppress(Exception):  # the file is deleted anyway
-                    self._sealed.close()
-            self._raw.close()
-            self.path.unlink(missing_ok=True)
+        if self._sealed is not None:
+            with contextlib.suppress(Exception):  # the file is deleted anyway
+                self._sealed.close()
+        self._raw.close()
+        self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
         return self
