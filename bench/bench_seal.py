@@ -13,9 +13,17 @@ stages that do it, each against the same work unsealed in the same run.
    those shards sealed and not, alternating, medians of --repeats.
 4. ``dali_loader_sealed_vs_unsealed_ratio``: the DALI loader (CPU) over the same shards for one
    epoch, from its construction (sealed: the shards opened into /dev/shm first) to the last
-   batch, sealed over unsealed.
+   batch, sealed over unsealed; ``dali_loader_sealed_stream_vs_cache_ratio``: its
+   ``sealed_source="stream"`` (opened while read, fed by ``fn.external_source``) over the cache;
+   ``*_next_epoch_*``: the same loaders' second epoch alone (the cache is made once, the stream
+   opens the shards every epoch).
 5. ``make_shards_{sealed,unsealed}_peak_rss_mb``: the peak RSS (VmHWM) of a fresh process that
    runs make_shards once, sealed and not.
+6. ``loader_{sealed,unsealed}_peak_rss_mb`` and ``dali_loader_{unsealed,sealed_cache,
+   sealed_stream}_peak_rss_mb``: the peak RSS of a fresh process that runs one epoch of a loader
+   (the webdataset loader with 0 workers, so every byte it reads is in that process; DALI with 2
+   threads), and ``dali_loader_sealed_cache_shm_mb``: the cache's opened copies in /dev/shm,
+   which are shared memory and not in any process's RSS.
 Results merge into the flat JSON object in --out.
 """
 
@@ -98,8 +106,10 @@ def stages(images: int, repeats: int) -> dict[str, float]:
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-seal-"))
     key, data_key = Key.generate(), generate_data_key()
-    runs: dict[str, list[float]] = {name: [] for name in ("made", "made_sealed", "read",
-                                    "read_sealed", "dali", "dali_sealed")}  # fmt: skip
+    dali = ("dali", "dali_sealed", "dali_stream")
+    names = ("made", "made_sealed", "read", "read_sealed", *dali, *(f"{n}_next" for n in dali))
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    loader_peak: dict[str, float] = {}
     try:
         src = make_source(work / "src", images)
         key_file = save_key(key, work / "k.bin")
@@ -119,8 +129,14 @@ def stages(images: int, repeats: int) -> dict[str, float]:
                 out = work / f"{'sealed' if sealed else 'plain'}-{r}"
                 img_s = loader_img_s(str(out), 3, data_key if sealed else None)
                 runs["read_sealed" if sealed else "read"].append(img_s)
-                img_s = dali_epoch_img_s(str(out), data_key if sealed else None)
-                runs["dali_sealed" if sealed else "dali"].append(img_s)
+                first, later = dali_epoch_img_s(str(out), data_key if sealed else None)
+                runs["dali_sealed" if sealed else "dali"].append(first)
+                runs["dali_sealed_next" if sealed else "dali_next"].append(later)
+            first, later = dali_epoch_img_s(str(work / f"sealed-{r}"), data_key, source="stream")
+            runs["dali_stream"].append(first)
+            runs["dali_stream_next"].append(later)
+            if r == 0:  # this run's shards, before they go
+                loader_peak = loader_peaks_mb(work / "plain-0", work / "sealed-0", data_key_file)
             for name in ("plain", "sealed"):
                 shutil.rmtree(work / f"{name}-{r}")
     finally:
@@ -136,25 +152,42 @@ def stages(images: int, repeats: int) -> dict[str, float]:
         "dali_loader_unsealed_img_s": round(med["dali"], 1),
         "dali_loader_sealed_img_s": round(med["dali_sealed"], 1),
         "dali_loader_sealed_vs_unsealed_ratio": round(med["dali_sealed"] / med["dali"], 3),
+        "dali_loader_sealed_stream_img_s": round(med["dali_stream"], 1),
+        "dali_loader_sealed_stream_vs_cache_ratio": round(
+            med["dali_stream"] / med["dali_sealed"], 3
+        ),
+        "dali_loader_unsealed_next_epoch_img_s": round(med["dali_next"], 1),
+        "dali_loader_sealed_next_epoch_img_s": round(med["dali_sealed_next"], 1),
+        "dali_loader_sealed_stream_next_epoch_img_s": round(med["dali_stream_next"], 1),
+        "dali_loader_sealed_stream_vs_cache_next_epoch_ratio": round(
+            med["dali_stream_next"] / med["dali_sealed_next"], 3
+        ),
         "make_shards_unsealed_peak_rss_mb": round(peak[False], 1),
         "make_shards_sealed_peak_rss_mb": round(peak[True], 1),
+        **loader_peak,
     }
 
 
-def dali_epoch_img_s(shards: str, data_key) -> float:
-    """One epoch of the DALI loader (CPU), from its construction to the last batch."""
+def dali_epoch_img_s(shards: str, data_key, *, source: str = "cache") -> tuple[float, float]:
+    """The DALI loader (CPU): its first epoch, from its construction to the last batch (the
+    cache is made then), and its second epoch alone (the cache is made once; the stream opens
+    every epoch again)."""
     from pipeline.stream.dali import DaliShardLoader
     from pipeline.stream.dataset import LoaderConfig
 
-    started, count = time.perf_counter(), 0
+    started, img_s = time.perf_counter(), []
     loader = DaliShardLoader(shards, "train", config=LoaderConfig(batch_size=64, num_workers=2),
-                             data_key=data_key)  # fmt: skip
-    for images, _, valid in loader:
-        count += int(valid.sum())
-        del images
-    seconds = time.perf_counter() - started
+                             data_key=data_key, sealed_source=source)  # fmt: skip
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        count = 0
+        for images, _, valid in loader:
+            count += int(valid.sum())
+            del images
+        img_s.append(count / (time.perf_counter() - started))
+        started = time.perf_counter()
     del loader
-    return count / seconds
+    return img_s[0], img_s[1]
 
 
 PEAK = """
@@ -169,6 +202,52 @@ build_shards(config, load_key(key_file),
              data_key=load_data_key(data_key_file) if data_key_file != "-" else None)
 print(int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024)
 """
+
+
+LOADER_PEAK = """
+import os, sys
+from pipeline.stream.dataset import LoaderConfig, ShardDataset, make_loader
+shards, data_key, kind = sys.argv[1], None if sys.argv[2] == "-" else sys.argv[2], sys.argv[3]
+shm = 0
+if kind == "webdataset":
+    config = LoaderConfig(batch_size=64, num_workers=0)
+    loader = make_loader(ShardDataset(shards, "train", config=config, data_key=data_key))
+else:
+    from pipeline.stream.dali import DaliShardLoader
+    config = LoaderConfig(batch_size=64, num_workers=2)
+    loader = DaliShardLoader(shards, "train", config=config, data_key=data_key,
+                             sealed_source=kind.removeprefix("dali-"))
+    if data_key and kind == "dali-cache":  # the opened copies (and indexes) in /dev/shm
+        folder = loader._tmp.name
+        shm = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+for batch in loader:
+    del batch
+hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+print(hwm, shm / 1e6)
+"""
+
+
+def loader_peaks_mb(plain: Path, sealed: Path, data_key_file: Path) -> dict[str, float]:
+    """The peak RSS of a fresh process that runs one epoch of each loader, sealed and not."""
+    import subprocess
+
+    def run(shards: Path, key: Path | None, kind: str) -> tuple[float, float]:
+        done = subprocess.run(
+            [sys.executable, "-c", LOADER_PEAK, str(shards), str(key or "-"), kind],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        hwm, shm = done.stdout.strip().splitlines()[-1].split()
+        return round(float(hwm), 1), round(float(shm), 1)
+
+    cache, shm = run(sealed, data_key_file, "dali-cache")
+    return {
+        "loader_unsealed_peak_rss_mb": run(plain, None, "webdataset")[0],
+        "loader_sealed_peak_rss_mb": run(sealed, data_key_file, "webdataset")[0],
+        "dali_loader_unsealed_peak_rss_mb": run(plain, None, "dali-cache")[0],
+        "dali_loader_sealed_cache_peak_rss_mb": cache,
+        "dali_loader_sealed_cache_shm_mb": shm,
+        "dali_loader_sealed_stream_peak_rss_mb": run(sealed, data_key_file, "dali-stream")[0],
+    }
 
 
 def peak_rss_mb(src: Path, out: Path, key_file: Path, data_key_file: Path | None) -> float:
@@ -196,15 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     note = (
         f"{platform.machine()}, {os.cpu_count()} cores, tink {version('tink')}, "
         f"{args.mb} MB object, AES256-GCM-HKDF streaming; stages: {args.images} photo-like "
-        f"JPEGs at 224 px, 100 per shard, DALI CPU decoder, loader 2 workers, medians of "
-        f"{args.repeats} alternating runs"
+        f"JPEGs at 224 px, 100 per shard, DALI CPU decoder, loader 2 workers, DALI loader 2 "
+        f"threads (sealed: cache in /dev/shm, or streamed), medians of {args.repeats} "
+        f"alternating runs; peak RSS: one epoch in a fresh process (webdataset loader 0 workers)"
     )
     out = merge_results(args.out, results, note_key="seal_bench_machine", note=note)
     print(
         f"open 1 MB segments {results['open_1mb_gb_s']:.2f} GB/s "
         f"({results['open_1mb_vs_read_ratio']:.1f}x a plain read); sealed over unsealed: "
         f"make_shards {results['make_shards_sealed_vs_unsealed_ratio']:.3f}x, loader "
-        f"{results['loader_sealed_vs_unsealed_ratio']:.3f}x; wrote {out}"
+        f"{results['loader_sealed_vs_unsealed_ratio']:.3f}x; DALI stream over cache "
+        f"{results['dali_loader_sealed_stream_vs_cache_ratio']:.3f}x; wrote {out}"
     )
     return 0
 

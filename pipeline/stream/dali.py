@@ -11,14 +11,17 @@ offsets drawn from the block grid) or the centre crop on the grid; on ``device="
 images go to the GPU inside the pipeline. It yields the same ``(images uint8 NHWC, labels,
 valid)`` batches as ``make_loader``.
 
-Sealed shards (``make_shards --seal``): DALI's reader takes files, so the loader opens this
-split's shards once into a node-local cache in ``/dev/shm`` (memory, never persistent storage),
-removed when the loader goes; a split that does not fit there is refused in one line (the
-webdataset loader opens sealed shards while streaming and needs no cache).
+Sealed shards (``make_shards --seal``), ``sealed_source="cache"`` (the default): DALI's reader
+takes files, so the loader opens this split's shards once into a node-local cache in
+``/dev/shm`` (memory, never persistent storage), removed when the loader goes; a split that does
+not fit in half of it is refused in one line. ``sealed_source="stream"`` needs no cache: the
+shards are opened while they are read and fed to DALI by ``fn.external_source``
+(``pipeline.stream.dali_source``: the same samples per rank, checked the same way, its own
+seeded shuffle); docs/sealing.md has the two measured against each other.
 
 Unlike the webdataset loader, its order is not a pure function of (seed, epoch): DALI keeps
 one RNG across epochs, so a resumed run restarts the interrupted epoch's order instead of
-replaying it exactly.
+replaying it exactly (the stream source's order is one; its crops are still DALI's).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,10 +42,13 @@ from pipeline.errors import ConfigError
 from pipeline.offline.dali import _dali
 from pipeline.shards.checks import ShardError, at_shard, check_label, parse_index, repair_hint
 from pipeline.shards.format import ShardRecord, index_name
+from pipeline.stream.dali_source import StreamSource
 from pipeline.stream.dataset import LoaderConfig
 from pipeline.stream.source import open_split
 
 logger = logging.getLogger(__name__)
+
+SEALED_SOURCES = ("cache", "stream")
 
 
 class DaliShardLoader:
@@ -58,13 +64,18 @@ class DaliShardLoader:
         world_size: int = 1,
         device: str = "cpu",
         data_key: str | None = None,
+        sealed_source: Literal["cache", "stream"] = "cache",
     ) -> None:
+        if sealed_source not in SEALED_SOURCES:
+            raise ConfigError(
+                f"sealed_source {sealed_source!r} is not one of {', '.join(SEALED_SOURCES)}"
+            )
         fn, pipeline_def, types = _dali()
         source = open_split(data, split, data_key=data_key, crop_size=config.crop_size,
                             crop_grid=config.crop_grid)  # fmt: skip
         self.storage, self.manifest = source.storage, source.manifest
         self.config, self.device = config, device
-        self.skip_batches = 0
+        self.epoch, self.skip_batches = 0, 0
         height, width, channels = self.manifest.image_shape
         crop, block = source.crop, source.block
         total = self.manifest.total_samples
@@ -72,16 +83,24 @@ class DaliShardLoader:
         self.real = hi - lo  # DALI's shard_id/num_shards split, before padding
         self.padded = math.ceil(total / world_size)
         self.batches = math.ceil(self.padded / config.batch_size)
-        sealed = self.storage.sealer is not None
-        self._tmp = tempfile.TemporaryDirectory(
-            prefix="dali-index-", dir=_memory_folder(self.manifest.total_bytes) if sealed else None
-        )
-        if sealed:
-            paths = [self._opened_copy(record.name) for record in self.manifest.shards]
-        else:
-            paths = [self.storage.uri(s.name) for s in self.manifest.shards]
         self._hint = repair_hint(self.storage.url)
-        index_paths = [self._local_index(record) for record in self.manifest.shards]
+        self._stream: StreamSource | None = None
+        paths: list[str] = []
+        index_paths: list[str] = []
+        sealed = self.storage.sealer is not None
+        if sealed and sealed_source == "stream":  # no files, no indexes: the tar is walked
+            self._stream = StreamSource(self.storage, self.manifest, config=config, rank=rank,
+                                        world_size=world_size, batches=self.batches)  # fmt: skip
+        else:
+            self._tmp = tempfile.TemporaryDirectory(
+                prefix="dali-index-",
+                dir=_memory_folder(self.manifest.total_bytes) if sealed else None,
+            )
+            if sealed:
+                paths = [self._opened_copy(record.name) for record in self.manifest.shards]
+            else:
+                paths = [self.storage.uri(s.name) for s in self.manifest.shards]
+            index_paths = [self._local_index(record) for record in self.manifest.shards]
         offsets = [float(v) for v in range(0, height - crop + 1, block)]
         centre = float((height - crop) // 2 // block * block)
 
@@ -93,13 +112,19 @@ class DaliShardLoader:
             seed=config.seed + 1000 * rank,
         )
         def pipe():
-            image, label = fn.readers.webdataset(
-                paths=paths, index_paths=index_paths, ext=["u8", "cls"],
-                dtypes=[types.UINT8, types.UINT8], shard_id=rank, num_shards=world_size,
-                random_shuffle=config.train, initial_fill=max(1, config.shuffle_buffer),
-                pad_last_batch=True, stick_to_shard=True, missing_component_behavior="error",
-                name="reader",
-            )  # fmt: skip
+            if self._stream is not None:  # the same outputs as the reader's: bytes, .cls bytes
+                image, label = fn.external_source(
+                    source=self._stream.next_batch, num_outputs=2, batch=True,
+                    dtype=[types.UINT8, types.UINT8],
+                )  # fmt: skip
+            else:
+                image, label = fn.readers.webdataset(
+                    paths=paths, index_paths=index_paths, ext=["u8", "cls"],
+                    dtypes=[types.UINT8, types.UINT8], shard_id=rank, num_shards=world_size,
+                    random_shuffle=config.train, initial_fill=max(1, config.shuffle_buffer),
+                    pad_last_batch=True, stick_to_shard=True,
+                    missing_component_behavior="error", name="reader",
+                )  # fmt: skip
             image = fn.reshape(image, shape=[height, width, channels])
             if device == "gpu":
                 image = image.gpu()
@@ -141,11 +166,14 @@ class DaliShardLoader:
         return str(local)
 
     def set_epoch(self, epoch: int, *, skip_batches: int = 0) -> None:
-        """DALI reshuffles every epoch by itself; the next pass drops its first
-        ``skip_batches`` batches (the same count as an uninterrupted epoch, in DALI's order)."""
-        self.skip_batches = skip_batches
+        """DALI's reader reshuffles every epoch by itself (the stream source by ``epoch``); the
+        next pass drops its first ``skip_batches`` batches (the same count as an uninterrupted
+        epoch, in this epoch's order)."""
+        self.epoch, self.skip_batches = epoch, skip_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self._stream is not None:
+            self._stream.start(self.epoch)  # DALI asks for its first batches at the first run
         seen = 0
         for step in range(self.batches):
             images, labels = self._pipe.run()
