@@ -123,8 +123,13 @@ def test_bench_seal_writes_the_stage_ratios(tmp_path):
                  "loader_sealed_vs_unsealed_ratio", "loader_sealed_img_s",
                  "dali_loader_sealed_vs_unsealed_ratio"):  # fmt: skip
         assert results[name] > 0
-    for name in ("make_shards_sealed_peak_rss_mb", "make_shards_unsealed_peak_rss_mb"):
+    for name in ("make_shards_sealed_peak_rss_mb", "make_shards_unsealed_peak_rss_mb",
+                 "loader_sealed_peak_rss_mb", "loader_unsealed_peak_rss_mb",
+                 "dali_loader_sealed_cache_peak_rss_mb",
+                 "dali_loader_sealed_stream_peak_rss_mb"):  # fmt: skip
         assert 50 < results[name] < 4000  # a process that imported torch and DALI
+    assert results["dali_loader_sealed_stream_vs_cache_ratio"] > 0
+    assert results["dali_loader_sealed_cache_shm_mb"] > 0
 
 
 def test_bench_report_groups_every_figure_with_its_note_and_date(tmp_path):

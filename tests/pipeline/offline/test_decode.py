@@ -1,14 +1,19 @@
-"""PIL decoding: every mode PIL opens becomes the right 8-bit RGB (issue 21, item 2)."""
+"""PIL decoding: every mode PIL opens becomes the right 8-bit RGB (issue 21, item 2); the
+decoding processes (issue 19): the same images, encrypted given a key, a dead one in one line."""
 
 from __future__ import annotations
 
 import io
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.offline.decode import decode_pil, to_rgb8
+from pipeline import Key, encrypt
+from pipeline.offline.decode import DecodeError, DecoderCrashed, PilDecoder, decode_pil, to_rgb8
 
 RNG = np.random.default_rng(0)
 GREY16 = RNG.integers(0, 65536, size=(16, 24), dtype=np.uint16)
@@ -90,3 +95,53 @@ def test_max_pixels_not_overridden_by_pil_bomb_limit() -> None:
     assert probe(data, 300_000_000) is None
     rejected = probe(data, 100_000_000)
     assert rejected is not None and "--max-pixels" in rejected.reason
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (90, 70)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_the_decoding_processes_give_the_images_decode_pil_gives_in_order() -> None:
+    blobs = [jpeg_bytes(i) for i in range(7)] + [b"not an image"]
+    decoder = PilDecoder(32, num_threads=2)
+    try:
+        images = decoder.decode(blobs)
+    finally:
+        decoder.close()
+    for blob, image in zip(blobs[:-1], images, strict=False):
+        assert np.array_equal(image, decode_pil(blob, 32))
+    assert isinstance(images[-1], DecodeError) and "PIL could not decode" in images[-1].reason
+    assert decoder.cpu_seconds > 0  # the workers' CPU time comes back to the caller
+
+
+def test_given_a_key_the_processes_encrypt_what_they_decode() -> None:
+    key = Key.generate(block_size=4)
+    blobs = [jpeg_bytes(i) for i in range(5)]
+    decoder = PilDecoder(32, num_threads=2, key=key)
+    try:
+        images = decoder.decode(blobs)
+    finally:
+        decoder.close()
+    assert decoder.encrypts and "Key" not in repr(decoder)
+    for blob, image in zip(blobs, images, strict=True):
+        assert np.array_equal(image, encrypt(decode_pil(blob, 32), key))
+
+
+def test_a_decoding_process_that_dies_is_one_line_naming_what_to_do() -> None:
+    decoder = PilDecoder(32, num_threads=1)
+    try:
+        decoder.decode([jpeg_bytes(0)])  # the pool is up
+        pool = decoder._pool
+        assert pool is not None
+        for process in list(pool._processes.values()):
+            os.kill(process.pid, signal.SIGKILL)
+        with pytest.raises(DecoderCrashed) as caught:
+            for _ in range(50):  # the pool notices the death on the next call at the latest
+                decoder.decode([jpeg_bytes(1)])
+                time.sleep(0.05)
+        assert "\n" not in str(caught.value) and "a rerun resumes" in str(caught.value)
+    finally:
+        decoder.close()
