@@ -25,14 +25,30 @@ status is 1 if any section failed):
 5. ``loader``: images/s the webdataset loader delivers onto the GPU, pinned memory.
 6. ``audit``: ``python -m attacks --device cuda``, every scenario, small budgets.
 7. ``predict``: ``tools/predict.py --device cuda`` on image files: the CPU's classes.
-8. ``make_shards_photos``: the offline stage's per-rank img/s on ImageNet-like JPEGs (PIL
-   decoding on host threads), encryption on the GPU and on the CPU: the same bytes.
+8. ``make_shards_photos``: the offline stage's per-rank img/s on ImageNet-like JPEGs (1,500
+   photos hard-linked 8 times over: 12,000), PIL decoding in one process per host core,
+   encryption on the GPU and on the CPU: the same bytes; the whole run and after the first batch.
 9. ``make_shards_nvjpeg``: ``--decoder nvjpeg`` (torchvision's nvJPEG, resize and crop on the
    GPU) on those photos, one torchrun rank: its img/s, the decoder the manifest records, and
    how far its images are from PIL's (decrypted, the same samples). Without CUDA: the tool's
    one-line refusal (exit 2).
-10. ``frontier``: ``python -m attacks.frontier`` on those photos, block size 4, one key, with
+10. ``make_shards_threads``: one process's img/s at 1, 4, 8 and 16 ``--threads`` (PIL) on the
+   1,500 photos, and the parallel efficiency at the most threads (goal 0.75 at 16).
+11. ``disk_write``: the work folder's write bandwidth (16 MB writes, fsync): the offline stage's
+   ceiling where its shards go.
+12. ``make_shards_ranks``: 4 CPU-decoding ranks of 4 threads on 16 cores (torchrun): the node's
+   img/s, each rank with its own builder; the same bytes as one rank.
+13. ``loader_224``: the webdataset loader at 224 px onto the GPU, one worker per host core.
+14. ``training_224``: timm ``resnet50`` (random init), bf16, channels_last, compiled, img/s per
+   GPU from the encrypted raw shards against the same photos as JPEG files decoded on the GPU.
+15. ``make_shards_dali`` and ``dali_loader_gpu``: DALI's own GPU decoder in make_shards, and the
+   DALI loader on the GPU (skipped without DALI: its wheel travels in three parts,
+   docs/benchmarks.md).
+16. ``frontier``: ``python -m attacks.frontier`` on those photos, block size 4, one key, with
    the trained model on the device: its top-1 with the estimated key.
+
+``--sections a,b`` runs only those; with ``--work DIR`` a later call reuses an earlier one's
+photos, shards and key (the DALI sections run in the call that installs DALI).
 """
 
 from __future__ import annotations
@@ -90,6 +106,7 @@ class Budget:
     photo_shard_size: str = "16MB"  # about 100 photos a shard: enough shards for every worker
     threads: tuple[int, ...] = (1, 4, 8, 16)  # make_shards_threads' decoder thread counts
     photo_copies: int = 8  # the photos, hard-linked this many times over: 12,000 for the GPU
+    disk_mb: int = 2048  # disk_write's file
 
 
 GPU = Budget(
@@ -108,7 +125,7 @@ SMOKE = Budget(
            "--attacker-images", "16", "--leaked-images", "40", "--finetune-steps", "1",
            "--finetune-fractions", "0.1", "--eval-images", "40"),
     photo_images=12, train224_model="resnet18", train224_batch=4, train224_steps=2,
-    photo_shard_size="400kB", threads=(1, 2), photo_copies=2,
+    photo_shard_size="400kB", threads=(1, 2), photo_copies=2, disk_mb=32,
 )  # fmt: skip
 
 
@@ -137,13 +154,13 @@ class Check:
         self.results["ok"] = bool(sections) and not self.results["failed"]
         atomic_write(self.out, json.dumps(self.results, indent=1) + "\n")
 
-    def run(self, *args: str, cap: float, torchrun: bool = False) -> str:
+    def run(self, *args: str, cap: float, torchrun: bool = False, nproc: int = 1) -> str:
         """A repo command in a subprocess (at most ``cap`` s and what is left of the run):
         its output, or CheckFailed with the output's tail."""
         left = self.deadline - time.monotonic()
         if left < 10:
             raise CheckFailed("no time left in the run's budget (--budget-s)")
-        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         cmd = [sys.executable, *(launcher if torchrun else []), *args]
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         # the digits tree goes into the work folder, not the user's cache
@@ -441,6 +458,60 @@ def check_make_shards_threads(c: Check) -> dict:
         "img_s_by_threads": {str(n): v for n, v in img_s.items()},
         f"parallel_efficiency_at_{top}": round(efficiency, 3) if efficiency else None,
         "goal_efficiency": 0.75,
+    }
+
+
+def check_make_shards_ranks(c: Check) -> dict:
+    """Several CPU-decoding ranks on one host: ``torchrun --nproc_per_node=R tools/make_shards.py
+    --threads T`` with R x T = the host's cores, each rank its own builder and writer (one
+    rank's plateau in make_shards_threads is its builder's, or the disk's: disk_write says
+    which). The node's img/s over the whole run, start included, and R x rank 0's steady rate."""
+    photos = c.work / "photos-many"
+    if not photos.is_dir():
+        raise CheckFailed("needs the photos of 'make_shards_photos'")
+    cpus = os.cpu_count() or 2
+    ranks = 4 if cpus >= 8 else 2
+    threads = max(1, cpus // ranks)
+    out = c.work / "ranks"
+    started = time.perf_counter()
+    log = c.run("tools/make_shards.py", "--key", str(c.key), "--src", str(photos), "--split",
+                "train", "--size", "224", "--decoder", "pil", "--threads", str(threads),
+                "--shard-size", c.budget.photo_shard_size, "--out", str(out), cap=240,
+                torchrun=True, nproc=ranks)  # fmt: skip
+    wall = time.perf_counter() - started
+    images = json.loads((out / "train.manifest.json").read_text())["total_samples"]
+    steady = _steady_img_s(log)
+    same = _shard_hashes(out, ("train",)) == _shard_hashes(c.work / "photos-cpu", ("train",))
+    return {
+        "ranks": ranks,
+        "threads_per_rank": threads,
+        "images": images,
+        "img_s_node_whole_run": round(images / wall, 1),
+        "img_s_steady_rank0": steady,
+        "img_s_steady_node_estimate": ranks * steady if steady else None,
+        "same_bytes_as_one_rank": same,
+        "failed": not same,
+    }
+
+
+def check_disk_write(c: Check) -> dict:
+    """The work folder's write bandwidth: ``disk_mb`` of random bytes in 16 MB writes, then
+    fsync, as a shard is written; the offline stage cannot outrun it (about 0.15 MB an image)."""
+    block = np.random.default_rng(0).integers(0, 256, 16 << 20, dtype=np.uint8).tobytes()
+    path, count = c.work / "disk-write.bin", max(1, c.budget.disk_mb // 16)
+    started = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(count):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - started
+    path.unlink()
+    mb_s = count * 16 * 1.048576 / seconds
+    return {
+        "mb": count * 16,
+        "mb_s": round(mb_s, 1),
+        "img_s_at_224_ceiling": round(mb_s * 1e6 / (224 * 224 * 3 + 2048), 1),
     }
 
 
@@ -798,6 +869,8 @@ SECTIONS: list[tuple[str, Callable[[Check], dict]]] = [
     ("make_shards_photos", check_make_shards_photos),
     ("make_shards_nvjpeg", check_make_shards_nvjpeg),
     ("make_shards_threads", check_make_shards_threads),
+    ("disk_write", check_disk_write),
+    ("make_shards_ranks", check_make_shards_ranks),
     ("loader_224", check_loader_224),
     ("training_224", check_training_224),
     ("make_shards_dali", check_make_shards_dali),

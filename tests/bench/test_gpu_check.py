@@ -72,6 +72,12 @@ def test_smoke_run_passes_every_section_without_dali_or_s3(tmp_path):
     photos = sections["make_shards_photos"]
     assert photos["images"] == 12 and photos["img_s_encrypt_cpu"] > 0
     assert sections["make_shards_nvjpeg"]["refused_without_cuda"]  # no CUDA: one line, exit 2
+    assert sections["make_shards_threads"]["img_s_by_threads"]["1"] > 0
+    assert sections["make_shards_ranks"]["same_bytes_as_one_rank"]
+    assert sections["disk_write"]["mb_s"] > 0 and sections["loader_224"]["img_s"] > 0
+    assert sections["training_224"]["raw_vs_jpeg_ratio"] > 0
+    for name in ("make_shards_dali", "dali_loader_gpu"):  # DALI is made unimportable here
+        assert sections[name]["skipped"] and "DALI is not installed" in sections[name]["reason"]
 
 
 def test_a_failing_section_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
