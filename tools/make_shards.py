@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="reject images larger than this (width x height) before decoding them",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images decoded per batch")
-    p.add_argument("--threads", type=int, default=2, help="decoder threads")
+    p.add_argument("--threads", type=int, default=2,
+                   help="decoding workers: DALI's or nvJPEG's CPU threads; with --decoder pil, "
+                        "processes that each build whole shards (one per core)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace shards made differently")
     p.add_argument(
         "--follow-symlinks",

@@ -249,18 +249,13 @@ def encryption_device(encrypt_device: str, decoding_on: str, local_rank: int) ->
     return str(torch_device(encrypt_device, local_rank=local_rank))
 
 
-def make_decoder(
-    config: ShardConfig, decoder: str, device: str, device_id: int = 0, key: Key | None = None
-):
+def make_decoder(config: ShardConfig, decoder: str, device: str, device_id: int = 0):
     """This rank's ``decoder`` (as chosen by :func:`choose_decoder`), on GPU ``device_id``
-    (``LOCAL_RANK``) when it decodes on the GPU. Given ``key`` (PIL only), it also encrypts."""
+    (``LOCAL_RANK``) when it decodes on the GPU."""
     if decoder == "pil":
         from pipeline.offline.decode import PilDecoder
 
-        return PilDecoder(config.size, num_threads=config.num_threads,
-                          max_pixels=config.max_pixels, key=key)  # fmt: skip
-    if key is not None:
-        raise ValueError(f"--decoder {decoder} does not encrypt; the builder does")
+        return PilDecoder(config.size, num_threads=config.num_threads, max_pixels=config.max_pixels)
     if decoder == "nvjpeg":
         from pipeline.offline.nvjpeg import NvjpegDecoder
 
@@ -546,24 +541,15 @@ def _build_own_shards(
     results: dict[int, ShardResult] = {}
     rejected = 0
     encrypt_on = encryption_device(config.encrypt_device, plan.device, group.local_rank)
-    # PIL's worker processes encrypt what they decode: the builder's one thread would cap a
-    # many-core host (0.4 ms an image at 224 px, against 16 processes decoding)
-    in_decoder = key is not None and plan.decoder == "pil" and encrypt_on in ("auto", "cpu")
-    decoder = make_decoder(config, plan.decoder, plan.device, device_id=group.local_rank,
-                           key=key if in_decoder else None)  # fmt: skip
     _announce(config, plan, key, group, encrypt_on, len(mine))
     progress = _progress_bar(plan, group, sum(len(plan.chunk(i)) for i in mine))
     finished = _finished_shards(storage, state, plan, mine)
     todo = [i for i in mine if finished.get(i) is None]
-    pools = (
-        ThreadPoolExecutor(DECODE_AHEAD, thread_name_prefix="shard-decode"),
-        ThreadPoolExecutor(1, thread_name_prefix="shard-write"),
-    )
-    batches = (b for i in todo for b in _batches(plan.chunk(i), config.batch_size))
-    decoded = _decode_ahead(pools[0], batches, config, decoder)
-    maker = _ShardMaker(config=config, plan=plan, key=key, storage=storage, decoded=decoded,
-                        write_pool=pools[1], stats=stats, encrypt_on=encrypt_on,
-                        encrypted_by_decoder=in_decoder)  # fmt: skip
+    maker: _ShardMaker | _ShardProcesses
+    if plan.decoder == "pil" and encrypt_on in ("auto", "cpu"):  # all CPU work: whole shards
+        maker = _ShardProcesses(config, plan, key, storage, stats, todo)
+    else:
+        maker = _ShardMaker.start(config, plan, key, storage, stats, todo, encrypt_on, group)
     publisher = _Publisher(storage, state, plan)
     try:
         for index in mine:
@@ -592,14 +578,9 @@ def _build_own_shards(
             progress.update(len(plan.chunk(index)))
         publisher.drain()
     finally:
-        decoded.close()
+        maker.close()
         publisher.close()  # publishes what is finished (kept for a resume) before any error
         progress.close()
-        for pool in pools:
-            pool.shutdown()
-        decoder.close()
-        stats.encrypt_cpu_seconds += getattr(decoder, "encrypt_cpu_seconds", 0.0)
-        stats.worker_cpu_seconds += getattr(decoder, "cpu_seconds", 0.0)
     return results
 
 
@@ -929,8 +910,6 @@ def _decode_stage(
             images.append(image)
     if not images:
         return errors, None
-    if getattr(decoder, "encrypts", False):
-        return errors, images  # encrypted already: the writer takes them one by one
     if isinstance(images[0], np.ndarray):
         return errors, np.stack(images)
     import torch
@@ -938,20 +917,83 @@ def _decode_stage(
     return errors, torch.stack(images)
 
 
+def _samples(
+    batch: Sequence[SourceItem],
+    errors: list[DecodeError | None],
+    images: Iterator[np.ndarray],
+    position: int,
+    *,
+    encrypted: bool,
+    split: str,
+) -> tuple[list[tuple[str, dict[str, bytes]]], list[dict], list[list]]:
+    """One decoded batch's samples (key, files), rejects and per-sample table rows; the keys
+    count on from ``position``, rejected files included."""
+    samples, rejects, rows = [], [], []
+    for offset, (item, error) in enumerate(zip(batch, errors, strict=True)):
+        sample_key = f"{position + offset:08d}"
+        if error is not None:
+            rejects.append(reject_entry(item, sample_key, error.reason, encrypted=encrypted))
+            continue
+        source = None if encrypted else item.path  # encrypted: names no source
+        samples.append((sample_key, sample_files(next(images), item.label, source, split)))
+        rows.append([sample_key, item.label, source])
+    return samples, rejects, rows
+
+
+def _finish_shard(
+    writer: ShardWriter, rejects: list[dict], rows: list[list]
+) -> tuple[ShardResult, str | None]:
+    record = writer.close()
+    if record.samples == 0:
+        writer.path.unlink(missing_ok=True)
+        return ShardResult(None, rejects, []), None
+    return ShardResult(record, rejects, rows), writer.index_text()
+
+
 @dataclass(frozen=True)
 class _ShardMaker:
-    """What every shard of one rank's share of a split is made with: the plan, the key, the
+    """What every shard of one rank's share of a split is made with when a decoder hands this
+    process its images (DALI, nvJPEG, or PIL before GPU encryption): the plan, the key, the
     decoded batches (two batches ahead, across shards), the writer thread and where to encrypt."""
 
     config: ShardConfig
     plan: _SplitPlan
     key: Key | None = field(repr=False)
     storage: Storage
-    decoded: Iterator[tuple[list[DecodeError | None], Any]]
+    decoded: Generator[tuple[list[DecodeError | None], Any], None, None]
     write_pool: ThreadPoolExecutor
     stats: BuildStats
+    decoder: Any
+    decode_pool: ThreadPoolExecutor
     encrypt_on: str = "auto"  # resolved for this rank by encryption_device()
-    encrypted_by_decoder: bool = False  # the decoder's processes encrypted the batches
+
+    @classmethod
+    def start(
+        cls,
+        config: ShardConfig,
+        plan: _SplitPlan,
+        key: Key | None,
+        storage: Storage,
+        stats: BuildStats,
+        todo: list[int],
+        encrypt_on: str,
+        group: WorkGroup,
+    ) -> _ShardMaker:
+        decoder = make_decoder(config, plan.decoder, plan.device, device_id=group.local_rank)
+        decode_pool = ThreadPoolExecutor(DECODE_AHEAD, thread_name_prefix="shard-decode")
+        batches = (b for i in todo for b in _batches(plan.chunk(i), config.batch_size))
+        return cls(config=config, plan=plan, key=key, storage=storage,
+                   decoded=_decode_ahead(decode_pool, batches, config, decoder),
+                   write_pool=ThreadPoolExecutor(1, thread_name_prefix="shard-write"),
+                   stats=stats, decoder=decoder, decode_pool=decode_pool,
+                   encrypt_on=encrypt_on)  # fmt: skip
+
+    def close(self) -> None:
+        self.decoded.close()
+        self.decode_pool.shutdown()
+        self.write_pool.shutdown()
+        self.decoder.close()
+        self.stats.worker_cpu_seconds += getattr(self.decoder, "cpu_seconds", 0.0)
 
     def build(self, index: int) -> tuple[ShardResult, str | None]:
         """Shard ``index``, in three overlapping stages: batches k+1 and k+2 decode while batch k is
@@ -959,10 +1001,9 @@ class _ShardMaker:
         index text; the shard is left at its staging path, for ``_Publisher`` to move."""
         split, key, chunk = self.plan.split, self.key, self.plan.chunk(index)
         name = shard_name(split, index)
-        tmp = self.storage.staging_path(name)
         rejects: list[dict] = []
         rows: list[list] = []
-        writer = ShardWriter(tmp, name, sealer=self.storage.sealer)
+        writer = ShardWriter(self.storage.staging_path(name), name, sealer=self.storage.sealer)
         writing: Future | None = None
         try:
             position = index * self.plan.per_shard
@@ -972,29 +1013,21 @@ class _ShardMaker:
                 if self.stats.first_batch_at is None:
                     self.stats.first_batch_at = started
                     self.stats.first_batch_images = sum(e is None for e in errors)
-                here = None if self.encrypted_by_decoder else key
-                images = iter(_encrypt_batch(decoded, here, self.encrypt_on))
+                images = iter(_encrypt_batch(decoded, key, self.encrypt_on))
                 self.stats.encrypt_seconds += time.perf_counter() - started
                 self.stats.encrypt_cpu_seconds += time.thread_time() - cpu
-                samples = []
-                for offset, (item, error) in enumerate(zip(batch, errors, strict=True)):
-                    sample_key = f"{position + offset:08d}"
-                    if error is not None:
-                        rejects.append(
-                            reject_entry(item, sample_key, error.reason, encrypted=key is not None)
-                        )
-                        continue
-                    source = item.path if key is None else None  # encrypted: names no source
-                    files = sample_files(next(images), item.label, source, split)
-                    samples.append((sample_key, files))
-                    rows.append([sample_key, item.label, source])
+                samples, more_rejects, more_rows = _samples(
+                    batch, errors, images, position, encrypted=key is not None, split=split
+                )
+                rejects += more_rejects
+                rows += more_rows
                 position += len(batch)
                 if writing is not None:
                     writing.result()
                 writing = self.write_pool.submit(_write_samples, writer, samples)
             if writing is not None:
                 writing.result()
-            record = writer.close()
+            result = _finish_shard(writer, rejects, rows)
         except BaseException:
             if writing is not None:  # let the writer finish before cleaning up
                 with contextlib.suppress(BaseException):  # the first error is re-raised below
@@ -1003,10 +1036,139 @@ class _ShardMaker:
             raise
         self.stats.images += len(chunk) - len(rejects)  # made: the rejected ones are not
         self.stats.rejected += len(rejects)
-        if record.samples == 0:
-            tmp.unlink(missing_ok=True)
-            return ShardResult(None, rejects, []), None
-        return ShardResult(record, rejects, rows), writer.index_text()
+        return result
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    """One shard for a shard-building process: everything that shapes its bytes but the key."""
+
+    name: str
+    split: str
+    staging: Path
+    items: list[SourceItem]
+    position: int  # the first sample's number
+    src: str
+    size: int
+    max_pixels: int
+    batch_size: int
+
+
+_process_keys: dict[str, Any] = {}  # a shard-building process's key and sealer
+
+
+def _start_shard_process(key: Key | None, sealer: Any) -> None:
+    import signal
+
+    _process_keys.update(key=key, sealer=sealer)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def _make_shard(job: _ShardJob) -> tuple[ShardResult, str | None, dict[str, float]]:
+    """In a shard-building process: read, check, decode (PIL), encrypt (numpy) and write one
+    whole shard to its staging path; its result, DALI index and what it counted."""
+    from pipeline.offline.decode import InlinePilDecoder
+
+    key, sealer = _process_keys["key"], _process_keys["sealer"]
+    started, encrypt_cpu = time.process_time(), 0.0
+    decoder = InlinePilDecoder(job.size, max_pixels=job.max_pixels)
+    split = job.split
+    rejects: list[dict] = []
+    rows: list[list] = []
+    writer = ShardWriter(job.staging, job.name, sealer=sealer)
+    try:
+        position = job.position
+        for batch in _batches(job.items, job.batch_size):
+            errors, decoded = _decode_stage(Path(job.src), batch, job.max_pixels, decoder)
+            encrypting = time.process_time()
+            images = iter(_encrypt_batch(decoded, key))  # numpy: no torch import here
+            encrypt_cpu += time.process_time() - encrypting
+            samples, more_rejects, more_rows = _samples(
+                batch, errors, images, position, encrypted=key is not None, split=split
+            )
+            _write_samples(writer, samples)
+            rejects += more_rejects
+            rows += more_rows
+            position += len(batch)
+        result, index_text = _finish_shard(writer, rejects, rows)
+    except BaseException:
+        writer.abort()
+        raise
+    counts = {"images": len(job.items) - len(rejects), "rejected": len(rejects),
+              "encrypt_cpu": encrypt_cpu, "cpu": time.process_time() - started}  # fmt: skip
+    return result, index_text, counts
+
+
+class _ShardProcesses:
+    """Whole shards built in ``--threads`` processes when all the work is on the CPU (PIL,
+    numpy encryption): each process reads, decodes, encrypts and writes its own shards, so
+    this process handles no image. With the images passing through one builder (encryption,
+    the tar writer, hashing), one rank stopped at about 1,300 img/s on 16 cores (GPU check,
+    2026-12-04). Shards come back in order; a shard's bytes depend on its items alone."""
+
+    def __init__(
+        self,
+        config: ShardConfig,
+        plan: _SplitPlan,
+        key: Key | None,
+        storage: Storage,
+        stats: BuildStats,
+        todo: list[int],
+    ) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        from pipeline.offline.decode import forkserver_context
+
+        self.config, self.plan, self.storage, self.stats = config, plan, storage, stats
+        workers = max(1, config.num_threads)
+        self.ahead = 2 * workers  # shards queued or building: bounds the staging disk
+        self.todo = deque(todo)
+        self.futures: dict[int, Future] = {}
+        # the keys travel once per process, through its start-up pipe
+        self.pool = ProcessPoolExecutor(workers, mp_context=forkserver_context(__name__),
+                                        initializer=_start_shard_process,
+                                        initargs=(key, storage.sealer))  # fmt: skip
+
+    def _submit_ahead(self) -> None:
+        while self.todo and len(self.futures) < self.ahead:
+            index = self.todo.popleft()
+            name = shard_name(self.plan.split, index)
+            job = _ShardJob(name=name, split=self.plan.split,
+                            staging=self.storage.staging_path(name),
+                            items=self.plan.chunk(index), position=index * self.plan.per_shard,
+                            src=self.config.src, size=self.config.size,
+                            max_pixels=self.config.max_pixels,
+                            batch_size=self.config.batch_size)  # fmt: skip
+            self.futures[index] = self.pool.submit(_make_shard, job)
+
+    def build(self, index: int) -> tuple[ShardResult, str | None]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        from pipeline.offline.decode import DecoderCrashed
+
+        self._submit_ahead()
+        future = self.futures.pop(index)
+        try:
+            result, index_text, counts = future.result()
+        except BrokenProcessPool as exc:
+            raise DecoderCrashed.of(exc) from None
+        self._submit_ahead()
+        if self.stats.first_batch_at is None:  # here: the first shard back
+            self.stats.first_batch_at = time.perf_counter()
+            self.stats.first_batch_images = int(counts["images"])
+        self.stats.images += int(counts["images"])
+        self.stats.rejected += int(counts["rejected"])
+        self.stats.encrypt_cpu_seconds += counts["encrypt_cpu"]
+        self.stats.worker_cpu_seconds += counts["cpu"]
+        return result, index_text
+
+    def close(self) -> None:
+        """Stop: shards not started are dropped, those building finish; none of them is
+        published, so their staging files go (a rerun builds them)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for index in self.futures:
+            self.storage.staging_path(shard_name(self.plan.split, index)).unlink(missing_ok=True)
+        self.futures.clear()
 
 
 def _encrypt_batch(batch: Any, key: Key | None, device: str = "auto") -> list[np.ndarray]:
@@ -1014,8 +1176,6 @@ def _encrypt_batch(batch: Any, key: Key | None, device: str = "auto") -> list[np
     on ``device``, then hand numpy images to the writer."""
     if batch is None:
         return []
-    if isinstance(batch, list):  # encrypted by the decoder's processes
-        return batch
     if key is not None:
         if device != "auto":  # already resolved for this rank by encryption_device()
             import torch

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -148,75 +147,83 @@ def _decode_or_error(data: bytes, size: int, max_pixels: int) -> np.ndarray | De
         return DecodeError(f"PIL could not decode it ({type(exc).__name__}: {exc})")
 
 
-_worker_key: Any = None  # the key a decoding process encrypts with (set by _start_worker)
-
-
-def _start_worker(key: Any) -> None:
-    global _worker_key
-    _worker_key = key
+def _start_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
-def _decode_chunk(blobs: Sequence[bytes], size: int, max_pixels: int) -> tuple[list, float, float]:
-    """Decode (and, given a key, encrypt) in a worker process: the images, the CPU seconds
-    that encryption took and those of the whole chunk."""
+def _decode_chunk(blobs: Sequence[bytes], size: int, max_pixels: int) -> tuple[list, float]:
+    """Decode in a worker process: the images and the CPU seconds they took there."""
     started = time.process_time()
     images = [_decode_or_error(b, size, max_pixels) for b in blobs]
-    decoded = time.process_time()
-    if _worker_key is not None:
-        from pipeline.cipher.blockwise import encrypt
+    return images, time.process_time() - started
 
-        images = [i if isinstance(i, DecodeError) else encrypt(i, _worker_key) for i in images]
-    done = time.process_time()
-    return images, done - decoded, done - started
+
+_PRELOAD = {__name__}
+
+
+def forkserver_context(*preload: str) -> multiprocessing.context.BaseContext:
+    """Worker processes forked from a server that imported only these modules (and this one):
+    they inherit no threads, locks or CUDA state from the caller (which has all three), and
+    start without importing them again. The server starts on the first pool's first task."""
+    _PRELOAD.update(preload)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(sorted(_PRELOAD))  # not __main__: a tool's imports
+    return context
 
 
 class DecoderCrashed(KeyprotectError, RuntimeError):
     """A decoding process died (killed, out of memory, or a crash in an image library)."""
 
+    @classmethod
+    def of(cls, exc: BaseException) -> DecoderCrashed:
+        return cls(
+            f"a decoding process died ({exc}); finished shards are kept and a rerun resumes. "
+            "If it happens again: a script that calls build_shards must guard its top level "
+            "with `if __name__ == '__main__':` (the processes import it); else look for an "
+            "image that crashes PIL, or a process killed for lack of memory"
+        )
+
+
+class InlinePilDecoder:
+    """PIL in the calling thread: a shard-building process's decoder (the processes are the
+    parallelism)."""
+
+    def __init__(self, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.size, self.max_pixels = size, max_pixels
+
+    def decode(self, blobs: Sequence[bytes]) -> list[np.ndarray | DecodeError]:
+        return [_decode_or_error(b, self.size, self.max_pixels) for b in blobs]
+
+    def close(self) -> None:
+        pass
+
 
 class PilDecoder:
-    """Decodes a batch with PIL in ``num_threads`` worker processes; given ``key``, they also
-    encrypt what they decode (the same numpy encryption the builder would run).
+    """Decodes a batch with PIL in ``num_threads`` worker processes.
 
     Processes, not threads: PIL releases the GIL while it decodes and resizes, but not in the
     Python around each image, and on a 16-core host 16 threads made 1.7x one thread's img/s
-    (GPU check, 2026-12-04), with the builder's own encryption on top of them. The pool starts
-    on the first batch (from a fork server: no threads or CUDA state are inherited) and ends
-    with :meth:`close`. The key reaches the workers through their start-up pipe, never a file.
+    (GPU check, 2026-12-04). The pool starts on the first batch and ends with :meth:`close`.
+    make_shards builds whole shards in processes instead (``pipeline.offline.build``); this
+    one serves the decoders that keep images in the caller (PIL before GPU encryption,
+    nvJPEG's CPU fallback).
     """
 
     def __init__(
-        self,
-        size: int,
-        *,
-        num_threads: int = 2,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        key: Any = None,
+        self, size: int, *, num_threads: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS
     ) -> None:
-        self.size, self.max_pixels, self.key = size, max_pixels, key
+        self.size, self.max_pixels = size, max_pixels
         self.num_workers = max(1, num_threads)
-        self.encrypt_cpu_seconds = 0.0  # in the workers, summed
         self.cpu_seconds = 0.0  # the workers' CPU seconds (a process's own time leaves them out)
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    @property
-    def encrypts(self) -> bool:
-        return self.key is not None
-
-    def __repr__(self) -> str:  # never the key
-        return f"PilDecoder(size={self.size}, workers={self.num_workers}, encrypts={self.encrypts})"
-
     def _workers(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                context = multiprocessing.get_context("forkserver")
-                context.set_forkserver_preload([__name__])  # not __main__: a tool's imports
                 self._pool = ProcessPoolExecutor(
-                    self.num_workers, mp_context=context, initializer=_start_worker,
-                    initargs=(self.key,),
-                )  # fmt: skip
+                    self.num_workers, mp_context=forkserver_context(), initializer=_start_worker
+                )
             return self._pool
 
     def decode(self, blobs: Sequence[bytes]) -> list[np.ndarray | DecodeError]:
@@ -231,18 +238,11 @@ class PilDecoder:
         images: list[np.ndarray | DecodeError] = []
         try:
             for future in futures:
-                chunk, encrypt_s, cpu_s = future.result()
+                chunk, cpu_s = future.result()
                 images.extend(chunk)
-                self.encrypt_cpu_seconds += encrypt_s
                 self.cpu_seconds += cpu_s
         except BrokenProcessPool as exc:
-            raise DecoderCrashed(
-                f"a PIL decoding process died while decoding {len(blobs)} files ({exc}); "
-                "finished shards are kept and a rerun resumes. If it happens again: a script "
-                "that calls build_shards must guard its top level with `if __name__ == "
-                "'__main__':` (the decoding processes import it); else look for an image that "
-                "crashes PIL, or a process killed for lack of memory"
-            ) from None
+            raise DecoderCrashed.of(exc) from None
         return images
 
     def close(self) -> None:

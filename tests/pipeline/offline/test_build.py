@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 import tarfile
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ import torch
 from PIL import Image
 
 from pipeline import Key, decrypt
+from pipeline.errors import KeyprotectError
 from pipeline.offline.build import ShardBuildError, ShardConfig, build_shards, samples_per_shard
 from pipeline.offline.decode import decode_pil
 from pipeline.offline.sources import SourceError
@@ -340,3 +344,48 @@ def test_the_setup_verdict_crosses_ranks_as_text_and_back():
     with pytest.raises(ShardBuildError, match="cannot read"):
         SetupVerdict.from_text("maybe:abc")
     assert Handshake.BUILT.of("val") == "val/built"
+
+
+def test_pil_shards_built_in_processes_do_not_depend_on_how_many(jpeg_tree, tmp_path):
+    """PIL with CPU encryption builds whole shards in --threads processes (issue 19): the
+    shards, manifest and order are the same with 1 and 3 of them, sealed or not."""
+    from pipeline.cipher.seal import generate_data_key
+    from pipeline.shards.sealing import open_output
+
+    key, data_key = Key(FIXED_SECRET), generate_data_key()
+    made = {}
+    for threads in (1, 3):
+        out = tmp_path / f"t{threads}"
+        manifests = build_shards(config(jpeg_tree, out, num_threads=threads), key)
+        made[threads] = {s: [(r.name, r.samples, r.sha256) for r in m.shards]
+                         for s, m in manifests.items()}  # fmt: skip
+        sealed = tmp_path / f"sealed{threads}"
+        build_shards(config(jpeg_tree, sealed, num_threads=threads), key, data_key=data_key)
+        opened = open_output(str(sealed), data_key)
+        for name, _, sha in made[threads]["train"]:
+            assert hashlib.sha256(opened.read_bytes(name)).hexdigest() == sha
+    assert made[1] == made[3] and len(made[1]["train"]) == 5
+
+
+def _dies_on_the_third(job):
+    """In a shard-building process (imported there by name): killed on shard 2."""
+    import pipeline.offline.build as build
+
+    if job.name.endswith("000002.tar"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return build._make_shard(job)
+
+
+def test_a_killed_shard_process_is_one_line_and_the_rerun_resumes(jpeg_tree, tmp_path, monkeypatch):
+    import pipeline.offline.build as build
+
+    key, out = Key(FIXED_SECRET), tmp_path / "out"
+    real = build._make_shard
+    monkeypatch.setattr(build, "_make_shard", _dies_on_the_third)
+    with pytest.raises(KeyprotectError) as caught:
+        build_shards(config(jpeg_tree, out, num_threads=1, splits=("train",)), key)
+    assert "a decoding process died" in str(caught.value) and "\n" not in str(caught.value)
+    assert not list(out.rglob("*.partial"))  # no staging file left behind
+    monkeypatch.setattr(build, "_make_shard", real)
+    manifest = build_shards(config(jpeg_tree, out, num_threads=1, splits=("train",)), key)
+    assert manifest["train"].total_samples == 24
