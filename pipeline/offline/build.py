@@ -1121,7 +1121,8 @@ class _ShardProcesses:
 
         self.config, self.plan, self.storage, self.stats = config, plan, storage, stats
         workers = max(1, config.num_threads)
-        self.ahead = 2 * workers  # shards queued or building: bounds the staging disk
+        # shards building or waiting their turn to be published: at most this many are staged
+        self.ahead = workers + 2
         self.todo = deque(todo)
         self.futures: dict[int, Future] = {}
         # the keys travel once per process, through its start-up pipe
