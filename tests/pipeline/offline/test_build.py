@@ -21,6 +21,7 @@ from pipeline import Key, decrypt
 from pipeline.errors import KeyprotectError
 from pipeline.offline.build import ShardBuildError, ShardConfig, build_shards, samples_per_shard
 from pipeline.offline.decode import decode_pil
+from pipeline.offline.makers import ShardResult
 from pipeline.offline.sources import SourceError
 from pipeline.shards.manifest import load_manifest
 from pipeline.storage import Storage
@@ -319,7 +320,7 @@ def test_publishing_runs_behind_the_builder_in_a_bounded_queue(jpeg_tree, tmp_pa
     storage = SlowStore(tmp_path)
     plan = build._plan_split(config(jpeg_tree, tmp_path), "val", Key(FIXED_SECRET))
     publisher = build._Publisher(storage, build._State(storage, "val"), plan)
-    empty = build.ShardResult(None, [], [])
+    empty = ShardResult(None, [], [])
     started = time.monotonic()
     publisher.submit(0, empty, None)
     publisher.submit(1, empty, None)
@@ -369,23 +370,23 @@ def test_pil_shards_built_in_processes_do_not_depend_on_how_many(jpeg_tree, tmp_
 
 def _dies_on_the_third(job):
     """In a shard-building process (imported there by name): killed on shard 2."""
-    import pipeline.offline.build as build
+    import pipeline.offline.makers as makers
 
     if job.name.endswith("000002.tar"):
         os.kill(os.getpid(), signal.SIGKILL)
-    return build._make_shard(job)
+    return makers._make_shard(job)
 
 
 def test_a_killed_shard_process_is_one_line_and_the_rerun_resumes(jpeg_tree, tmp_path, monkeypatch):
-    import pipeline.offline.build as build
+    import pipeline.offline.makers as makers
 
     key, out = Key(FIXED_SECRET), tmp_path / "out"
-    real = build._make_shard
-    monkeypatch.setattr(build, "_make_shard", _dies_on_the_third)
+    real = makers._make_shard
+    monkeypatch.setattr(makers, "_make_shard", _dies_on_the_third)
     with pytest.raises(KeyprotectError) as caught:
         build_shards(config(jpeg_tree, out, num_threads=1, splits=("train",)), key)
     assert "a decoding process died" in str(caught.value) and "\n" not in str(caught.value)
     assert not list(out.rglob("*.partial"))  # no staging file left behind
-    monkeypatch.setattr(build, "_make_shard", real)
+    monkeypatch.setattr(makers, "_make_shard", real)
     manifest = build_shards(config(jpeg_tree, out, num_threads=1, splits=("train",)), key)
     assert manifest["train"].total_samples == 24
