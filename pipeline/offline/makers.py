@@ -13,10 +13,12 @@ Either way a shard's bytes depend on its items and the key alone.
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +28,13 @@ import numpy as np
 from pipeline.cipher.blockwise import encrypt
 from pipeline.cipher.keys import Key
 from pipeline.errors import ConfigError
-from pipeline.offline.decode import DecodeError, probe
+from pipeline.offline.decode import (
+    DecodeError,
+    DecoderCrashed,
+    InlinePilDecoder,
+    forkserver_context,
+    probe,
+)
 from pipeline.offline.sourcemap import reject_entry
 from pipeline.offline.sources import SourceItem
 from pipeline.shards.format import ShardRecord, ShardWriter, sample_files, shard_name
@@ -272,8 +280,6 @@ _process_keys: dict[str, Any] = {}  # a shard-building process's key and sealer
 
 
 def _start_shard_process(key: Key | None, sealer: Any) -> None:
-    import signal
-
     _process_keys.update(key=key, sealer=sealer)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
@@ -281,8 +287,6 @@ def _start_shard_process(key: Key | None, sealer: Any) -> None:
 def _make_shard(job: _ShardJob) -> tuple[ShardResult, str | None, dict[str, float]]:
     """In a shard-building process: read, check, decode (PIL), encrypt (numpy) and write one
     whole shard to its staging path; its result, DALI index and what it counted."""
-    from pipeline.offline.decode import InlinePilDecoder
-
     key, sealer = _process_keys["key"], _process_keys["sealer"]
     started, encrypt_cpu = time.process_time(), 0.0
     decoder = InlinePilDecoder(job.size, max_pixels=job.max_pixels)
@@ -329,10 +333,6 @@ class ShardProcesses:
         stats: BuildStats,
         todo: list[int],
     ) -> None:
-        from concurrent.futures import ProcessPoolExecutor
-
-        from pipeline.offline.decode import forkserver_context
-
         self.config, self.plan, self.storage, self.stats = config, plan, storage, stats
         workers = max(1, config.num_threads)
         # shards building or waiting their turn to be published: at most this many are staged
@@ -357,10 +357,6 @@ class ShardProcesses:
             self.futures[index] = self.pool.submit(_make_shard, job)
 
     def build(self, index: int) -> tuple[ShardResult, str | None]:
-        from concurrent.futures.process import BrokenProcessPool
-
-        from pipeline.offline.decode import DecoderCrashed
-
         self._submit_ahead()
         future = self.futures.pop(index)
         try:
