@@ -19,7 +19,6 @@ import itertools
 import random
 import tarfile
 from collections.abc import Iterator, Sequence
-from typing import IO
 
 import numpy as np
 import webdataset as wds
@@ -37,18 +36,11 @@ from pipeline.shards.manifest import Manifest
 from pipeline.storage import Storage
 from pipeline.stream.dataset import LoaderConfig
 from pipeline.stream.pieces import cut
-from pipeline.stream.remote import open_remote
+from pipeline.stream.remote import open_shard
 
 Sample = tuple[bytes, bytes]  # (image bytes, the .cls bytes): what DALI's reader hands out
 Batch = tuple[list[np.ndarray], list[np.ndarray]]
 Files = list[tuple[str, bytes]]  # (extension, data) of one sample, in tar order
-
-
-def _open(storage: Storage, name: str) -> IO[bytes]:
-    if storage.is_local:
-        return storage.open(name)
-    raw = open_remote(storage.uri(name))  # reconnects, as the webdataset loader's reads do
-    return raw if storage.sealer is None else storage.sealer.reader(name, raw)
 
 
 def _grouped(tar: tarfile.TarFile) -> Iterator[tuple[str, Files]]:
@@ -83,7 +75,7 @@ def read_shard(
 ) -> Iterator[Sample]:
     """Samples ``start..stop-1`` of shard ``name`` (``samples`` in all, says the manifest),
     each checked: its files, an image of ``image_shape``, a class in ``0..classes-1``."""
-    count, stream = 0, _open(storage, name)
+    count, stream = 0, open_shard(storage, name)
     try:
         with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for number, (key, files) in enumerate(_grouped(tar)):

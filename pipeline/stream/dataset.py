@@ -39,7 +39,7 @@ from pipeline.shards.checks import (
 from pipeline.shards.format import index_name
 from pipeline.stream.crop import centre_crop
 from pipeline.stream.pieces import Piece, cut, epoch_pieces
-from pipeline.stream.remote import open_remote
+from pipeline.stream.remote import open_shard
 from pipeline.stream.source import open_split
 
 # The input normalisation, ``(x/255 - mean)/std``: an image and its negative map to u and -u
@@ -162,16 +162,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
             stream.close()
 
     def _open(self, name: str, position: int):
-        sealer = self.storage.sealer
-        start = 0 if sealer is not None else position  # a sealed shard opens from its start
-        if self.storage.is_local:
-            f = open(self.storage.path(name), "rb")  # noqa: SIM115 - closed by the caller
-            f.seek(start)
-        else:
-            f = open_remote(self.storage.uri(name), start=start)
-        if sealer is None:
-            return f
-        opened = sealer.reader(name, f)
+        if self.storage.sealer is None:
+            return open_shard(self.storage, name, start=position)
+        opened = open_shard(self.storage, name)  # a sealed shard opens from its start
         _skip(opened, position, self.storage.uri(name))
         return opened
 

@@ -6,8 +6,15 @@ import contextlib
 import io
 import logging
 import time
+from typing import BinaryIO
 
-from pipeline.storage import connection_errors, filesystem, storage_timeout, unreachable
+from pipeline.storage import (
+    Storage,
+    connection_errors,
+    filesystem,
+    storage_timeout,
+    unreachable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,3 +76,15 @@ class ResumableFile(io.RawIOBase):
 def open_remote(url: str, *, start: int = 0) -> io.BufferedReader:
     """``url`` opened for buffered reading from byte ``start``, with reconnects."""
     return io.BufferedReader(ResumableFile(url, start=start), buffer_size=1 << 20)
+
+
+def open_shard(storage: Storage, name: str, *, start: int = 0) -> BinaryIO:
+    """Shard ``name`` of ``storage`` for streaming from byte ``start`` of what is at rest: a
+    local file, or the reconnecting remote reader; on a sealed output, opened (and
+    authenticated segment by segment) through its sealer, from ``start`` = 0."""
+    if storage.is_local:
+        f: BinaryIO = open(storage.path(name), "rb")  # noqa: SIM115 - closed by the caller
+        f.seek(start)
+    else:
+        f = open_remote(storage.uri(name), start=start)
+    return f if storage.sealer is None else storage.sealer.reader(name, f)
