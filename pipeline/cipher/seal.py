@@ -52,22 +52,12 @@ class DataKey:
     def __repr__(self) -> str:
         return f"DataKey({self.keyset_id})"
 
-    def __reduce__(self) -> tuple:
-        # make_shards' shard-building processes get the key through their start-up pipe, as
-        # the model key; a pickle of it is as secret as the key file
-        text = json_proto_keyset_format.serialize(self.handle, secret_key_access.TOKEN)
-        return (_data_key_from_json, (text,))
-
     @property
     def keyset_id(self) -> str:
         return f"tink:{self.handle.keyset_info().primary_key_id:010d}"
 
     def _primitive(self) -> streaming_aead.StreamingAead:
         return self.handle.primitive(streaming_aead.StreamingAead)
-
-
-def _data_key_from_json(text: str) -> DataKey:
-    return DataKey(json_proto_keyset_format.parse(text, secret_key_access.TOKEN))
 
 
 def generate_data_key(*, segment: str = "1MB") -> DataKey:
@@ -328,3 +318,17 @@ class Sealer:
 
     def reader(self, name: str, raw: BinaryIO) -> BinaryIO:
         return opening_reader(self.key, raw, associated_data=self.ad(name))
+
+    def secret_parts(self) -> tuple[str, str]:
+        """The keyset (Tink's JSON: secret) and the output id, for make_shards' own worker
+        processes through their start-up pipe; Tink refuses to pickle a keyset, and so does
+        :class:`DataKey`, so that none reaches a file by accident."""
+        text = json_proto_keyset_format.serialize(self.key.handle, secret_key_access.TOKEN)
+        return text, self.output_id
+
+    @classmethod
+    def from_secret_parts(cls, parts: tuple[str, str]) -> Sealer:
+        text, output_id = parts
+        return cls(
+            DataKey(json_proto_keyset_format.parse(text, secret_key_access.TOKEN)), output_id
+        )

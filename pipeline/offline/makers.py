@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline.cipher.blockwise import encrypt
 from pipeline.cipher.keys import Key
+from pipeline.cipher.seal import Sealer
 from pipeline.errors import ConfigError
 from pipeline.offline.decode import (
     DecodeError,
@@ -279,7 +280,8 @@ class _ShardJob:
 _process_keys: dict[str, Any] = {}  # a shard-building process's key and sealer
 
 
-def _start_shard_process(key: Key | None, sealer: Any) -> None:
+def _start_shard_process(key: Key | None, sealing: tuple[str, str] | None) -> None:
+    sealer = None if sealing is None else Sealer.from_secret_parts(sealing)
     _process_keys.update(key=key, sealer=sealer)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
@@ -340,9 +342,10 @@ class ShardProcesses:
         self.todo = deque(todo)
         self.futures: dict[int, Future] = {}
         # the keys travel once per process, through its start-up pipe
+        sealing = None if storage.sealer is None else storage.sealer.secret_parts()
         self.pool = ProcessPoolExecutor(workers, mp_context=forkserver_context(__name__),
                                         initializer=_start_shard_process,
-                                        initargs=(key, storage.sealer))  # fmt: skip
+                                        initargs=(key, sealing))  # fmt: skip
 
     def _submit_ahead(self) -> None:
         while self.todo and len(self.futures) < self.ahead:

@@ -10,6 +10,7 @@ import stat
 import pytest
 
 from pipeline.cipher.seal import (
+    Sealer,
     SealError,
     generate_data_key,
     load_data_key,
@@ -192,3 +193,17 @@ def test_kms_wrapped_key_round_trip(s3_env, tmp_path):
         save_data_key(KEY, tmp_path / "x.key", kms_key_uri="aws-kms://nonsense")
     with pytest.raises(SealError, match="KMS did not encrypt"):
         save_data_key(KEY, tmp_path / "y.key", kms_key_uri=f"aws-kms://{arn}-missing")
+
+
+def test_a_data_key_never_pickles_but_a_sealer_travels_to_a_worker_by_its_parts():
+    """make_shards' worker processes get the keyset through their start-up pipe; a pickle of a
+    data key (into a checkpoint, a cache) stays refused, as Tink refuses it."""
+    import pickle
+
+    sealer = Sealer(generate_data_key(), "out-1")
+    with pytest.raises(Exception, match="pickle|getstate|not permitted"):
+        pickle.dumps(sealer.key)
+    again = Sealer.from_secret_parts(pickle.loads(pickle.dumps(sealer.secret_parts())))
+    sealed = sealer.seal("train-000000.tar", b"x" * 5000)
+    assert again.open("train-000000.tar", sealed) == b"x" * 5000
+    assert again.output_id == "out-1" and again.key.keyset_id == sealer.key.keyset_id
