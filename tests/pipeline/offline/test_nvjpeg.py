@@ -91,6 +91,39 @@ def test_files_nvjpeg_cannot_take_go_to_pil_or_are_rejected_as_with_pil(tmp_path
         assert re.sub("0x[0-9a-f]+", "", got.reason) == re.sub("0x[0-9a-f]+", "", want.reason)
 
 
+def pil_would_send_to_nvjpeg(data: bytes) -> bool:
+    """The rule read through PIL: a JPEG PIL opens as RGB, not progressive, ending in FFD9."""
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            progressive = img.info.get("progressive") or img.info.get("progression")
+            return img.format == "JPEG" and img.mode == "RGB" and not progressive
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize(
+    "mode, kw",
+    [
+        ("RGB", {}),
+        ("RGB", {"subsampling": 0}),
+        ("RGB", {"subsampling": 2, "optimize": True}),
+        ("RGB", {"progressive": True}),
+        ("RGB", {"icc_profile": b"p" * 70000}),  # a profile over several APP2 segments
+        ("RGB", {"exif": b"Exif\x00\x00" + bytes(100)}),
+        ("L", {}),
+        ("CMYK", {}),
+        ("YCbCr", {}),
+    ],
+)
+def test_which_files_go_to_nvjpeg_is_what_pil_reads_in_the_header(mode, kw):
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 40, 3), np.uint8))
+    data = encoded(image.convert(mode), quality=80, **kw)
+    assert nvjpeg_takes(data) == pil_would_send_to_nvjpeg(data)
+    assert nvjpeg_takes(data) == (mode in ("RGB", "YCbCr") and not kw.get("progressive"))
+
+
 def test_a_bad_file_in_a_batch_costs_only_that_file(tmp_path):
     blobs = jpeg_blobs(tmp_path, count=4)
     broken = bytearray(blobs[1])

@@ -10,8 +10,10 @@ import tarfile
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from pipeline.shards.format import TAR_FORMAT, ShardWriter, sample_files
+from pipeline.shards.format import MAX_NAME, TAR_FORMAT, ShardWriter, member_header, sample_files
 
 
 def samples(count: int) -> list[tuple[str, dict[str, bytes]]]:
@@ -49,6 +51,31 @@ def test_the_writer_writes_exactly_what_tarfile_writes(tmp_path, count) -> None:
     record = writer.record
     assert record is not None and record.samples == count
     assert (record.bytes, record.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def tarfile_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(TAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+@given(
+    name=st.text(min_size=1, max_size=MAX_NAME).filter(
+        lambda n: len(n.encode("utf-8", "surrogateescape")) <= MAX_NAME
+    ),
+    size=st.integers(0, 8 << 30),
+)
+def test_a_member_header_is_the_one_tarfile_builds(name: str, size: int) -> None:
+    assert member_header(name, size) == tarfile_header(name, size)
+
+
+def test_a_name_tarfile_would_spill_into_a_long_name_header_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="over 99 bytes"):
+        member_header("\u00e9" * 50, 1)  # 50 characters, 100 bytes
+    with ShardWriter(tmp_path / "s.tar", "s.tar") as writer, pytest.raises(ValueError, match="99"):
+        writer.write("k" * 97, {"u8": b"x"})
 
 
 @pytest.mark.skipif(shutil.which("tar") is None, reason="no tar command here")
