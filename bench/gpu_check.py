@@ -39,6 +39,10 @@ status is 1 if any section failed):
    ceiling where its shards go.
 12. ``make_shards_ranks``: 4 CPU-decoding ranks of 4 threads on 16 cores (torchrun): the node's
    img/s, each rank with its own builder; the same bytes as one rank.
+   ``make_shards_ranks_gpu``: 4 nvJPEG ranks sharing the one GPU: the node's img/s, and the
+   same bytes as one rank. ``pytest_gpu``: the suite's GPU tests (``pytest -m gpu``).
+   Each make_shards section records rank 0's time split (``time_split``): where its builder
+   waited, or how busy the shard processes were.
 13. ``loader_224``: the webdataset loader at 224 px onto the GPU, one worker per host core.
 14. ``training_224``: timm ``resnet50`` (random init), bf16, channels_last, compiled, img/s per
    GPU from the encrypted raw shards against the same photos as JPEG files decoded on the GPU.
@@ -295,6 +299,13 @@ def _steady_img_s(log: str) -> int | None:
     return int(speed.group(1)) if speed else None
 
 
+def _time_split(log: str) -> str | None:
+    """Rank 0's line on the stage that held it up: the builder's time split (a decoder feeding
+    the rank's process), or how busy PIL's shard processes were."""
+    line = re.search(r"rank 0: ((?:the builder spent|\d+ shard process).*)", log)
+    return line.group(1).strip() if line else None
+
+
 def _photo_copies(c: Check) -> Path:
     """``photos`` hard-linked ``photo_copies`` times over (one class folder per copy and
     class): enough images for a GPU decoder's steady rate, without making more JPEGs."""
@@ -352,6 +363,7 @@ def check_make_shards_photos(c: Check) -> dict:
                     torchrun=True)  # fmt: skip
         figures[f"img_s_encrypt_{device}"] = _img_s(log)
         figures[f"img_s_steady_encrypt_{device}"] = _steady_img_s(log)
+        figures[f"time_split_encrypt_{device}"] = _time_split(log)
     if c.cuda:
         same = _shard_hashes(c.work / "photos-cuda", ("train",)) == _shard_hashes(
             c.work / "photos-cpu", ("train",)
@@ -396,6 +408,7 @@ def _photo_decoder_run(c: Check, decoder: str, device: str = "cuda") -> dict:
     return {
         "img_s": _img_s(log),
         "img_s_steady": _steady_img_s(log),
+        "time_split": _time_split(log),
         "decoder": options["decoder"],
         "decode_device": options["decode_device"],
         "compared_images": len(diff),
@@ -448,13 +461,13 @@ def check_make_shards_threads(c: Check) -> dict:
     if not photos.is_dir():
         raise CheckFailed("needs the photos of 'make_shards_photos'")
     counts = [n for n in c.budget.threads if n <= (os.cpu_count() or 1)] or [1]
-    whole, steady = {}, {}
+    whole, steady, split = {}, {}, {}
     for n in counts:
         log = c.run("tools/make_shards.py", "--key", str(c.key), "--src", str(photos), "--split",
                     "train", "--size", "224", "--decoder", "pil", "--threads", str(n),
                     "--shard-size", c.budget.threads_shard_size, "--encrypt-device", "cpu",
                     "--out", str(c.work / f"threads-{n}"), cap=180)  # fmt: skip
-        whole[n], steady[n] = _img_s(log), _steady_img_s(log)
+        whole[n], steady[n], split[n] = _img_s(log), _steady_img_s(log), _time_split(log)
     top = counts[-1]
     efficiency = whole[top] / (top * whole[1]) if whole[1] and whole[top] else None
     return {
@@ -463,6 +476,7 @@ def check_make_shards_threads(c: Check) -> dict:
         "shard_size": c.budget.threads_shard_size,
         "img_s_by_threads": {str(n): v for n, v in whole.items()},
         "img_s_steady_by_threads": {str(n): v for n, v in steady.items()},
+        "time_split_by_threads": {str(n): v for n, v in split.items()},
         f"parallel_efficiency_at_{top}": round(efficiency, 3) if efficiency else None,
         "goal_efficiency": 0.75,
     }
@@ -496,9 +510,72 @@ def check_make_shards_ranks(c: Check) -> dict:
         "img_s_node_whole_run": round(images / wall, 1),
         "img_s_steady_rank0": steady,
         "img_s_steady_node_estimate": ranks * steady if steady else None,
+        "time_split_rank0": _time_split(log),
         "same_bytes_as_one_rank": same,
         "failed": not same,
     }
+
+
+def check_make_shards_ranks_gpu(c: Check) -> dict:
+    """Several nvJPEG ranks sharing the one GPU (``torchrun --nproc_per_node=4 ... --decoder
+    nvjpeg``; ranks beyond the GPUs wrap round, ``pipeline.device.rank_gpu``): one rank's
+    process handles every image (about 1,550 img/s on an H200), so a node with fewer GPUs than
+    spare cores runs more ranks than GPUs. The node's img/s over the whole run, rank 0's steady
+    rate and time split, and the same bytes as one nvJPEG rank."""
+    if not c.cuda:
+        return {"skipped": True, "reason": "needs CUDA"}
+    one = c.work / "photos-nvjpeg"
+    if not one.is_dir():
+        raise CheckFailed("needs the shards of 'make_shards_nvjpeg'")
+    cpus = os.cpu_count() or 2
+    ranks = 4
+    out = c.work / "ranks-nvjpeg"
+    started = time.perf_counter()
+    log = c.run("tools/make_shards.py", "--key", str(c.key), "--src", str(c.work / "photos-many"),
+                "--split", "train", "--size", "224", "--decoder", "nvjpeg", "--threads",
+                str(max(1, cpus // ranks)), "--shard-size", c.budget.photo_shard_size,
+                "--out", str(out), cap=240, torchrun=True, nproc=ranks)  # fmt: skip
+    wall = time.perf_counter() - started
+    images = json.loads((out / "train.manifest.json").read_text())["total_samples"]
+    steady = _steady_img_s(log)
+    same = _shard_hashes(out, ("train",)) == _shard_hashes(one, ("train",))
+    return {
+        "ranks": ranks,
+        "gpus": torch.cuda.device_count(),
+        "images": images,
+        "img_s_node_whole_run": round(images / wall, 1),
+        "img_s_steady_rank0": steady,
+        "img_s_steady_node_estimate": ranks * steady if steady else None,
+        "time_split_rank0": _time_split(log),
+        "shared_gpu_logged": "shared by several ranks" in log,
+        "same_bytes_as_one_rank": same,
+        "failed": not same,
+    }
+
+
+GPU_TEST_FILES = (  # the modules with tests marked gpu (the others need moto, s3fs, ...)
+    "tests/pipeline/cipher/test_blockwise.py",
+    "tests/pipeline/offline/test_build.py",
+    "tests/pipeline/offline/test_nvjpeg.py",
+    "tests/pipeline/offline/test_dali.py",
+)
+
+
+def check_pytest_gpu(c: Check) -> dict:
+    """The test suite's GPU tests (``pytest -m gpu``), skipped everywhere else: CUDA encryption
+    against numpy, the encryption device, nvJPEG's build and its pixels against PIL's, DALI's
+    GPU decoder against its CPU one (skipped without DALI)."""
+    if not c.cuda:
+        return {"skipped": True, "reason": "needs CUDA (they skip without it)"}
+    try:
+        log = c.run("-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                    *GPU_TEST_FILES, cap=240)  # fmt: skip
+        failed = False
+    except CheckFailed as exc:
+        log, failed = str(exc), True
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|error)", log)}
+    return {**counts, "summary": log.strip().splitlines()[-1][-300:] if log.strip() else "",
+            "failed": failed or not counts.get("passed")}  # fmt: skip
 
 
 def check_disk_write(c: Check) -> dict:
@@ -875,6 +952,8 @@ SECTIONS: list[tuple[str, Callable[[Check], dict]]] = [
     ("predict", check_predict),
     ("make_shards_photos", check_make_shards_photos),
     ("make_shards_nvjpeg", check_make_shards_nvjpeg),
+    ("make_shards_ranks_gpu", check_make_shards_ranks_gpu),
+    ("pytest_gpu", check_pytest_gpu),
     ("make_shards_threads", check_make_shards_threads),
     ("disk_write", check_disk_write),
     ("make_shards_ranks", check_make_shards_ranks),

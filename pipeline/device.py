@@ -40,6 +40,17 @@ def resolve_device(
     return torch.device("cuda", index)
 
 
+def rank_gpu(local_rank: int) -> int:
+    """The GPU of an offline-stage rank: ``LOCAL_RANK``, wrapping round when a node runs more
+    ranks than it has GPUs. One make_shards rank cannot keep a GPU decoder busy (its own process
+    handles every image: about 1,550 img/s on an H200), so several ranks may share a GPU.
+    Training keeps one rank per GPU."""
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise ConfigError("no CUDA device is visible here; decode and encrypt on the cpu")
+    return local_rank % count
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where ``model``'s weights are (its first parameter, else buffer; the CPU if it has none)."""
     for parameter in model.parameters():

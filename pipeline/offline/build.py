@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections import deque
@@ -219,22 +220,20 @@ def _dali_available() -> bool:
 
 def encryption_device(encrypt_device: str, decoding_on: str, local_rank: int) -> str:
     """Where this rank encrypts: ``auto`` (where the decoder leaves the images: DALI's GPU
-    output is on GPU ``LOCAL_RANK``), or ``--encrypt-device`` resolved for this rank (``cuda``
-    means ``cuda:LOCAL_RANK``). The bytes are the same everywhere, so this is not recorded."""
-    if decoding_on == "gpu":
-        import torch
+    output is on this rank's GPU), or ``--encrypt-device`` resolved for this rank (``cuda``
+    means this rank's GPU: ``LOCAL_RANK``, shared when there are more ranks than GPUs, see
+    ``rank_gpu``). The bytes are the same everywhere, so this is not recorded."""
+    import torch
 
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(
-                f"LOCAL_RANK {local_rank}, but {torch.cuda.device_count()} CUDA device(s) here: "
-                "run at most one process per GPU (torchrun --nproc_per_node)"
-            )
-        torch.cuda.set_device(local_rank)  # DALI decodes there; torch's "cuda" is that GPU
-    if encrypt_device == "auto":
-        return "auto"
+    from pipeline.device import rank_gpu
     from pipeline.device import resolve_device as torch_device
 
-    return str(torch_device(encrypt_device, local_rank=local_rank))
+    if decoding_on == "gpu":
+        torch.cuda.set_device(rank_gpu(local_rank))  # DALI decodes there; torch's "cuda" too
+    if encrypt_device == "auto":
+        return "auto"
+    gpu = rank_gpu(local_rank) if torch.cuda.is_available() else local_rank
+    return str(torch_device(encrypt_device, local_rank=gpu))
 
 
 @dataclass(frozen=True)
@@ -544,6 +543,8 @@ def _build_own_shards(
         maker.close()
         publisher.close()  # publishes what is finished (kept for a resume) before any error
         progress.close()
+    if todo:  # the stage that held this rank up
+        logger.info("%s: rank %d: %s", plan.split, group.rank, maker.time_report())
     return results
 
 
@@ -557,17 +558,27 @@ def _announce(
 ) -> None:
     """The line that says what this rank builds, and where it decodes and encrypts."""
     encrypts_on = encrypt_on  # "auto": where the decoder leaves the images
-    if encrypt_on == "auto":
-        encrypts_on = f"cuda:{group.local_rank}" if plan.device == "gpu" else "cpu"
+    if plan.device == "gpu":
+        import torch
+
+        from pipeline.device import rank_gpu
+
+        gpu = rank_gpu(group.local_rank)
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > torch.cuda.device_count()
+        encrypts_on = f"cuda:{gpu}" if encrypt_on == "auto" else encrypt_on
+        where = f"the GPU (cuda:{gpu}{', shared by several ranks' if sharing else ''})"
+    else:
+        encrypts_on = "cpu" if encrypt_on == "auto" else encrypt_on
+        where = "the CPU"
     logger.info(
-        "%s: rank %d of %d builds %d of %d shards; decoding with %s on the %s, encrypting on %s",
+        "%s: rank %d of %d builds %d of %d shards; decoding with %s on %s, encrypting on %s",
         plan.split,
         group.rank,
         group.world_size,
         count,
         plan.n_shards,
         plan.decoder + (" (--decoder auto)" if config.decoder == "auto" else ""),
-        plan.device.upper(),
+        where,
         "nothing (plain)" if key is None else encrypts_on,
     )
 

@@ -61,7 +61,7 @@ class ShardResult:
 
 def make_decoder(config: ShardConfig, decoder: str, device: str, device_id: int = 0):
     """This rank's ``decoder`` (as chosen by :func:`choose_decoder`), on GPU ``device_id``
-    (``LOCAL_RANK``) when it decodes on the GPU."""
+    (``pipeline.device.rank_gpu``) when it decodes on the GPU."""
     if decoder == "pil":
         from pipeline.offline.decode import PilDecoder
 
@@ -189,6 +189,10 @@ class ShardMaker:
     decoder: Any
     decode_pool: ThreadPoolExecutor
     encrypt_on: str = "auto"  # resolved for this rank by encryption_device()
+    # wall seconds of the builder (this thread) in build(), and waiting or encrypting within it
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("build", "decoded", "encrypt", "writer"), 0.0)
+    )
 
     @classmethod
     def start(
@@ -202,7 +206,12 @@ class ShardMaker:
         encrypt_on: str,
         group: WorkGroup,
     ) -> ShardMaker:
-        decoder = make_decoder(config, plan.decoder, plan.device, device_id=group.local_rank)
+        gpu = 0
+        if plan.device == "gpu":
+            from pipeline.device import rank_gpu
+
+            gpu = rank_gpu(group.local_rank)
+        decoder = make_decoder(config, plan.decoder, plan.device, device_id=gpu)
         decode_pool = ThreadPoolExecutor(DECODE_AHEAD, thread_name_prefix="shard-decode")
         batches = (b for i in todo for b in _batches(plan.chunk(i), config.batch_size))
         return cls(config=config, plan=plan, key=key, storage=storage,
@@ -228,16 +237,21 @@ class ShardMaker:
         rows: list[list] = []
         writer = ShardWriter(self.storage.staging_path(name), name, sealer=self.storage.sealer)
         writing: Future | None = None
+        seconds, begun = self.seconds, time.perf_counter()
         try:
             position = index * self.plan.per_shard
             for batch in _batches(chunk, self.config.batch_size):
+                waited = time.perf_counter()
                 errors, decoded = next(self.decoded)
                 started, cpu = time.perf_counter(), time.thread_time()
+                seconds["decoded"] += started - waited
                 if self.stats.first_batch_at is None:
                     self.stats.first_batch_at = started
                     self.stats.first_batch_images = sum(e is None for e in errors)
                 images = iter(_encrypt_batch(decoded, key, self.encrypt_on))
-                self.stats.encrypt_seconds += time.perf_counter() - started
+                encrypting = time.perf_counter() - started
+                seconds["encrypt"] += encrypting
+                self.stats.encrypt_seconds += encrypting
                 self.stats.encrypt_cpu_seconds += time.thread_time() - cpu
                 samples, more_rejects, more_rows = _samples(
                     batch, errors, images, position, encrypted=key is not None, split=split
@@ -245,11 +259,15 @@ class ShardMaker:
                 rejects += more_rejects
                 rows += more_rows
                 position += len(batch)
+                waited = time.perf_counter()
                 if writing is not None:
                     writing.result()
+                seconds["writer"] += time.perf_counter() - waited
                 writing = self.write_pool.submit(_write_samples, writer, samples)
+            waited = time.perf_counter()
             if writing is not None:
                 writing.result()
+            seconds["writer"] += time.perf_counter() - waited
             result = _finish_shard(writer, rejects, rows)
         except BaseException:
             if writing is not None:  # let the writer finish before cleaning up
@@ -259,7 +277,21 @@ class ShardMaker:
             raise
         self.stats.images += len(chunk) - len(rejects)  # made: the rejected ones are not
         self.stats.rejected += len(rejects)
+        seconds["build"] += time.perf_counter() - begun
         return result
+
+    def time_report(self) -> str:
+        """Where this rank's builder spent its time: the stage that held it up. Mostly waiting
+        for decoded batches: the decoder (or reading the files) is the limit; mostly elsewhere:
+        this process's own work per image is."""
+        s = self.seconds
+        total = max(s["build"], 1e-9)
+        rest = max(total - s["decoded"] - s["encrypt"] - s["writer"], 0.0)
+        return (
+            f"the builder spent {s['build']:.1f} s: {s['decoded'] / total:.0%} waiting for "
+            f"decoded batches, {s['encrypt'] / total:.0%} encrypting (and copying to the host), "
+            f"{s['writer'] / total:.0%} waiting for the writer, {rest / total:.0%} making samples"
+        )
 
 
 @dataclass(frozen=True)
@@ -341,6 +373,9 @@ class ShardProcesses:
         self.ahead = workers + 2
         self.todo = deque(todo)
         self.futures: dict[int, Future] = {}
+        self.workers, self.started = workers, time.perf_counter()
+        # the processes' CPU seconds, and this process's wall seconds waiting for their shards
+        self.seconds = {"cpu": 0.0, "waited": 0.0, "last": self.started}
         # the keys travel once per process, through its start-up pipe
         sealing = None if storage.sealer is None else storage.sealer.secret_parts()
         self.pool = ProcessPoolExecutor(workers, mp_context=forkserver_context(__name__),
@@ -362,10 +397,14 @@ class ShardProcesses:
     def build(self, index: int) -> tuple[ShardResult, str | None]:
         self._submit_ahead()
         future = self.futures.pop(index)
+        waited = time.perf_counter()
         try:
             result, index_text, counts = future.result()
         except BrokenProcessPool as exc:
             raise DecoderCrashed.of(exc) from None
+        self.seconds["last"] = time.perf_counter()
+        self.seconds["waited"] += self.seconds["last"] - waited
+        self.seconds["cpu"] += counts["cpu"]
         self._submit_ahead()
         if self.stats.first_batch_at is None:  # here: the first shard back
             self.stats.first_batch_at = time.perf_counter()
@@ -375,6 +414,17 @@ class ShardProcesses:
         self.stats.encrypt_cpu_seconds += counts["encrypt_cpu"]
         self.stats.worker_cpu_seconds += counts["cpu"]
         return result, index_text
+
+    def time_report(self) -> str:
+        """How busy the shard processes were: their CPU seconds over processes x the time to
+        the last shard. Well below 100%: they waited (for the disk, for the publisher, at the
+        start and the tail); near it, the cores are the limit."""
+        wall = max(self.seconds["last"] - self.started, 1e-9)
+        busy = self.seconds["cpu"] / (self.workers * wall)
+        return (
+            f"{self.workers} shard process(es) busy {busy:.0%} of {wall:.1f} s; the publisher "
+            f"waited {self.seconds['waited'] / wall:.0%} of it for their shards"
+        )
 
     def close(self) -> None:
         """Stop: shards not started are dropped, those building finish; none of them is

@@ -72,7 +72,13 @@ def test_smoke_run_passes_every_section_without_dali_or_s3(tmp_path):
     assert photos["images"] == 12 * 2 and photos["img_s_encrypt_cpu"] > 0  # two hard links each
     assert sections["make_shards_nvjpeg"]["refused_without_cuda"]  # no CUDA: one line, exit 2
     assert sections["make_shards_threads"]["img_s_by_threads"]["1"] > 0
+    assert (
+        "1 shard process(es) busy" in sections["make_shards_threads"]["time_split_by_threads"]["1"]
+    )
     assert sections["make_shards_ranks"]["same_bytes_as_one_rank"]
+    assert "shard process(es) busy" in sections["make_shards_ranks"]["time_split_rank0"]
+    for name in ("make_shards_ranks_gpu", "pytest_gpu"):  # no CUDA here
+        assert sections[name]["skipped"] and "CUDA" in sections[name]["reason"]
     assert sections["disk_write"]["mb_s"] > 0 and sections["loader_224"]["img_s"] > 0
     assert sections["training_224"]["raw_vs_jpeg_ratio"] > 0
     for name in ("make_shards_dali", "dali_loader_gpu"):  # DALI is made unimportable here

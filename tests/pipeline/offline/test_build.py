@@ -273,6 +273,43 @@ def test_the_encryption_device_does_not_change_the_bytes(jpeg_tree, tmp_path, de
     assert not (tmp_path / "c").exists()
 
 
+def test_more_ranks_than_gpus_share_them_round_robin(monkeypatch):
+    """Four ranks on a node of two GPUs encrypt on cuda:0, 1, 0, 1 (no GPU here: torch's CUDA
+    answers are set by hand, and set_device is recorded)."""
+    from pipeline.offline.build import encryption_device
+
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert [encryption_device("cuda", "cpu", r) for r in range(4)] == ["cuda:0", "cuda:1"] * 2
+    assert [encryption_device("auto", "gpu", r) for r in range(4)] == ["auto"] * 4
+    assert chosen == [0, 1, 0, 1]  # a GPU decoder's rank decodes on its shared GPU
+
+
+def test_each_rank_says_which_stage_held_it_up(jpeg_tree, tmp_path, caplog):
+    """The builder's time split (a decoder feeding this process: DALI on the CPU here), and how
+    busy PIL's shard processes were: shares of the time, each within 0-100%."""
+    import re
+
+    key = Key(FIXED_SECRET)
+    caplog.set_level("INFO", logger="pipeline.offline.build")
+    build_shards(config(jpeg_tree, tmp_path / "dali", splits=("val",), decoder="dali"), key)
+    line = re.search(r"val: rank 0: the builder spent [\d.]+ s: (.*)", caplog.text)
+    assert line is not None
+    shares = [int(p) for p in re.findall(r"(\d+)%", line.group(1))]
+    assert len(shares) == 4 and all(0 <= p <= 100 for p in shares) and 97 <= sum(shares) <= 103
+    caplog.clear()
+    build_shards(config(jpeg_tree, tmp_path / "pil", splits=("val",), num_threads=2), key)
+    busy = re.search(
+        r"val: rank 0: 2 shard process\(es\) busy (\d+)% .* waited (\d+)%", caplog.text
+    )
+    assert busy is not None and 0 < int(busy.group(1)) <= 100 and 0 <= int(busy.group(2)) <= 100
+    caplog.clear()
+    build_shards(config(jpeg_tree, tmp_path / "pil", splits=("val",), num_threads=2), key)
+    assert "busy" not in caplog.text  # a complete output: nothing was built, nothing to say
+
+
 def test_progress_made_under_another_key_never_counts(jpeg_tree, tmp_path, monkeypatch):
     """Two runs interleaved: records of shards made with key A, options file of key B."""
     from pipeline.offline import build
