@@ -87,7 +87,7 @@ def _header_without_name(size: int) -> tuple[bytes, int]:
     info.size, info.mtime, info.mode = size, 0, 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    header = info.tobuf(TAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+    header = info.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
     return header, int(header[148:154], 8)
 
 
