@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import runpy
 from pathlib import Path
@@ -51,3 +52,14 @@ def test_one_device_vocabulary():
     for name in ("tools/make_shards.py", "tools/predict.py", "attacks.audit"):
         text = parser_of(name).format_help()
         assert "cuda" in text and " gpu" not in text.replace("GPU", ""), (name, text)
+
+
+def test_make_shards_threads_is_a_count_or_auto(monkeypatch, capsys):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    parser = parser_of("tools/make_shards.py")
+    assert parser.parse_args([]).threads == len(os.sched_getaffinity(0))  # auto: every core
+    assert parser.parse_args(["--threads", "3"]).threads == 3
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--threads", bad])
+        assert "is not a positive count or auto" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from pipeline.offline.build import DECODERS, ShardConfig
 from pipeline.offline.decode import DEFAULT_MAX_PIXELS
 from pipeline.offline.job import ShardJob, resolve_sources
 from pipeline.offline.sources import SPLITS
-from pipeline.offline.workgroup import WorkGroup
+from pipeline.offline.workgroup import WorkGroup, cores_per_rank
 
 # --device: one vocabulary across tools (auto|cpu|cuda); "gpu" is still read, as cuda. The
 # manifest keeps recording the decode device as it always has ("cpu"/"gpu").
@@ -44,6 +44,15 @@ def device_name(text: str) -> str:
     if text not in DEVICE_NAMES:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of auto, cpu, cuda")
     return text
+
+
+def threads_count(text: str) -> int:
+    """``--threads``: a positive count, or ``auto`` (``cores_per_rank``)."""
+    if text == "auto":
+        return cores_per_rank()
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive count or auto")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,9 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="reject images larger than this (width x height) before decoding them",
     )
     p.add_argument("--batch-size", type=int, default=64, help="images decoded per batch")
-    p.add_argument("--threads", type=int, default=2,
-                   help="decoding workers: DALI's or nvJPEG's CPU threads; with --decoder pil, "
-                        "processes that each build whole shards (one per core)")  # fmt: skip
+    p.add_argument(
+        "--threads",
+        type=threads_count,
+        default="auto",
+        help="decoding workers: DALI's or nvJPEG's CPU threads; with --decoder pil, processes "
+        "that each build whole shards; auto: this rank's share of the cores it may use (its "
+        "CPU affinity over the ranks on the node)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace shards made differently")
     p.add_argument(
         "--follow-symlinks",

@@ -571,7 +571,7 @@ def _announce(
         encrypts_on = "cpu" if encrypt_on == "auto" else encrypt_on
         where = "the CPU"
     logger.info(
-        "%s: rank %d of %d builds %d of %d shards; decoding with %s on %s, encrypting on %s",
+        "%s: rank %d of %d builds %d of %d shards; decoding with %s on %s (%s), encrypting on %s",
         plan.split,
         group.rank,
         group.world_size,
@@ -579,6 +579,7 @@ def _announce(
         plan.n_shards,
         plan.decoder + (" (--decoder auto)" if config.decoder == "auto" else ""),
         where,
+        f"{config.num_threads} " + ("process(es)" if plan.decoder == "pil" else "CPU worker(s)"),
         "nothing (plain)" if key is None else encrypts_on,
     )
 

@@ -36,6 +36,14 @@ POLL_S = 0.2
 CHECK_EVERY_S = 5.0  # how often check() looks at the heartbeats (the failure flag: every call)
 
 
+def cores_per_rank() -> int:
+    """The cores this process may use (its CPU affinity: a container's or Slurm's share) over
+    the ranks torchrun started on this node (``LOCAL_WORLD_SIZE``); at least 1. ``make_shards
+    --threads auto``: PIL's shard processes, or a GPU decoder's CPU threads, one per core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 class WorkGroupError(KeyprotectError, RuntimeError):
     """Another rank failed or vanished, or the job's store is gone; the message says which."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -9,7 +10,7 @@ import pytest
 import torch.distributed as dist
 
 from pipeline.offline import workgroup
-from pipeline.offline.workgroup import WorkGroup, WorkGroupError
+from pipeline.offline.workgroup import WorkGroup, WorkGroupError, cores_per_rank
 from pipeline.testing import free_port
 
 
@@ -72,3 +73,13 @@ def test_a_rank_without_heartbeat_is_declared_gone(pair, monkeypatch):
     with pytest.raises(WorkGroupError, match="rank 1 gave no sign of life"):
         zero.wait_all("built")
     assert time.monotonic() - started < 10
+
+
+def test_threads_auto_is_this_ranks_share_of_the_cores_it_may_use(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cores_per_rank() == cores  # one process: every core it may use
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cores_per_rank() == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 4))
+    assert cores_per_rank() == 1  # more ranks than cores: one each, never none
