@@ -5,6 +5,7 @@
         --out s3://bucket/imagenet-10pct --shard-size 200MB
     python tools/make_shards.py --plain --out shards-plain        # non-protected baseline
     python tools/make_shards.py --key k.bin --src /data/imagenet --source-map k.sources.parquet
+    python tools/make_shards.py --key k.bin --src /data/imagenet --dry-run   # the plan only
     torchrun --standalone --nproc_per_node=8 tools/make_shards.py --key k.bin \\
         --src /data/imagenet --out s3://bucket/x                  # one rank per GPU
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HEAD:29500 \\
@@ -32,6 +33,7 @@ from pipeline.cipher.seal import load_data_key
 from pipeline.offline.build import DECODERS, ShardConfig
 from pipeline.offline.decode import DEFAULT_MAX_PIXELS
 from pipeline.offline.job import ShardJob, resolve_sources
+from pipeline.offline.plan import describe, plan_splits
 from pipeline.offline.sources import SPLITS
 from pipeline.offline.workgroup import WorkGroup, cores_per_rank
 
@@ -144,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         "0600); it names every source file: keep it with the key, not with the shards",
     )
     p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the source and print what would be made (images, shards, sizes, decoder, "
+        "staging disk per rank), then stop; writes nothing",
+    )
+    p.add_argument(
         "-v", "--verbose", action="store_true", help="also log each shard as it is finished"
     )
     p.add_argument(
@@ -187,12 +195,23 @@ def resume_command(argv: list[str] | None) -> str:
     return launcher + shlex.join(["tools/make_shards.py", *args])
 
 
+def dry_run(args: argparse.Namespace) -> None:
+    """``--dry-run``: the plan, printed; nothing is written."""
+    key = None if args.plain else load_key(args.key)
+    config = config_from_args(args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    for line in describe(config, plan_splits(config, key), world_size=world_size):
+        print(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.setup_logging(verbose=args.verbose)
     if args.plain == bool(args.key):
         parser.error("pass --key FILE to encrypt, or --plain for unencrypted shards (not both)")
+    if args.dry_run:
+        return cli.run("make_shards", lambda: dry_run(args))
     job: ShardJob | None = None
     group: WorkGroup | None = None
 

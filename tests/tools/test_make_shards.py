@@ -62,6 +62,20 @@ def test_rerun_of_finished_output_is_a_no_op(tree, key_file, reference):
     assert done.returncode == 0 and "already complete" in done.stderr
 
 
+def test_dry_run_prints_the_plan_of_the_run_and_writes_nothing(tree, key_file, reference, tmp_path):
+    out = tmp_path / "planned"
+    planned = tool("make_shards.py", *shard_args(tree, key_file, out), "--dry-run")
+    assert planned.returncode == 0 and not out.exists()
+    made = json.loads((reference / "train.manifest.json").read_text())
+    train = planned.stdout.splitlines()[0]
+    assert train.startswith(f"train: {made['total_samples']} images of 4 classes")
+    assert f"{len(made['shards'])} shards of 4 samples" in train
+    assert f"{made['total_bytes'] / 1e9:,.2f} GB" in train
+    assert planned.stdout.splitlines()[-1].endswith("nothing was written")
+    missing = tool("make_shards.py", *shard_args(tree, tmp_path / "none.bin", out), "--dry-run")
+    assert missing.returncode == 2 and "none.bin" in missing.stderr and not out.exists()
+
+
 def test_refuses_another_key_and_a_missing_key(tree, reference, tmp_path):
     other = save_key(Key(bytes(32)), tmp_path / "other.bin")
     done = tool("make_shards.py", *shard_args(tree, other, reference))
