@@ -295,7 +295,7 @@ def _img_s(log: str) -> int | None:
 
 def _steady_img_s(log: str) -> int | None:
     """The split's rate after its first batch (without the start: CUDA, pools, pipelines)."""
-    speed = re.search(r"\((\d+) after the first batch\)", log)
+    speed = re.search(r"\((\d+) after the first batch", log)
     return int(speed.group(1)) if speed else None
 
 
@@ -489,7 +489,8 @@ def check_make_shards_ranks(c: Check) -> dict:
     """Several CPU-decoding ranks on one host: ``torchrun --nproc_per_node=R tools/make_shards.py
     --threads T`` with R x T = the host's cores, each rank its own builder and writer (one
     rank's plateau in make_shards_threads is its builder's, or the disk's: disk_write says
-    which). The node's img/s over the whole run, start included, and R x rank 0's steady rate."""
+    which). The node's img/s over the whole run, start included, and the ranks' steady rates
+    together."""
     photos = c.work / "photos-many"
     if not photos.is_dir():
         raise CheckFailed("needs the photos of 'make_shards_photos'")
@@ -511,8 +512,7 @@ def check_make_shards_ranks(c: Check) -> dict:
         "threads_per_rank": threads,
         "images": images,
         "img_s_node_whole_run": round(images / wall, 1),
-        "img_s_steady_rank0": steady,
-        "img_s_steady_node_estimate": ranks * steady if steady else None,
+        "img_s_steady_node": steady,  # the ranks' steady rates together (make_shards' line)
         "time_split_rank0": _time_split(log),
         "same_bytes_as_one_rank": same,
         "failed": not same,
@@ -523,8 +523,8 @@ def check_make_shards_ranks_gpu(c: Check) -> dict:
     """Several nvJPEG ranks sharing the one GPU (``torchrun --nproc_per_node=4 ... --decoder
     nvjpeg``; ranks beyond the GPUs wrap round, ``pipeline.device.rank_gpu``): one rank's
     process handles every image (about 1,550 img/s on an H200), so a node with fewer GPUs than
-    spare cores runs more ranks than GPUs. The node's img/s over the whole run, rank 0's steady
-    rate and time split, and the same bytes as one nvJPEG rank."""
+    spare cores runs more ranks than GPUs. The node's img/s over the whole run, the ranks' steady
+    rates together, rank 0's time split, and the same bytes as one nvJPEG rank."""
     if not c.cuda:
         return {"skipped": True, "reason": "needs CUDA"}
     one = c.work / "photos-nvjpeg"
@@ -547,8 +547,7 @@ def check_make_shards_ranks_gpu(c: Check) -> dict:
         "gpus": torch.cuda.device_count(),
         "images": images,
         "img_s_node_whole_run": round(images / wall, 1),
-        "img_s_steady_rank0": steady,
-        "img_s_steady_node_estimate": ranks * steady if steady else None,
+        "img_s_steady_node": steady,  # the ranks' steady rates together (make_shards' line)
         "time_split_rank0": _time_split(log),
         "shared_gpu_logged": "shared by several ranks" in log,
         "same_bytes_as_one_rank": same,

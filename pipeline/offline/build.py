@@ -84,6 +84,7 @@ class BuildStats:
     """What a run did, for the summary line and the benchmark."""
 
     images: int = 0  # images made into samples by this run
+    job_images: int = 0  # on rank 0: the same for every rank of the job together
     rejected: int = 0  # files this run could not decode (not counted in ``images``)
     shards: int = 0  # shards made by this run (not those a resume found finished)
     encrypt_seconds: float = 0.0  # wall-clock seconds the builder thread spent encrypting
@@ -403,24 +404,28 @@ def build_split(
     stats.first_batch_at, stats.first_batch_images = None, 0
     results = _build_own_shards(config, plan, key, storage, state, stats, group, lock)
     built = time.perf_counter()
-    group.done(Handshake.BUILT.of(split))
-    if not group.is_primary:
-        return None
-    group.wait_all(Handshake.BUILT.of(split))
-    manifest = _finish_split(config, plan, storage, state, results)
-    seconds = time.perf_counter() - started
     made = stats.images - made_before
-    steady = ""
+    rate = 0.0  # this rank's img/s after its first batch
     if stats.first_batch_at is not None and made > stats.first_batch_images:
         rate = (made - stats.first_batch_images) / max(built - stats.first_batch_at, 1e-9)
-        steady = f" ({rate:.0f} after the first batch)"
+    group.done(Handshake.BUILT.of(split), json.dumps({"made": made, "rate": rate}))
+    if not group.is_primary:
+        return None
+    ranks = [json.loads(r) for r in group.wait_all(Handshake.BUILT.of(split))]
+    if ranks:  # the job's: every rank's images, and their steady rates together
+        made, rate = sum(r["made"] for r in ranks), sum(r["rate"] for r in ranks)
+    stats.job_images += made
+    manifest = _finish_split(config, plan, storage, state, results)
+    seconds = time.perf_counter() - started
+    together = "" if group.world_size == 1 else ", the ranks together"
+    steady = f" ({rate:.0f} after the first batch{together})" if rate else ""
     logger.info(
         "%s: %d images (%d made now%s) in %.1f s, %.0f img/s%s, %d rejected, %d shards, "
         "%.1f MB written to %s",
         split,
         manifest.total_samples,
         made,
-        "" if group.world_size == 1 else f" by rank 0 of {group.world_size}",
+        "" if group.world_size == 1 else f" by {group.world_size} ranks",
         seconds,
         made / max(seconds, 1e-9),
         steady,

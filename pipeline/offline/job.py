@@ -74,11 +74,12 @@ class ShardJob:
         return manifests
 
     def summary(self, manifests: dict[str, Manifest], group: WorkGroup) -> str:
-        by = f" by rank 0 of {group.world_size}" if group.world_size > 1 else ""
+        by = f" by {group.world_size} ranks" if group.world_size > 1 else ""
+        made = self.stats.job_images
         return (
             f"make_shards: {sum(m.total_samples for m in manifests.values())} images in "
-            f"{sum(len(m.shards) for m in manifests.values())} shards ({self.stats.images} "
-            f"made now{by}, {self.stats.images / max(self.stats.seconds, 1e-9):.0f} img/s), "
+            f"{sum(len(m.shards) for m in manifests.values())} shards ({made} "
+            f"made now{by}, {made / max(self.stats.seconds, 1e-9):.0f} img/s), "
             f"{_rejected(manifests.values())}, "
             f"{sum(m.total_bytes for m in manifests.values()) / 1e6:.1f} MB at "
             f"{self.config.out} ({'plain' if self.key is None else f'key {self.key.fingerprint}'}"

@@ -108,17 +108,18 @@ class WorkGroup:
         self._wait(lambda: self._store.check([name]), f"rank 0 ({name})")
         return self._store.get(name).decode()
 
-    def done(self, name: str) -> None:
-        """Say that this rank finished step ``name``."""
+    def done(self, name: str, value: str = "1") -> None:
+        """Say that this rank finished step ``name`` (with ``value``: what it reports)."""
         if self._store is not None:
-            self._store.set(f"{name}/{self.rank}", "1")
+            self._store.set(f"{name}/{self.rank}", value)
 
-    def wait_all(self, name: str) -> None:
-        """Wait until every rank said ``done(name)``."""
+    def wait_all(self, name: str) -> list[str]:
+        """Wait until every rank said ``done(name)``; their values, by rank (none alone)."""
         if self._store is None:
-            return
+            return []
         keys = [f"{name}/{r}" for r in range(self.world_size)]
         self._wait(lambda: self._store.check(keys), f"every rank to finish {name}")
+        return [self._store.get(k).decode() for k in keys]
 
     def fail(self, message: str) -> None:
         """Tell the other ranks that this one failed (best effort: the store may be gone)."""

@@ -3,6 +3,7 @@ after a rank is killed, and a failing rank ending the job with its message."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -56,6 +57,10 @@ def test_two_ranks_pil_local_equal_one_process(tree, key_file, reference, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0 of 2" in done.stderr  # really shared between two ranks
     assert files(out) == files(reference)
+    # rank 0 reports the job: every image, made by both ranks (not rank 0's share)
+    made = json.loads((reference / "train.manifest.json").read_text())["total_samples"]
+    assert f"train: {made} images ({made} made now by 2 ranks) in " in done.stderr
+    assert "after the first batch, the ranks together)" in done.stderr
     assert sorted(os.listdir(out)) == sorted(files(reference))  # no lock or records left
 
 
