@@ -91,6 +91,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_encrypt.py --out bench/results.json
 	$(PY) bench/bench_make_shards.py --out bench/results.json
+	$(PY) bench/bench_listing.py --out bench/results.json
 	$(PY) bench/bench_loader.py --out bench/results.json
 	$(PY) bench/bench_frontier.py --out bench/results.json
 	$(PY) bench/bench_seal.py --out bench/results.json

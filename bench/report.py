@@ -27,6 +27,8 @@ SECTIONS: list[tuple[str, str, Callable[[str], bool]]] = [
      lambda n: n.startswith(("encrypt_", "decrypt_", "copy_"))),
     ("The offline stage: `bench/bench_make_shards.py`", "make_shards_bench",
      lambda n: n.startswith(("make_shards_", "naive_", "moto_")) and not _sealing(n)),
+    ("The source listing: `bench/bench_listing.py`", "listing_bench_machine",
+     lambda n: n.startswith("source_listing_")),
     ("The loader: `bench/bench_loader.py`", "loader_bench",
      lambda n: n.startswith(("loader_", "jpeg_loader")) and not _sealing(n)),
     ("Sealing: `bench/bench_seal.py`", "seal_bench_machine", _sealing),

@@ -42,6 +42,20 @@ def test_bench_encrypt_writes_results(tmp_path):
         assert results[name] > 0
 
 
+def test_bench_listing_writes_results(tmp_path):
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_listing.py"), "--classes", "4",
+         "--per-class", "25", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    assert results["source_listing_us_per_file"] > 0
+    assert results["source_listing_vs_bare_walk_ratio"] > 0
+    assert "4 x 25 empty .JPEG files" in results["listing_bench_machine"]
+
+
 def test_bench_make_shards_writes_results(tmp_path):
     out = tmp_path / "results.json"
     done = subprocess.run(
