@@ -34,7 +34,7 @@ class SourceError(KeyprotectError, ValueError):
     """A source tree that cannot be used; the message names the path and says what to do."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # ImageNet-21k: 14M of them per rank
 class SourceItem:
     path: str  # relative to the source root, POSIX separators
     label: int
@@ -262,8 +262,13 @@ def select_subset(
 def listing_digest(items: Sequence[SourceItem], *, order_key: bytes | None = None) -> str:
     """SHA-256 over the selected (split, label, path, size) lines, in shard order; keyed
     (HMAC-SHA256) with ``order_key``, so that it confirms no guess of the listing."""
-    lines = "".join(f"{it.split}\t{it.label}\t{it.path}\t{it.size}\n" for it in items)
-    return _digest(lines.encode(), order_key).hex()
+    digest = hashlib.sha256() if order_key is None else hmac.new(order_key, None, "sha256")
+    for start in range(0, len(items), 65536):  # in pieces: ImageNet-21k's lines are 0.9 GB
+        piece = items[start : start + 65536]
+        digest.update(
+            "".join(f"{it.split}\t{it.label}\t{it.path}\t{it.size}\n" for it in piece).encode()
+        )
+    return digest.hexdigest()
 
 
 def select_split(
