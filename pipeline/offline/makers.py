@@ -422,7 +422,7 @@ class ShardProcesses:
         wall = max(self.seconds["last"] - self.started, 1e-9)
         busy = self.seconds["cpu"] / (self.workers * wall)
         return (
-            f"{self.workers} shard process(es) busy {busy:.0%} of {wall:.1f} s; the publisher "
+            f"{self.workers} shard process(es) busy {busy:.0%} of {wall:.1f} s; this process "
             f"waited {self.seconds['waited'] / wall:.0%} of it for their shards"
         )
 
