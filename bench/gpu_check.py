@@ -485,74 +485,53 @@ def check_make_shards_threads(c: Check) -> dict:
     }
 
 
-def check_make_shards_ranks(c: Check) -> dict:
-    """Several CPU-decoding ranks on one host: ``torchrun --nproc_per_node=R tools/make_shards.py
-    --threads T`` with R x T = the host's cores, each rank its own builder and writer (one
-    rank's plateau in make_shards_threads is its builder's, or the disk's: disk_write says
-    which). The node's img/s over the whole run, start included, and the ranks' steady rates
-    together."""
+def _ranks_run(c: Check, decoder: str, ranks: int, reference: Path, out: Path) -> dict:
+    """``torchrun --nproc_per_node=RANKS tools/make_shards.py --decoder DECODER`` on the photos,
+    the host's cores shared among the ranks: the node's img/s over the whole run (start
+    included), the ranks' steady rates together, rank 0's time split, and whether the bytes
+    are those of one rank (``reference``)."""
     photos = c.work / "photos-many"
-    if not photos.is_dir():
-        raise CheckFailed("needs the photos of 'make_shards_photos'")
-    cpus = os.cpu_count() or 2
-    ranks = 4 if cpus >= 8 else 2
-    threads = max(1, cpus // ranks)
-    out = c.work / "ranks"
+    if not photos.is_dir() or not reference.is_dir():
+        raise CheckFailed(f"needs the photos and {reference.name} of the sections before")
+    threads = max(1, (os.cpu_count() or 2) // ranks)
     started = time.perf_counter()
     log = c.run("tools/make_shards.py", "--key", str(c.key), "--src", str(photos), "--split",
-                "train", "--size", "224", "--decoder", "pil", "--threads", str(threads),
+                "train", "--size", "224", "--decoder", decoder, "--threads", str(threads),
                 "--shard-size", c.budget.photo_shard_size, "--out", str(out), cap=240,
                 torchrun=True, nproc=ranks)  # fmt: skip
     wall = time.perf_counter() - started
     images = json.loads((out / "train.manifest.json").read_text())["total_samples"]
-    steady = _steady_img_s(log)
-    same = _shard_hashes(out, ("train",)) == _shard_hashes(c.work / "photos-cpu", ("train",))
+    same = _shard_hashes(out, ("train",)) == _shard_hashes(reference, ("train",))
     return {
         "ranks": ranks,
         "threads_per_rank": threads,
         "images": images,
         "img_s_node_whole_run": round(images / wall, 1),
-        "img_s_steady_node": steady,  # the ranks' steady rates together (make_shards' line)
-        "time_split_rank0": _time_split(log),
-        "same_bytes_as_one_rank": same,
-        "failed": not same,
-    }
-
-
-def check_make_shards_ranks_gpu(c: Check) -> dict:
-    """Several nvJPEG ranks sharing the one GPU (``torchrun --nproc_per_node=4 ... --decoder
-    nvjpeg``; ranks beyond the GPUs wrap round, ``pipeline.device.rank_gpu``): one rank's
-    process handles every image (about 1,550 img/s on an H200), so a node with fewer GPUs than
-    spare cores runs more ranks than GPUs. The node's img/s over the whole run, the ranks' steady
-    rates together, rank 0's time split, and the same bytes as one nvJPEG rank."""
-    if not c.cuda:
-        return {"skipped": True, "reason": "needs CUDA"}
-    one = c.work / "photos-nvjpeg"
-    if not one.is_dir():
-        raise CheckFailed("needs the shards of 'make_shards_nvjpeg'")
-    cpus = os.cpu_count() or 2
-    ranks = 4
-    out = c.work / "ranks-nvjpeg"
-    started = time.perf_counter()
-    log = c.run("tools/make_shards.py", "--key", str(c.key), "--src", str(c.work / "photos-many"),
-                "--split", "train", "--size", "224", "--decoder", "nvjpeg", "--threads",
-                str(max(1, cpus // ranks)), "--shard-size", c.budget.photo_shard_size,
-                "--out", str(out), cap=240, torchrun=True, nproc=ranks)  # fmt: skip
-    wall = time.perf_counter() - started
-    images = json.loads((out / "train.manifest.json").read_text())["total_samples"]
-    steady = _steady_img_s(log)
-    same = _shard_hashes(out, ("train",)) == _shard_hashes(one, ("train",))
-    return {
-        "ranks": ranks,
-        "gpus": torch.cuda.device_count(),
-        "images": images,
-        "img_s_node_whole_run": round(images / wall, 1),
-        "img_s_steady_node": steady,  # the ranks' steady rates together (make_shards' line)
+        "img_s_steady_node": _steady_img_s(log),  # the ranks' together (make_shards' line)
         "time_split_rank0": _time_split(log),
         "shared_gpu_logged": "shared by several ranks" in log,
         "same_bytes_as_one_rank": same,
         "failed": not same,
     }
+
+
+def check_make_shards_ranks(c: Check) -> dict:
+    """Several CPU-decoding ranks on one host (4 of 4 threads on 16 cores), each with its own
+    processes and publisher (one rank's plateau in make_shards_threads is its own, or the
+    disk's: disk_write says which)."""
+    ranks = 4 if (os.cpu_count() or 2) >= 8 else 2
+    return _ranks_run(c, "pil", ranks, c.work / "photos-cpu", c.work / "ranks")
+
+
+def check_make_shards_ranks_gpu(c: Check) -> dict:
+    """Four nvJPEG ranks sharing the one GPU (ranks beyond the GPUs wrap round,
+    ``pipeline.device.rank_gpu``): one rank's process handles every image (about 1,550 img/s
+    on an H200), so a node with spare cores runs more ranks than GPUs; the same bytes as one
+    nvJPEG rank."""
+    if not c.cuda:
+        return {"skipped": True, "reason": "needs CUDA"}
+    figures = _ranks_run(c, "nvjpeg", 4, c.work / "photos-nvjpeg", c.work / "ranks-nvjpeg")
+    return {"gpus": torch.cuda.device_count(), **figures}
 
 
 GPU_TEST_FILES = (  # the modules with tests marked gpu (the others need moto, s3fs, ...)
