@@ -120,9 +120,10 @@ import nvidia.dali.fn, s3fs  # imported before timing, for both sides: not part 
 from pipeline import load_key
 from pipeline.offline.build import BuildStats, ShardConfig, build_shards
 src, out, key_file, size, shard_size = sys.argv[1:6]
-if out.startswith("s3://"):  # create the client (botocore loads its models) before the clock
-    import fsspec
-    fsspec.filesystem("s3").ls(out[len("s3://"):].split("/")[0])
+if out.startswith("s3://"):  # create make_shards' client (botocore loads its models) before the
+    from pipeline.storage import filesystem  # clock: its options, so fsspec's cache reuses it
+    fs, path = filesystem(out)
+    fs.ls(path.split("/")[0])
 stats = BuildStats()
 config = ShardConfig(src=src, out=out, splits=("train",), size=int(size), decoder="dali",
                      device="cpu", shard_size=shard_size)

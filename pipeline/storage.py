@@ -5,6 +5,10 @@ temporary name in the same folder; on object stores by one upload (a PUT is atom
 S3 credentials and endpoint come from the standard AWS environment variables
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), so MinIO, moto and AWS all work unchanged.
 
+On S3 every request counts (make_shards pays some per shard, and the rest in every run): a
+file's existence is one HEAD, a removal one DELETE and a listing by name prefix one LIST, where
+s3fs's generic calls add a "folder" probe (a HEAD and a LIST) to each.
+
 A store that does not answer is a :class:`StorageError` naming the object, the endpoint and
 what to do, in one line: a lost connection after the client's own retries, and a stalled one
 after ``$KEYPROTECT_STORAGE_TIMEOUT`` seconds (default 60) per attempt, about four attempts.
@@ -117,6 +121,8 @@ class Storage:
         self._fs, self.root = filesystem(self.url)
         self._pid = os.getpid()
         self.is_local = isinstance(self._fs, LocalFileSystem)
+        protocols = self._fs.protocol
+        self._s3 = "s3" in (protocols if isinstance(protocols, (tuple, list)) else (protocols,))
         # every call to an async store (s3fs) ends by this deadline, whatever the transport does
         # (a PUT to a stalled endpoint waits forever otherwise): botocore's attempts and s3fs's
         is_async = getattr(self._fs, "async_impl", False)
@@ -151,8 +157,20 @@ class Storage:
         return self.path(name) if self.is_local else self.fs.unstrip_protocol(self.path(name))
 
     def exists(self, name: str) -> bool:
+        """Whether the file ``name`` is there (on S3 one HEAD: a folder is not a file)."""
         with self.talking(name):
+            if self._s3 and name:
+                return self._head(name)
             return self.fs.exists(self.path(name), **self._t)
+
+    def _head(self, name: str) -> bool:
+        bucket, key, _ = self.fs.split_path(self.path(name))
+        try:
+            self.fs.call_s3("head_object", getattr(self.fs, "req_kw", {}), Bucket=bucket,
+                            Key=key, **self._t)  # fmt: skip
+        except FileNotFoundError:
+            return False
+        return True
 
     def size(self, name: str) -> int:
         with self.talking(name):
@@ -179,8 +197,9 @@ class Storage:
         return self.sealer.reader(name, f)
 
     def remove(self, name: str) -> None:
+        """Remove ``name`` if it is there (on S3 one DELETE, which succeeds either way)."""
         with self.talking(name):
-            if self.fs.exists(self.path(name), **self._t):
+            if self._s3 or self.fs.exists(self.path(name), **self._t):
                 self.fs.rm_file(self.path(name), **self._t)
 
     def remove_many(self, names: list[str]) -> None:
@@ -198,9 +217,13 @@ class Storage:
 
     def list_prefix(self, prefix: str) -> builtins.list[str]:
         """Names (relative to the root) of the files in ``prefix``'s folder that start with it."""
-        folder = posixpath.dirname(prefix)
+        folder, leaf = posixpath.split(prefix)
         full = self.path(folder) if folder else self.root
         with self.talking(folder):
+            if self._s3 and leaf:  # one LIST of the keys that start with the prefix
+                listed = self.fs.find(full, maxdepth=1, withdirs=True, prefix=leaf, **self._t)
+                names = [posixpath.join(folder, posixpath.basename(p)) for p in listed]
+                return sorted(n for n in names if n.startswith(prefix))
             if not self.fs.exists(full, **self._t):
                 return []
             listed = self.fs.ls(full, detail=False, **self._t)

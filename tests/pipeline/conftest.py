@@ -18,3 +18,20 @@ def shards(tmp_path_factory):
                          shard_size="15", batch_size=8)  # fmt: skip
     build_shards(config, Key(FIXED_SECRET))
     return str(root / "shards")
+
+
+@pytest.fixture
+def s3_requests(monkeypatch):
+    """Every S3 request this process makes (through botocore's client) from now on, as
+    (operation, key or prefix), e.g. ("PutObject", "out/train-000000.tar")."""
+    from aiobotocore.client import AioBaseClient
+
+    made: list[tuple[str, str]] = []
+    real = AioBaseClient._make_api_call
+
+    async def counted(self, operation, params):
+        made.append((operation, params.get("Key", params.get("Prefix", ""))))
+        return await real(self, operation, params)
+
+    monkeypatch.setattr(AioBaseClient, "_make_api_call", counted)
+    return made

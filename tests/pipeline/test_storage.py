@@ -1,0 +1,61 @@
+"""Storage on S3 (moto_server on loopback): what each call costs in requests, and that the
+cheaper calls answer as the generic ones did."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.storage import Storage
+
+pytestmark = pytest.mark.slow  # subprocesses, torchrun, moto or training: the full suite only
+
+
+NAMES = [
+    "a.json",
+    "train-000000.tar",
+    "train-000000.idx",
+    "_progress/train.000001.json",
+    "_progress/train.options.json",
+    "_progress/val.000000.json",
+    "_progress/sub/x.json",
+]
+
+
+def fill(storage: Storage) -> None:
+    for name in NAMES:
+        storage.write_bytes(name, b"x")
+
+
+def test_a_file_is_one_head_and_a_folder_is_not_a_file(s3_env, s3_requests):
+    storage = Storage(f"s3://{s3_env}/out")
+    fill(storage)
+    s3_requests.clear()
+    assert storage.exists("a.json") and storage.exists("_progress/train.options.json")
+    assert not storage.exists("missing.json")
+    assert not storage.exists("_progress")  # a prefix with objects below it, not a file
+    heads = ["a.json", "_progress/train.options.json", "missing.json", "_progress"]
+    assert s3_requests == [("HeadObject", f"out/{name}") for name in heads]
+
+
+def test_removing_is_one_delete_and_a_missing_name_is_no_error(s3_env, s3_requests):
+    storage = Storage(f"s3://{s3_env}/out")
+    fill(storage)
+    s3_requests.clear()
+    storage.remove("a.json")
+    storage.remove("a.json")
+    assert s3_requests == [("DeleteObject", "out/a.json")] * 2
+    assert not storage.exists("a.json") and storage.exists("train-000000.tar")
+
+
+@pytest.mark.parametrize("prefix", ["_progress/train.", "train-", "_progress/", "_pro", "nothing"])
+def test_listing_by_prefix_is_one_request_and_lists_what_a_folder_does(
+    s3_env, s3_requests, tmp_path, prefix
+):
+    local, remote = Storage(tmp_path / "out"), Storage(f"s3://{s3_env}/out")
+    fill(local)
+    fill(remote)
+    s3_requests.clear()
+    assert remote.list_prefix(prefix) == local.list_prefix(prefix)
+    if not prefix.endswith("/"):  # a folder's whole listing keeps s3fs's own calls
+        assert [method for method, _ in s3_requests] == ["ListObjectsV2"]
+    assert remote.list_prefix("missing/train.") == local.list_prefix("missing/train.") == []
