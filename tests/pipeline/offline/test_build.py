@@ -273,6 +273,28 @@ def test_the_encryption_device_does_not_change_the_bytes(jpeg_tree, tmp_path, de
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("decoder", ["pil", "dali"])
+def test_the_cpu_paths_never_import_torch(jpeg_tree, tmp_path, decoder):
+    """torch adds about 450 MB to a process's peak RSS: make_shards on the CPU (numpy
+    encryption) must not import it, in a fresh process as a user runs it."""
+    import subprocess
+    import sys
+
+    if decoder == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is installed on Linux x86_64 only")
+    code = (
+        "import sys\n"
+        "from pipeline import Key\n"
+        "from pipeline.offline.build import ShardConfig, build_shards\n"
+        f"build_shards(ShardConfig(src={str(jpeg_tree)!r}, out={str(tmp_path / 'out')!r}, "
+        f"size=64, decoder={decoder!r}, device='cpu', splits=('val',)), Key(bytes(32)))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_more_ranks_than_gpus_share_them_round_robin(monkeypatch):
     """Four ranks on a node of two GPUs encrypt on cuda:0, 1, 0, 1 (no GPU here: torch's CUDA
     answers are set by hand, and set_device is recorded)."""
