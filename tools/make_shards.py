@@ -196,7 +196,9 @@ def resume_command(argv: list[str] | None) -> str:
 
 
 def dry_run(args: argparse.Namespace) -> None:
-    """``--dry-run``: the plan, printed; nothing is written."""
+    """``--dry-run``: the plan, printed (by rank 0 alone under torchrun); nothing is written."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     key = None if args.plain else load_key(args.key)
     config = config_from_args(args)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

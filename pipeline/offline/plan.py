@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 
 from pipeline.cipher.keys import Key
-from pipeline.offline.build import ShardConfig, _plan_split, choose_decoder
+from pipeline.offline.build import ShardConfig, _plan_split, _State, choose_decoder
 
 BLOCK, RECORD = 512, 10240  # tar's block, and the record its end is padded to
 
@@ -68,12 +68,26 @@ def plan_splits(config: ShardConfig, key: Key | None) -> list[SplitPlan]:
     return plans
 
 
+def found(out: str, split: str) -> str:
+    """What ``out`` already holds of ``split``: a manifest, progress records, or nothing. A run
+    checks that they were made with the same key and options; this does not."""
+    from pipeline.shards.manifest import manifest_name
+    from pipeline.storage import Storage
+
+    storage = Storage(out)
+    if storage.exists(manifest_name(split)):
+        return "; the output has its manifest: a run with the same key and options does nothing"
+    made = len(_State(storage, split).recorded())
+    return f"; the output has {made:,} of them made: a run resumes" if made else ""
+
+
 def describe(config: ShardConfig, plans: list[SplitPlan], *, world_size: int = 1) -> list[str]:
     """The lines ``--dry-run`` prints: a line per split, then how the run would go."""
     lines = [
         f"{p.split}: {p.images:,} images of {p.classes:,} classes ({p.skipped:,} source "
         f"entries skipped), {p.shards:,} shards of {p.per_shard:,} samples "
         f"({p.shard_bytes / 1e6:,.0f} MB each), {p.total_bytes / 1e9:,.2f} GB"
+        f"{found(config.out, p.split)}"
         for p in plans
     ]
     decoder, device = choose_decoder(config.decoder, config.device)

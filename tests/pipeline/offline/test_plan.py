@@ -38,3 +38,23 @@ def test_the_description_names_sizes_decoder_and_staging(jpeg_tree, tmp_path):
     # PIL's processes: --threads + 4 shards of 5 samples staged at most, per rank
     assert "3 processes per rank, 2 rank(s): at most 3 shards of a split each" in lines[-1]
     assert lines[-1].endswith("nothing was written") and not (tmp_path / "out").exists()
+
+
+def test_the_plan_says_what_the_output_already_holds(jpeg_tree, tmp_path, monkeypatch):
+    from pipeline.offline import build
+
+    key, out = Key(FIXED_SECRET), tmp_path / "out"
+    config = ShardConfig(src=str(jpeg_tree), out=str(out), size=64, shard_size="5",
+                         decoder="pil", num_threads=2, splits=("train",))  # fmt: skip
+    assert "the output has" not in describe(config, plan_splits(config, key))[0]  # nothing yet
+    with monkeypatch.context() as m:  # a run that dies after its shards, before its manifest
+        m.setattr(build, "_finish_split", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            build_shards(config, key)
+    line = describe(config, plan_splits(config, key))[0]
+    assert line.endswith("; the output has 5 of them made: a run resumes")
+    build_shards(config, key)
+    line = describe(config, plan_splits(config, key))[0]
+    assert line.endswith(
+        "the output has its manifest: a run with the same key and options does nothing"
+    )
