@@ -95,7 +95,8 @@ def describe(config: ShardConfig, plans: list[SplitPlan], *, world_size: int = 1
     largest = max(p.shard_bytes for p in plans)
     # staged at once per rank: PIL's shard processes keep --threads + 2 building or waiting to
     # be published, plus the publish queue's 2; a decoder feeding the rank's process, 3
-    staged = config.num_threads + 4 if decoder == "pil" else 3
+    processes = decoder == "pil" and config.encrypt_device in ("auto", "cpu")
+    staged = config.num_threads + 4 if processes else 3
     most = max(math.ceil(p.shards / world_size) for p in plans)
     workers = "processes" if decoder == "pil" else "CPU workers"
     lines.append(
