@@ -26,7 +26,7 @@ def tar_bytes(samples: int, per_sample: int) -> int:
 
 
 @dataclass(frozen=True)
-class SplitPlan:
+class PlannedSplit:
     """One split as a run would make it."""
 
     split: str
@@ -49,13 +49,13 @@ class SplitPlan:
         return (self.shards - 1) * self.shard_bytes + tar_bytes(last, self.sample_bytes)
 
 
-def plan_splits(config: ShardConfig, key: Key | None) -> list[SplitPlan]:
+def plan_splits(config: ShardConfig, key: Key | None) -> list[PlannedSplit]:
     """Each split of ``config`` as a run would make it (the same listing and selection)."""
     plans = []
     for split in config.splits:
         plan = _plan_split(config, split, key)
         plans.append(
-            SplitPlan(
+            PlannedSplit(
                 split=split,
                 images=len(plan.items),
                 classes=len(plan.identity.classes),
@@ -81,7 +81,7 @@ def found(out: str, split: str) -> str:
     return f"; the output has {made:,} of them made: a run resumes" if made else ""
 
 
-def describe(config: ShardConfig, plans: list[SplitPlan], *, world_size: int = 1) -> list[str]:
+def describe(config: ShardConfig, plans: list[PlannedSplit], *, world_size: int = 1) -> list[str]:
     """The lines ``--dry-run`` prints: a line per split, then how the run would go."""
     lines = [
         f"{p.split}: {p.images:,} images of {p.classes:,} classes ({p.skipped:,} source "
