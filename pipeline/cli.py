@@ -13,10 +13,13 @@ anything else is a programming error and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 
@@ -133,7 +136,23 @@ def run(
     except KeyboardInterrupt:
         if quiet_interrupt:
             return EXIT_INTERRUPTED
-        hint = interrupted() if callable(interrupted) else interrupted
-        logger.error("%s: interrupted%s", prog, f"; {hint}" if hint else "")
+        with _deaf():  # torchrun's agent forwards the terminal's Ctrl-C: a second one arrives
+            hint = interrupted() if callable(interrupted) else interrupted
+            logger.error("%s: interrupted%s", prog, f"; {hint}" if hint else "")
         return EXIT_INTERRUPTED
     return 0 if code is None else int(code)
+
+
+@contextlib.contextmanager
+def _deaf():
+    """SIGINT and SIGTERM ignored meanwhile (main thread only): the line that says what was
+    kept and how to continue is written whole, not cut by the next signal into a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -263,7 +263,9 @@ def test_ctrl_c_says_where_the_run_stands_and_how_to_continue(digit_shards, tmp_
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     said = lines.rest()
-    [line] = [x for x in said.splitlines() if "train: interrupted;" in x]
+    found = [x for x in said.splitlines() if "train: interrupted;" in x]
+    assert len(found) == 1, said[-3000:]
+    line = found[0]
     assert re.search(
         r"stopped in epoch 0 at step \d+; .*checkpoint.pt holds epoch 0, step \d+", line
     )
