@@ -224,19 +224,17 @@ def encryption_device(encrypt_device: str, decoding_on: str, local_rank: int) ->
     output is on this rank's GPU), or ``--encrypt-device`` resolved for this rank (``cuda``
     means this rank's GPU: ``LOCAL_RANK``, shared when there are more ranks than GPUs, see
     ``rank_gpu``). The bytes are the same everywhere, so this is not recorded."""
-    if decoding_on == "gpu":
-        import torch
-
-        from pipeline.device import rank_gpu
-
-        torch.cuda.set_device(rank_gpu(local_rank))  # DALI decodes there; torch's "cuda" too
-    if encrypt_device == "auto":  # no torch import: on the CPU paths it would add ~450 MB RSS
-        return "auto"
+    if decoding_on != "gpu" and encrypt_device == "auto":
+        return "auto"  # no torch import: on the CPU paths it would add ~450 MB RSS
     import torch
 
     from pipeline.device import rank_gpu
     from pipeline.device import resolve_device as torch_device
 
+    if decoding_on == "gpu":
+        torch.cuda.set_device(rank_gpu(local_rank))  # DALI decodes there; torch's "cuda" too
+    if encrypt_device == "auto":
+        return "auto"
     gpu = rank_gpu(local_rank) if torch.cuda.is_available() else local_rank
     return str(torch_device(encrypt_device, local_rank=gpu))
 
