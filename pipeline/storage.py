@@ -254,8 +254,11 @@ class Storage:
         return path
 
     def put(self, local: Path, name: str) -> None:
-        """Move a finished local file to ``name``; it appears there complete or not at all."""
+        """Move a finished local file to ``name``; it appears there complete or not at all
+        (locally: synced to disk first, so a crash leaves no named file short of its bytes)."""
         if self.is_local:
+            with open(local, "rb") as f:
+                os.fsync(f.fileno())
             os.replace(local, self.path(name))
         else:
             with self.talking(name):
@@ -295,7 +298,4 @@ class Storage:
             data = self.sealer.seal(name, data)
         tmp = self.staging_path(name)
         tmp.write_bytes(data)
-        if self.is_local:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
         self.put(tmp, name)

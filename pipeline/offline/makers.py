@@ -235,7 +235,10 @@ class ShardMaker:
         name = shard_name(split, index)
         rejects: list[dict] = []
         rows: list[list] = []
-        writer = ShardWriter(self.storage.staging_path(name), name, sealer=self.storage.sealer)
+        # unsynced: the publisher's thread syncs it before it takes its name (an upload needs
+        # no sync), so this thread never waits on the disk (an fsync was ~15% of its time)
+        writer = ShardWriter(self.storage.staging_path(name), name,
+                             sealer=self.storage.sealer, sync=False)  # fmt: skip
         writing: Future | None = None
         seconds, begun = self.seconds, time.perf_counter()
         try:

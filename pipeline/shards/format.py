@@ -122,10 +122,11 @@ class _HashingFile(io.RawIOBase):
 
 
 class _SyncOnClose(io.RawIOBase):
-    """The file under a sealing stream, which closes it: flushed to disk first."""
+    """The file under a sealing stream, which closes it: flushed (and, with ``sync``, synced
+    to disk) first."""
 
-    def __init__(self, raw: io.BufferedWriter) -> None:
-        self.raw = raw
+    def __init__(self, raw: io.BufferedWriter, sync: bool = True) -> None:
+        self.raw, self.sync = raw, sync
 
     def writable(self) -> bool:
         return True
@@ -136,7 +137,8 @@ class _SyncOnClose(io.RawIOBase):
     def close(self) -> None:
         if not self.closed and not self.raw.closed:
             self.raw.flush()
-            os.fsync(self.raw.fileno())
+            if self.sync:
+                os.fsync(self.raw.fileno())
             self.raw.close()
         super().close()
 
@@ -147,12 +149,23 @@ class ShardWriter:
     ``name`` is the shard's final name, recorded in the manifest; the caller moves the file
     there once it is complete, so no partial shard ever carries a final name. With a
     ``sealer`` the tar is sealed as it is written: no plaintext byte reaches the disk.
+    ``sync=False`` leaves the file unsynced at ``close()``, for a caller that syncs it later on
+    another thread (``Storage.put`` does, before a local file takes its final name).
     """
 
-    def __init__(self, path: str | os.PathLike, name: str, *, sealer: Sealer | None = None) -> None:
-        self.path, self.name, self.samples = Path(path), name, 0
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        name: str,
+        *,
+        sealer: Sealer | None = None,
+        sync: bool = True,
+    ) -> None:
+        self.path, self.name, self.samples, self.sync = Path(path), name, 0, sync
         self._raw = open(self.path, "wb")  # noqa: SIM115 - closed by close() or abort()
-        self._sealed = None if sealer is None else sealer.writer(name, _SyncOnClose(self._raw))
+        self._sealed = None
+        if sealer is not None:
+            self._sealed = sealer.writer(name, _SyncOnClose(self._raw, sync))
         self._hashing = _HashingFile(self._raw if self._sealed is None else self._sealed)
         self.record: ShardRecord | None = None
         self._offset = 0  # where the next header goes
@@ -195,7 +208,8 @@ class ShardWriter:
                 self._sealed.close()  # the last segment, then the file flushed and closed
             else:
                 self._raw.flush()
-                os.fsync(self._raw.fileno())
+                if self.sync:
+                    os.fsync(self._raw.fileno())
                 self._raw.close()
             self.record = ShardRecord(
                 self.name,

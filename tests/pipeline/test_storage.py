@@ -1,5 +1,5 @@
-"""Storage on S3 (moto_server on loopback): what each call costs in requests, and that the
-cheaper calls answer as the generic ones did."""
+"""Storage: a local put is synced before it is named; on S3 (moto_server on loopback), what
+each call costs in requests, and that the cheaper calls answer as the generic ones did."""
 
 from __future__ import annotations
 
@@ -59,3 +59,28 @@ def test_listing_by_prefix_is_one_request_and_lists_what_a_folder_does(
     if not prefix.endswith("/"):  # a folder's whole listing keeps s3fs's own calls
         assert [method for method, _ in s3_requests] == ["ListObjectsV2"]
     assert remote.list_prefix("missing/train.") == local.list_prefix("missing/train.") == []
+
+
+def test_a_local_put_syncs_the_file_before_it_takes_its_name(tmp_path, monkeypatch):
+    """A crash after ``put`` leaves no named file short of its bytes: the fsync comes first."""
+    import os
+
+    storage = Storage(tmp_path / "out")
+    staged = storage.staging_path("train-000000.tar")
+    staged.write_bytes(b"x" * 1000)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    storage.put(staged, "train-000000.tar")
+    assert events == [("fsync", str(staged)), ("replace", str(staged))]
+    assert (tmp_path / "out" / "train-000000.tar").read_bytes() == b"x" * 1000

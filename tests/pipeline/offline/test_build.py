@@ -449,3 +449,28 @@ def test_a_killed_shard_process_is_one_line_and_the_rerun_resumes(jpeg_tree, tmp
     monkeypatch.setattr(makers, "_make_shard", real)
     manifest = build_shards(config(jpeg_tree, out, num_threads=1, splits=("train",)), key)
     assert manifest["train"].total_samples == 24
+
+
+def test_the_builder_never_waits_on_the_disk_and_every_shard_is_synced_before_its_name(
+    jpeg_tree, tmp_path, monkeypatch
+):
+    """With a decoder feeding this process (DALI on the CPU here) the builder's thread leaves
+    each staged shard unsynced; the publisher's thread syncs it before it takes its name."""
+    import threading
+
+    synced: list[tuple[str, str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((threading.current_thread().name, os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "dali"
+    manifest = build_shards(config(jpeg_tree, out, splits=("val",), decoder="dali"),
+                            Key(FIXED_SECRET))["val"]  # fmt: skip
+    staged = {Path(path).name: thread for thread, path in synced if path.endswith(".tar.partial")}
+    shards = [record.name for record in manifest.shards]
+    assert len(shards) > 1 and sorted(staged) == sorted(f".{name}.partial" for name in shards)
+    assert set(staged.values()) == {"shard-publish_0"}
+    assert all((out / name).is_file() for name in shards)

@@ -89,3 +89,31 @@ def test_stock_tar_lists_and_extracts_the_shard(tmp_path) -> None:
     assert listed.stdout.split() == [f"{k}.{e}" for k, f in members for e in sorted(f)]
     subprocess.run(["tar", "-xf", str(path), "-C", str(tmp_path)], check=True)
     assert (tmp_path / "00000002.u8").read_bytes() == members[2][1]["u8"]
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_an_unsynced_shard_has_the_same_bytes_and_skips_only_the_fsync(
+    tmp_path, monkeypatch, sealed
+) -> None:
+    """``sync=False`` (the builder's: its publisher syncs later) changes nothing but the fsync."""
+    import os
+
+    from pipeline.cipher.seal import Sealer, generate_data_key
+
+    sealer = Sealer(generate_data_key(), "an-output") if sealed else None
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    records, datas = [], []
+    for sync in (True, False):
+        synced.clear()
+        path = tmp_path / f"{sync}" / "train-000000.tar"
+        path.parent.mkdir()
+        with ShardWriter(path, path.name, sealer=sealer, sync=sync) as writer:
+            for key, files in samples(5):
+                writer.write(key, files)
+        assert len(synced) == int(sync)
+        records.append(writer.record)
+        data = path.read_bytes()
+        datas.append(data if sealer is None else sealer.open(path.name, data))
+    assert records[0] == records[1] and datas[0] == datas[1]
