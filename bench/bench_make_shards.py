@@ -9,9 +9,11 @@ encryption one image at a time, and webdataset.TarWriter, in one process. Figure
 --repeats runs, alternating the two.
 
 make_shards_threads_2_vs_1_ratio: img/s of make_shards with --threads 2 over --threads 1, PIL
-decoder, the same photos in shards of 50, alternating within each repeat, medians. With PIL and
-CPU encryption each of --threads processes builds whole shards (decode, encrypt, write), and
-this process only publishes them, so one process is one core's work and the ceiling is 2.
+decoder, on --threads-images photos in shards of 50 (enough that the processes' start is a small
+part of a run), alternating, the median of --threads-repeats paired ratios (each pair measured
+back to back, so the shared machine's slow minutes fall on both sides). With PIL and CPU
+encryption each of --threads processes builds whole shards (decode, encrypt, write), and this
+process only publishes them, so one process is one core's work and the ceiling is 2.
 
 encrypt_time_fraction is encryption's share of the run's CPU time (the encrypting thread's CPU
 seconds over the process's, all threads): stages overlap, so wall time inside encrypt() also
@@ -216,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads-images", type=int, default=1500, help="for 2 threads vs 1")
+    parser.add_argument("--threads-repeats", type=int, default=3, help="pairs of runs")
     parser.add_argument("--s3-images", type=int, default=1500, help="for S3 vs local")
     parser.add_argument("--s3-shard-size", type=int, default=50, help="samples per shard")
     parser.add_argument("--s3-repeats", type=int, default=5, help="S3 and local runs, each")
@@ -229,27 +233,40 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-make-shards-"))
     try:
-        src = make_source(work / "src", args.images)
+        sources: dict[int, Path] = {}
+
+        def source(images: int) -> Path:  # one photo tree per size, made once
+            if images not in sources:
+                sources[images] = make_source(work / f"src-{images}", images)
+            return sources[images]
+
+        src = source(args.images)
         key = Key.generate()
-        runs: dict[str, list[float]] = {"naive": [], "dali": [], "pil": [], "cpu": [], "wall": [],
-                                        "pil_1_thread": []}  # fmt: skip
+        runs: dict[str, list[float]] = {"naive": [], "dali": [], "cpu": [], "wall": [], "pil": [],
+                                        "pil_1_thread": [], "threads_ratio": []}  # fmt: skip
         for r in range(args.repeats):
-            for name in ("naive", "dali", "pil", "pil_1_thread"):
+            for name in ("naive", "dali"):
                 out = work / f"{name}-{r}"
                 out.mkdir()
                 if name == "naive":
                     runs["naive"].append(naive(src, out, key, args.size))
-                elif name == "pil_1_thread":
-                    runs[name].append(make_shards(src, out, key, args.size, "pil", threads=1)[0])
                 else:
                     img_s, cpu_share, wall_share = make_shards(src, out, key, args.size, name)
                     runs[name].append(img_s)
-                    if name == "dali":
-                        runs["cpu"].append(cpu_share)
-                        runs["wall"].append(wall_share)
+                    runs["cpu"].append(cpu_share)
+                    runs["wall"].append(wall_share)
                 shutil.rmtree(out)
-        if args.s3_images != args.images:
-            src = make_source(work / "src-s3", args.s3_images)
+        for r in range(args.threads_repeats):
+            pair = {}
+            for threads, name in ((1, "pil_1_thread"), (2, "pil")):
+                out = work / f"{name}-{r}"
+                out.mkdir()
+                pair[threads] = make_shards(source(args.threads_images), out, key, args.size,
+                                            "pil", threads=threads)[0]  # fmt: skip
+                runs[name].append(pair[threads])
+                shutil.rmtree(out)
+            runs["threads_ratio"].append(pair[2] / pair[1])
+        src = source(args.s3_images)
         key_file = save_key(key, work / "k.bin")
         cores = split_cores()
         pinned = s3_vs_local(work, src, key_file, args, args.s3_repeats, cores)
@@ -262,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         "make_shards_img_s": round(med["dali"], 1),
         "make_shards_pil_img_s": round(med["pil"], 1),
         "make_shards_pil_1_thread_img_s": round(med["pil_1_thread"], 1),
-        "make_shards_threads_2_vs_1_ratio": round(med["pil"] / med["pil_1_thread"], 3),
+        "make_shards_threads_2_vs_1_ratio": round(med["threads_ratio"], 3),
+        "make_shards_threads_2_vs_1_ratios": [round(x, 3) for x in runs["threads_ratio"]],
         "naive_img_s": round(med["naive"], 1),
         "make_shards_vs_naive_ratio": round(med["dali"] / med["naive"], 2),
         "encrypt_time_fraction": round(med["cpu"], 3),
@@ -277,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     note = (
         f"{args.images} JPEGs ~500x375 -> {args.size}x{args.size}, {os.cpu_count()} cores, "
         f"DALI CPU decoder, median of {args.repeats}; threads 2 vs 1: PIL decoder, "
-        f"--threads 2 over --threads 1, median of {args.repeats}; S3 vs local: moto_server on "
+        f"{args.threads_images} JPEGs, 50 per shard, --threads 2 over --threads 1, median of "
+        f"{args.threads_repeats} paired ratios; S3 vs local: moto_server on "
         f"loopback, "
         f"{args.s3_images} JPEGs, {args.s3_shard_size} per shard, a fresh process per run, "
         f"median of {args.s3_repeats} ({where}; shared cores: median of "

@@ -44,6 +44,8 @@ def _value(value: object) -> str:
         return f"{value:,.3f}".rstrip("0").rstrip(".") if abs(value) < 100 else f"{value:,.1f}"
     if isinstance(value, dict):
         return ", ".join(f"{k}: {_value(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(_value(v) for v in value)
     return str(value)
 
 

@@ -310,6 +310,7 @@ class _ShardJob:
     size: int
     max_pixels: int
     batch_size: int
+    sync: bool  # a local output: synced here, in parallel (the publisher's sync is then cheap)
 
 
 _process_keys: dict[str, Any] = {}  # a shard-building process's key and sealer
@@ -330,7 +331,7 @@ def _make_shard(job: _ShardJob) -> tuple[ShardResult, str | None, dict[str, floa
     split = job.split
     rejects: list[dict] = []
     rows: list[list] = []
-    writer = ShardWriter(job.staging, job.name, sealer=sealer)
+    writer = ShardWriter(job.staging, job.name, sealer=sealer, sync=job.sync)
     try:
         position = job.position
         for batch in _batches(job.items, job.batch_size):
@@ -394,7 +395,8 @@ class ShardProcesses:
                             items=self.plan.chunk(index), position=index * self.plan.per_shard,
                             src=self.config.src, size=self.config.size,
                             max_pixels=self.config.max_pixels,
-                            batch_size=self.config.batch_size)  # fmt: skip
+                            batch_size=self.config.batch_size,
+                            sync=self.storage.is_local)  # fmt: skip
             self.futures[index] = self.pool.submit(_make_shard, job)
 
     def build(self, index: int) -> tuple[ShardResult, str | None]:

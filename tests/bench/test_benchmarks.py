@@ -60,7 +60,8 @@ def test_bench_make_shards_writes_results(tmp_path):
     out = tmp_path / "results.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_make_shards.py"), "--images", "12",
-         "--size", "32", "--repeats", "1", "--s3-images", "12", "--s3-repeats", "1",
+         "--size", "32", "--repeats", "1", "--threads-images", "12", "--threads-repeats", "2",
+         "--s3-images", "12", "--s3-repeats", "1",
          "--s3-shared-repeats", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -71,6 +72,9 @@ def test_bench_make_shards_writes_results(tmp_path):
                  "make_shards_s3_vs_local_ratio", "make_shards_s3_img_s",
                  "make_shards_s3_vs_local_ratio_shared_cores"):  # fmt: skip
         assert results[name] > 0
+    pairs = results["make_shards_threads_2_vs_1_ratios"]  # the figure: their median
+    assert len(pairs) == 2 and all(ratio > 0 for ratio in pairs)
+    assert results["make_shards_threads_2_vs_1_ratio"] == pytest.approx(sum(pairs) / 2, abs=2e-3)
     assert results["moto_server_cpu_seconds"] >= 0  # a dozen requests can round to 0
     assert all(mb > 50 for mb in results["make_shards_peak_rss_mb"].values())
     assert 0 <= results["encrypt_time_fraction"] < 1  # tiny runs can measure 0 CPU seconds

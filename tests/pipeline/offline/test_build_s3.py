@@ -50,3 +50,46 @@ def test_a_resumed_s3_build_keeps_its_finished_shards(jpeg_tree, s3_env, tmp_pat
     assert remote.list() == local.list()
     for name in local.list():
         assert remote.read_raw(name) == local.read_raw(name), name
+
+
+@pytest.mark.parametrize("decoder", ["dali", "pil"])
+def test_a_shard_staged_for_upload_is_never_synced(jpeg_tree, s3_env, monkeypatch, decoder):
+    """A staged shard on its way to S3 is a scratch file (a crash rebuilds it): no fsync, in
+    the builder's thread (DALI here) or in PIL's shard processes (run in-process here)."""
+    import os
+
+    from pipeline.offline import makers
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd))[1])  # fmt: skip
+    if decoder == "pil":  # the processes' work, in this process, so that fsync is seen
+        monkeypatch.setattr(makers, "ProcessPoolExecutor", _InProcessPool)
+    url = f"s3://{s3_env}/out-{decoder}"
+    manifest = build_shards(config(jpeg_tree, url, splits=("train",), decoder=decoder),
+                            Key(FIXED_SECRET))["train"]  # fmt: skip
+    assert len(manifest.shards) == 5 and Storage(url).exists(manifest.shards[0].name)
+    assert not [path for path in synced if path.endswith(".partial")], synced
+
+
+class _InProcessPool:
+    """ProcessPoolExecutor's interface, each job run at submit, in this process."""
+
+    def __init__(self, workers, mp_context=None, initializer=None, initargs=()):
+        import signal
+
+        handler = signal.getsignal(signal.SIGINT)
+        if initializer is not None:
+            initializer(*initargs)  # which ignores Ctrl-C, as a worker process should
+        signal.signal(signal.SIGINT, handler)  # not this one
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
