@@ -197,6 +197,12 @@ def _fail(key: DataKey, associated_data: bytes) -> SealError:
     )
 
 
+# What one call into Tink's decrypting stream asks for: a tar reader's small reads (headers,
+# labels) come from this buffer. With io's 8 KiB, opening cost twice as much per shard
+# (70 against 36 ms a 150 MB shard read by tarfile, 2 cores, 2026-12-04).
+READ_BUFFER = 256 * 1024
+
+
 class _Closing(io.RawIOBase):
     """Wraps Tink's decrypting stream so a bad segment raises SealError naming the object."""
 
@@ -233,7 +239,7 @@ def opening_reader(key: DataKey, raw: BinaryIO, *, associated_data: bytes) -> Bi
     """A file-like to read plaintext from (closing it closes ``raw``); raises SealError when a
     tampered or truncated segment is reached, before any of its bytes are returned."""
     stream = key._primitive().new_decrypting_stream(raw, associated_data)
-    return io.BufferedReader(_Closing(stream, key, associated_data))
+    return io.BufferedReader(_Closing(stream, key, associated_data), buffer_size=READ_BUFFER)
 
 
 def seal_bytes(key: DataKey, data: bytes, *, associated_data: bytes) -> bytes:
