@@ -1,5 +1,5 @@
-"""make_shards under a real torchrun (2 ranks on the CPU): same bytes as one process, resume
-after a rank is killed, and a failing rank ending the job with its message."""
+"""make_shards under a real torchrun (2 ranks on the CPU, on one node or two): same bytes as one
+process, resume after a rank is killed, and a failing rank ending the job with its message."""
 
 from __future__ import annotations
 
@@ -73,6 +73,29 @@ def test_two_ranks_dali_s3_equal_one_process(tree, key_file, dali_reference, s3_
     assert names == sorted(files(dali_reference))
     for name, data in files(dali_reference).items():
         assert fs.cat_file(f"{s3_env}/two-ranks/{name}") == data, name
+
+
+def test_two_nodes_with_c10d_rendezvous_equal_one_process(tree, key_file, reference, tmp_path):
+    """Two torchrun agents (two "nodes", one rank each, c10d rendezvous on loopback) into one
+    folder, as a shared file system: the bytes of one process, and rank 0 reports the job."""
+    from pipeline.testing import free_port
+
+    out, port = tmp_path / "out", free_port()
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+               "--rdzv_id=shards", str(ROOT / "tools" / "make_shards.py"),
+               *shard_args(tree, key_file, out)]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True, env=env()))  # fmt: skip
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert files(out) == files(reference)
+    made = json.loads((reference / "train.manifest.json").read_text())["total_samples"]
+    both = "".join(logs)
+    assert "rank 0 of 2 builds" in both  # one job of two ranks, not two jobs of one
+    assert f"train: {made} images ({made} made now by 2 ranks) in " in both
 
 
 def _worker_pid(parent: int, rank: int) -> int | None:
