@@ -1,9 +1,9 @@
 """The offline stage's source listing: microseconds per file, against a bare directory walk.
 
-Every make_shards rank lists the source tree before it builds anything (the listing's digest
-checks that the ranks see the same files): ``select_split`` sorts each folder, rejects what is
-not an image (each named, with why), reads every file's size, and orders the selection by a
-keyed hash. On ImageNet-21k (14.2M files) each microsecond per file is 14 s per rank. The
+One make_shards rank per node lists the source tree before anything is built (the listing's
+digest checks that the ranks see the same files): ``select_split`` sorts each folder, rejects
+what is not an image (each named, with why), reads every file's size, and orders the selection
+by a keyed hash. On ImageNet-21k (14.2M files) each microsecond per file is 14 s per node. The
 baseline, measured in the same run, is the least any listing does: ``os.scandir`` over the
 same tree plus one ``stat`` per file for its size.
 

@@ -229,12 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         done = job.progress() if job is not None else "nothing was written yet"
         return f"{done}; to resume, run the same command again: {resume_command(argv)}"
 
+    code = 1
     try:
         rank = int(os.environ.get("RANK", "0"))  # rank 0 speaks for a torchrun job
-        return cli.run("make_shards", make, interrupted=interrupted, quiet_interrupt=rank != 0)
+        code = cli.run("make_shards", make, interrupted=interrupted, quiet_interrupt=rank != 0)
+        return code
     finally:
         if group is not None:
-            group.close()
+            group.close(finished=code == 0)
 
 
 if __name__ == "__main__":

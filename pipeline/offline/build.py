@@ -55,7 +55,9 @@ from pipeline.offline.sources import (
     SPLITS,
     SourceItem,
     SourceReject,
+    SourceScan,
     listing_digest,
+    scan_source,
     select_split,
 )
 from pipeline.offline.workgroup import WorkGroup
@@ -295,17 +297,29 @@ class _SplitPlan:
         return self.items[index * self.per_shard : (index + 1) * self.per_shard]
 
 
-def _plan_split(config: ShardConfig, split: str, key: Key | None) -> _SplitPlan:
+def _plan_split(
+    config: ShardConfig, split: str, key: Key | None, group: WorkGroup | None = None
+) -> _SplitPlan:
     order_key = None if key is None else key.order_key  # encrypted: an order nobody can redo
+    group = group or WorkGroup()
+
+    # one rank per node lists the tree (millions of stat calls on a shared file system); the
+    # node's other ranks read its listing, then select and order it themselves (with the key)
+    def listing() -> SourceScan:
+        return scan_source(config.src, split, classes_file=config.classes_file,
+                           follow_symlinks=config.follow_symlinks)  # fmt: skip
+
+    scan = group.once_per_node(
+        f"listing/{split}", listing, SourceScan.to_bytes, SourceScan.from_bytes
+    )
     classes, items, source_rejects = select_split(
         config.src,
         split,
-        classes_file=config.classes_file,
         per_class=config.per_class,
         fraction=config.fraction,
         seed=config.seed,
         order_key=order_key,
-        follow_symlinks=config.follow_symlinks,
+        scan=scan,
     )
     if not items:
         raise ShardBuildError(f"{split}: no source images selected under {config.src}/{split}")
@@ -387,7 +401,7 @@ def build_split(
     """Make (or finish, or confirm) the shards and manifest of one split: this rank's shards,
     and, on rank 0 once every rank is done, the manifest. Returns None on other ranks."""
     group = group or WorkGroup()
-    plan = _plan_split(config, split, key)
+    plan = _plan_split(config, split, key, group)
     state = _State(storage, split)
     # rank 0 checks the output; every rank then checks that it selected the same data
     mine = _setup_split(config, plan, storage, state) if group.is_primary else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import math
 import os
@@ -271,6 +272,55 @@ def listing_digest(items: Sequence[SourceItem], *, order_key: bytes | None = Non
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class SourceScan:
+    """What listing one split of a source tree found, before any selection: its classes, every
+    image (sorted by path) and every entry not used. As bytes (``to_bytes``), it is how one
+    rank per node hands its listing to the node's other ranks (``WorkGroup.once_per_node``):
+    a JSON line (split, classes, rejects), then ``label TAB size TAB path`` per image, NUL
+    between images (the one byte no POSIX path holds)."""
+
+    split: str
+    classes: list[str]
+    items: list[SourceItem]
+    rejects: list[SourceReject]
+
+    def to_bytes(self) -> bytes:
+        head = {"split": self.split, "classes": self.classes,
+                "rejects": [[r.path, r.reason] for r in self.rejects]}  # fmt: skip
+        body = b"\0".join(b"%d\t%d\t%s" % (it.label, it.size, it.path.encode())
+                          for it in self.items)  # fmt: skip
+        return json.dumps(head).encode() + b"\n" + body
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SourceScan:
+        line, _, body = data.partition(b"\n")
+        head = json.loads(line)
+        split, items = head["split"], []
+        for record in body.split(b"\0") if body else ():
+            label, size, path = record.split(b"\t", 2)
+            items.append(SourceItem(path.decode(), int(label), split, int(size)))
+        rejects = [SourceReject(path, reason) for path, reason in head["rejects"]]
+        return cls(split, head["classes"], items, rejects)
+
+
+def scan_source(
+    src: str | os.PathLike,
+    split: str,
+    *,
+    classes_file: str | None = None,
+    follow_symlinks: bool = False,
+) -> SourceScan:
+    """List ``src/split``: its classes (found, or from ``classes_file``), then
+    :func:`scan_split`."""
+    if classes_file:
+        classes = read_classes_file(classes_file)
+    else:
+        classes = find_classes(src, split, follow_symlinks=follow_symlinks)
+    listed, rejects = scan_split(src, split, classes, follow_symlinks=follow_symlinks)
+    return SourceScan(split, list(classes), listed, rejects)
+
+
 def select_split(
     src: str | os.PathLike,
     split: str,
@@ -281,15 +331,15 @@ def select_split(
     seed: int = 0,
     order_key: bytes | None = None,
     follow_symlinks: bool = False,
+    scan: SourceScan | None = None,
 ) -> tuple[list[str], list[SourceItem], list[SourceReject]]:
     """The class names of ``split``, its selected items in shard order (sample ``k`` of the
     split's shards, key ``f"{k:08d}"``, comes from ``items[k]``) and the entries of the tree
-    that are not used, with why."""
-    if classes_file:
-        classes = read_classes_file(classes_file)
-    else:
-        classes = find_classes(src, split, follow_symlinks=follow_symlinks)
-    listed, rejects = scan_split(src, split, classes, follow_symlinks=follow_symlinks)
+    that are not used, with why. ``scan``: the tree as already listed (:func:`scan_source`
+    with the same ``src``, ``split``, ``classes_file`` and ``follow_symlinks``)."""
+    if scan is None:
+        scan = scan_source(src, split, classes_file=classes_file, follow_symlinks=follow_symlinks)
+    classes, listed, rejects = scan.classes, scan.items, scan.rejects
     items = select_subset(
         listed,
         per_class=per_class,

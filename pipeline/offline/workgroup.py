@@ -15,16 +15,26 @@ cannot run into a collective timeout: every wait is a poll of the store that als
 
 Keys live under ``keyprotect/make_shards/<restart count>/`` so that a torchrun restart
 (``--max-restarts``) does not see the previous attempt's flags.
+
+What every rank of a node needs but one can make (the source listing: millions of ``stat``
+calls on a shared file system) goes through :meth:`WorkGroup.once_per_node`: the node's first
+rank makes it and leaves its bytes in a private file for the node's other ranks; the store
+carries only the file's name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from pipeline.errors import KeyprotectError
 
@@ -44,6 +54,9 @@ def cores_per_rank() -> int:
     return max(1, (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+T = TypeVar("T")
+
+
 class WorkGroupError(KeyprotectError, RuntimeError):
     """Another rank failed or vanished, or the job's store is gone; the message says which."""
 
@@ -59,10 +72,14 @@ class WorkGroup:
         local_rank: int = 0,
         run_id: str | None = None,
         store: Any = None,
+        node: int = 0,
+        local_world_size: int = 1,
     ) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.node, self.local_world_size = node, local_world_size  # torchrun's GROUP_RANK
         self.run_id = run_id
         self._store = store
+        self._node_files: list[tuple[str, Path]] = []  # this node's shared files, by key
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (heartbeat count, when it moved)
         self._checked = 0.0
         self._stop = threading.Event()
@@ -86,7 +103,10 @@ class WorkGroup:
         store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=30)))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"keyprotect/make_shards/{attempt}/", store)
-        return cls(rank=rank, world_size=world, local_rank=local_rank, run_id=run_id, store=store)
+        node = int(os.environ.get("GROUP_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return cls(rank=rank, world_size=world, local_rank=local_rank, run_id=run_id, store=store,
+                   node=node, local_world_size=local_world)  # fmt: skip
 
     @property
     def is_primary(self) -> bool:
@@ -120,6 +140,47 @@ class WorkGroup:
         keys = [f"{name}/{r}" for r in range(self.world_size)]
         self._wait(lambda: self._store.check(keys), f"every rank to finish {name}")
         return [self._store.get(k).decode() for k in keys]
+
+    def once_per_node(
+        self,
+        name: str,
+        make: Callable[[], T],
+        dump: Callable[[T], bytes],
+        load: Callable[[bytes], T],
+    ) -> T:
+        """``make()`` on this node's first rank (``LOCAL_RANK`` 0) alone; the node's other ranks
+        get it through a file only this user can read (``dump``, then ``load``), named to
+        them in the store. It goes once they have all read it (:meth:`close`)."""
+        if self._store is None or self.local_world_size <= 1:
+            return make()
+        key = f"node/{self.node}/{name}"
+        if self.local_rank == 0:
+            value = make()
+            folder = Path(tempfile.mkdtemp(prefix="keyprotect-node-"))  # mode 0700
+            path = folder / "data"
+            path.write_bytes(dump(value))
+            self._node_files.append((key, path))
+            self._store.set(key, str(path))
+            return value
+        self._wait(lambda: self._store.check([key]), f"this node's first rank ({name})")
+        path = Path(self._store.get(key).decode())
+        try:
+            value = load(path.read_bytes())
+        finally:
+            self._store.add(f"{key}/read", 1)
+        return value
+
+    def _remove_node_files(self, wait: bool) -> None:
+        """With ``wait``, once the node's other ranks have read them (long done, unless this
+        rank had nothing to build); without (the job is stopping), now."""
+        readers = self.local_world_size - 1
+        for key, path in self._node_files:
+            with contextlib.suppress(Exception):  # another rank failed: remove the file anyway
+                if wait:
+                    self._wait(lambda k=key: int(self._store.add(f"{k}/read", 0)) >= readers,
+                               f"this node's ranks to read {key}")  # fmt: skip
+            shutil.rmtree(path.parent, ignore_errors=True)
+        self._node_files.clear()
 
     def fail(self, message: str) -> None:
         """Tell the other ranks that this one failed (best effort: the store may be gone)."""
@@ -177,7 +238,10 @@ class WorkGroup:
             except Exception:  # noqa: BLE001 - the store is gone; check() reports it
                 return
 
-    def close(self) -> None:
+    def close(self, *, finished: bool = True) -> None:
+        """Stop the heartbeat; ``finished=False`` (an error, Ctrl-C) removes this node's shared
+        files without waiting for the node's other ranks to read them."""
+        self._remove_node_files(wait=finished)
         self._stop.set()
         if self._beat is not None:
             self._beat.join()

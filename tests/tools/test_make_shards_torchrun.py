@@ -75,6 +75,24 @@ def test_two_ranks_dali_s3_equal_one_process(tree, key_file, dali_reference, s3_
         assert fs.cat_file(f"{s3_env}/two-ranks/{name}") == data, name
 
 
+def test_one_rank_per_node_lists_the_source(tree, key_file, reference, tmp_path):
+    """Two ranks on one node: the first lists the tree (its rejects are logged once, by it)
+    and hands the listing to the other; the shards are those of one process."""
+    src = tmp_path / "src"
+    shutil.copytree(tree, src)
+    (src / "train" / (sorted(os.listdir(src / "train"))[0]) / "notes.txt").write_text("x")
+    out = tmp_path / "out"
+    done = torchrun(*shard_args(src, key_file, out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = {n: d for n, d in files(out).items() if not n.endswith(".json")}
+    assert shards == {n: d for n, d in files(reference).items() if not n.endswith(".json")}
+    manifest = json.loads((out / "train.manifest.json").read_text())
+    (reject,) = manifest["source_rejects"]  # encrypted: counted by reason, never named
+    assert reject["count"] == 1 and reject["reason"].startswith("extension .txt is not")
+    warned = [line for line in done.stderr.splitlines() if "notes.txt: not used" in line]
+    assert len(warned) == 1 and warned[0].startswith("[rank 0/2]"), warned
+
+
 def test_two_nodes_with_c10d_rendezvous_equal_one_process(tree, key_file, reference, tmp_path):
     """Two torchrun agents (two "nodes", one rank each, c10d rendezvous on loopback) into one
     folder, as a shared file system: the bytes of one process, and rank 0 reports the job."""

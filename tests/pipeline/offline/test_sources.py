@@ -156,3 +156,28 @@ def test_the_listing_digest_is_the_documented_hash_of_its_lines(order_key):
     text = "".join(f"{it.split}\t{it.label}\t{it.path}\t{it.size}\n" for it in items).encode()
     whole = hashlib.sha256(text) if order_key is None else hmac.new(order_key, text, "sha256")
     assert listing_digest(items, order_key=order_key) == whole.hexdigest()
+
+
+def test_a_scan_survives_its_bytes_with_any_name_a_tree_can_hold(tmp_path):
+    """What one rank per node hands the node's other ranks: the same classes, images (tabs,
+    newlines and non-ASCII in names) and rejects, and so the same selection and digest."""
+    from PIL import Image
+
+    from pipeline.offline.sources import SourceScan, scan_source, select_split
+
+    src = tmp_path / "src"
+    for name in ("a", "b\tc", "dé"):
+        (src / "train" / name).mkdir(parents=True)
+    names = ["x.png", "tab\there.png", "new\nline.png", "ü.png", "sp ace.png"]
+    for i, name in enumerate(names * 2):
+        Image.new("RGB", (4 + i, 4)).save(src / "train" / ["a", "b\tc", "dé"][i % 3] / name)
+    (src / "train/a/notes.txt").write_bytes(b"x")
+    scan = scan_source(src, "train")
+    assert len(scan.items) == 10 and len(scan.rejects) == 1 and scan.classes == ["a", "b\tc", "dé"]
+    again = SourceScan.from_bytes(scan.to_bytes())
+    assert again == scan
+    key = bytes(range(32))
+    assert select_split(src, "train", order_key=key, scan=again) == select_split(
+        src, "train", order_key=key
+    )
+    assert SourceScan.from_bytes(SourceScan("val", ["a"], [], []).to_bytes()).items == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -83,3 +84,58 @@ def test_threads_auto_is_this_ranks_share_of_the_cores_it_may_use(monkeypatch):
     assert cores_per_rank() == max(1, cores // 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 4))
     assert cores_per_rank() == 1  # more ranks than cores: one each, never none
+
+
+@pytest.fixture
+def node_of_three(monkeypatch):
+    """Three ranks of one node (local ranks 0-2) on a real TCPStore; closed by the test."""
+    monkeypatch.setattr(workgroup, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(workgroup, "CHECK_EVERY_S", 0.0)
+    port = free_port()
+    stores = [dist.TCPStore("127.0.0.1", port, 3, is_master=True, wait_for_workers=False)]
+    stores += [dist.TCPStore("127.0.0.1", port, 3, is_master=False) for _ in range(2)]
+    return [WorkGroup(rank=r, world_size=3, local_rank=r, store=s, local_world_size=3)
+            for r, s in enumerate(stores)]  # fmt: skip
+
+
+def test_once_per_node_makes_it_on_the_first_rank_and_hands_the_others_its_bytes(node_of_three):
+    made: list[int] = []
+
+    def make() -> dict:
+        made.append(1)
+        return {"files": ["a", "b\tc"]}
+
+    got: dict[int, dict] = {}
+
+    def take(group: WorkGroup) -> None:
+        got[group.rank] = group.once_per_node("listing/train", make, dump, load)
+
+    dump, load = (lambda value: json.dumps(value).encode()), json.loads
+    readers = [threading.Thread(target=take, args=(g,)) for g in node_of_three[1:]]
+    for reader in readers:
+        reader.start()
+    take(node_of_three[0])
+    for reader in readers:
+        reader.join(timeout=10)
+    assert made == [1] and got == {r: {"files": ["a", "b\tc"]} for r in range(3)}
+    ((key, path),) = node_of_three[0]._node_files
+    assert path.is_file() and oct(path.parent.stat().st_mode & 0o777) == "0o700"
+    for group in node_of_three[::-1]:  # the first rank's close waits for the readers, then
+        group.close()  # removes the file and its folder
+    assert not path.parent.exists()
+
+
+def test_a_stopping_first_rank_removes_the_node_file_without_waiting(node_of_three):
+    first = node_of_three[0]
+    first.once_per_node("listing/val", lambda: b"x", bytes, bytes)  # nobody reads it
+    ((_, path),) = first._node_files
+    started = time.monotonic()
+    first.close(finished=False)
+    assert not path.parent.exists() and time.monotonic() - started < 5
+    for group in node_of_three[1:]:
+        group.close()
+
+
+def test_a_group_of_one_per_node_makes_it_in_place(pair):
+    made = pair[0].once_per_node("listing/train", lambda: [1, 2], None, None)  # type: ignore[arg-type]
+    assert made == [1, 2] and not pair[0]._node_files
