@@ -397,11 +397,14 @@ def build_split(
     *,
     group: WorkGroup | None = None,
     lock: OutputLock | None = None,
+    selected: dict[str, list[SourceItem]] | None = None,
 ) -> Manifest | None:
     """Make (or finish, or confirm) the shards and manifest of one split: this rank's shards,
     and, on rank 0 once every rank is done, the manifest. Returns None on other ranks."""
     group = group or WorkGroup()
     plan = _plan_split(config, split, key, group)
+    if selected is not None and group.is_primary:
+        selected[split] = plan.items
     state = _State(storage, split)
     # rank 0 checks the output; every rank then checks that it selected the same data
     mine = _setup_split(config, plan, storage, state) if group.is_primary else None
@@ -887,11 +890,14 @@ def build_shards(
     data_key: DataKey | None = None,
     stats: BuildStats | None = None,
     group: WorkGroup | None = None,
+    selected: dict[str, list[SourceItem]] | None = None,
 ) -> dict[str, Manifest]:
     """Make every split in ``config.splits``; ``key=None`` writes plain shards (``--plain``).
 
     ``data_key`` seals every object written (``make_shards --seal``; docs/sealing.md).
     ``stats``, when given, receives what the run did (images made, time spent encrypting).
+    ``selected``, when given, receives each split's selected items in shard order on rank 0
+    (the source map's, without listing the tree again).
     ``group`` (``WorkGroup.from_env()`` under torchrun) shares the shards among ranks; rank 0
     holds the output's lock and returns the manifests, the other ranks an empty dict.
     """
@@ -921,7 +927,8 @@ def build_shards(
             storage = _open_output(config.out, data_key, group)
             manifests = {}
             for split in config.splits:
-                manifest = build_split(config, split, key, storage, stats, group=group, lock=lock)
+                manifest = build_split(config, split, key, storage, stats, group=group, lock=lock,
+                                       selected=selected)  # fmt: skip
                 if manifest is not None:
                     manifests[split] = manifest
     except BaseException as exc:

@@ -11,6 +11,7 @@ from pipeline.cipher.seal import DataKey
 from pipeline.offline.build import BuildStats, ShardConfig, build_shards
 from pipeline.offline.digits import write_digits_tree
 from pipeline.offline.sourcemap import check_location, write_source_map
+from pipeline.offline.sources import SourceItem
 from pipeline.offline.workgroup import WorkGroup
 from pipeline.shards.manifest import Manifest
 
@@ -61,14 +62,14 @@ class ShardJob:
         """Build every split, then (rank 0, once all are finished) the source map."""
         if self.source_map:  # before any work
             check_location(self.source_map, self.config.out)
-        manifests = build_shards(
-            self.config, self.key, data_key=self.data_key, stats=self.stats, group=group
-        )
+        selected: dict[str, list[SourceItem]] = {}  # the map's rows, without a second listing
+        manifests = build_shards(self.config, self.key, data_key=self.data_key, stats=self.stats,
+                                 group=group, selected=selected)  # fmt: skip
         if self.source_map and group.is_primary:
             write_source_map(self.source_map, src=self.config.src, out=self.config.out,
                              key=self.key, splits=self.config.splits,
                              classes_file=self.config.classes_file,
-                             data_key=self.data_key)  # fmt: skip
+                             data_key=self.data_key, selected=selected)  # fmt: skip
         if group.is_primary:
             logger.info("%s", self.summary(manifests, group))
         return manifests

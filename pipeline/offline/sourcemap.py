@@ -97,10 +97,13 @@ def _absolute(url: str) -> str:
 
 
 def source_map_rows(*, src: str, out: str, key: Key | None, splits: Sequence[str],
-                    classes_file: str | None = None,
-                    data_key: DataKey | None = None) -> list[list]:  # fmt: skip
+                    classes_file: str | None = None, data_key: DataKey | None = None,
+                    selected: dict[str, list[SourceItem]] | None = None,
+                    ) -> list[list]:  # fmt: skip
     """One row per sample and per rejected file of ``splits`` under ``out``: ``[split, key,
-    shard, label, source, rejected]``."""
+    shard, label, source, rejected]``. ``selected``: a split's items in shard order as the
+    run that made it selected them (``build_shards``), instead of listing ``src`` again;
+    checked against the manifest's listing digest either way."""
     storage, rows = open_output(out, data_key), []
     for split in splits:
         manifest = load_manifest(storage, split)
@@ -108,7 +111,8 @@ def source_map_rows(*, src: str, out: str, key: Key | None, splits: Sequence[str
         table = _samples_table(storage, manifest)
         items: list[SourceItem] = []
         if any(r["source"] is None for r in table) or any("key" in r for r in manifest.rejects):
-            items = _items(manifest, src, key, classes_file, storage)
+            items = _items(manifest, src, key, classes_file, storage,
+                           (selected or {}).get(split))  # fmt: skip
         for row in table:
             source = row["source"] if row["source"] is not None else _item(items, row["key"]).path
             rows.append([split, row["key"], row["shard"], row["label"], source, None])
@@ -135,9 +139,25 @@ def _check_key(manifest: Manifest, key: Key | None, storage: Storage) -> None:
 
 
 def _items(manifest: Manifest, src: str, key: Key | None, classes_file: str | None,
-           storage: Storage) -> list[SourceItem]:  # fmt: skip
-    """The split's items in shard order, recomputed as the offline stage chose them."""
+           storage: Storage, selected: list[SourceItem] | None = None,
+           ) -> list[SourceItem]:  # fmt: skip
+    """The split's items in shard order: ``selected``, or recomputed as the offline stage
+    chose them."""
     order_key = None if key is None else key.order_key
+    items = selected
+    if items is None:
+        items = _select(manifest, src, order_key, classes_file)
+    if listing_digest(items, order_key=order_key) != manifest.source_digest:
+        raise SourceMapError(
+            f"{storage.uri(manifest_name(manifest.split))}: {src} no longer lists the files "
+            "these shards were made from (files added, removed or changed, or other --per-class, "
+            "--fraction, --seed or --classes); run with the tree and options they were made with"
+        )
+    return items
+
+
+def _select(manifest: Manifest, src: str, order_key: bytes | None,
+            classes_file: str | None) -> list[SourceItem]:  # fmt: skip
     options = manifest.options
     _, items, _ = select_split(
         src,
@@ -149,12 +169,6 @@ def _items(manifest: Manifest, src: str, key: Key | None, classes_file: str | No
         order_key=order_key,
         follow_symlinks=options.get("follow_symlinks", False),
     )
-    if listing_digest(items, order_key=order_key) != manifest.source_digest:
-        raise SourceMapError(
-            f"{storage.uri(manifest_name(manifest.split))}: {src} no longer lists the files "
-            "these shards were made from (files added, removed or changed, or other --per-class, "
-            "--fraction, --seed or --classes); run with the tree and options they were made with"
-        )
     return items
 
 
@@ -182,15 +196,16 @@ def write_private(url: str, data: bytes) -> None:
 
 
 def write_source_map(url: str, *, src: str, out: str, key: Key | None, splits: Sequence[str],
-                     classes_file: str | None = None,
-                     data_key: DataKey | None = None) -> int:  # fmt: skip
+                     classes_file: str | None = None, data_key: DataKey | None = None,
+                     selected: dict[str, list[SourceItem]] | None = None,
+                     ) -> int:  # fmt: skip
     """Write the source map of the finished ``splits`` under ``out`` to ``url`` (local or any
     fsspec URL); returns its row count. Works on output made earlier too: the map is rebuilt
-    from the source tree, the manifests and the key."""
+    from the source tree (or ``selected``: see :func:`source_map_rows`), the manifests and the
+    key."""
     check_location(url, out)
-    rows = source_map_rows(
-        src=src, out=out, key=key, splits=splits, classes_file=classes_file, data_key=data_key
-    )
+    rows = source_map_rows(src=src, out=out, key=key, splits=splits, classes_file=classes_file,
+                           data_key=data_key, selected=selected)  # fmt: skip
     write_private(url, source_map_bytes(rows))
     logger.info("wrote the source map of %d files to %s; keep it with the key", len(rows), url)
     return len(rows)

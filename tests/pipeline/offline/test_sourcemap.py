@@ -196,3 +196,32 @@ def test_a_shard_naming_its_source_fails_verify(built, tmp_path):
             writer.write(f"{i:08d}", sample_files(image, 0, "val/n00000000/x.JPEG", "val"))
     report = verify_shards(str(copy), splits=("val",))
     assert any("names its source file" in p for p in report.problems), report.problems
+
+
+def test_a_run_with_a_source_map_lists_the_tree_once(built, tmp_path, monkeypatch):
+    """``make_shards --source-map``: the map takes the run's own selection (checked against
+    the manifest's digest), not a second listing of the tree; the same map as one made later."""
+    from pipeline.offline import sources
+    from pipeline.offline.job import ShardJob
+    from pipeline.offline.workgroup import WorkGroup
+
+    src, _, key = built
+    scans: list[str] = []
+    real_scan = sources.scan_split
+
+    def scan_split(root, split, *args, **kwargs):
+        scans.append(split)
+        return real_scan(root, split, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "scan_split", scan_split)
+    config = ShardConfig(src=str(src), out=str(tmp_path / "out"), size=32, decoder="pil",
+                         shard_size="5", batch_size=4, max_reject_fraction=0.1)  # fmt: skip
+    map_path = tmp_path / "keys" / "map.parquet"
+    ShardJob(config, key, source_map=str(map_path)).run(WorkGroup())
+    assert scans == ["train", "val"]  # once per split, by the build
+    later = tmp_path / "keys" / "later.parquet"
+    write_source_map(str(later), src=str(src), out=config.out, key=key, splits=("train", "val"))
+    assert pq.read_table(map_path).to_pylist() == pq.read_table(later).to_pylist()
+    with pytest.raises(SourceMapError, match="no longer lists the files"):  # still checked
+        write_source_map(str(later), src=str(src), out=config.out, key=key, splits=("val",),
+                         selected={"val": []})  # fmt: skip
