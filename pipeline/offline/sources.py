@@ -245,6 +245,8 @@ def select_subset(
         raise ConfigError(f"per_class must be at least 1, got {per_class}")
     if fraction is not None and not 0 < fraction <= 1:
         raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
+    if per_class is None and fraction is None:  # every item: only the order below counts
+        return sorted(items, key=lambda it: _rank(seed, "order/" + it.path, order_key))
     by_class: dict[int, list[SourceItem]] = {}
     for item in items:
         by_class.setdefault(item.label, []).append(item)

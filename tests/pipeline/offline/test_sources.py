@@ -46,6 +46,20 @@ def test_keyed_order_follows_the_documented_hmac():
     assert listing_digest(expected) == hashlib.sha256(lines.encode()).hexdigest()  # plain: as v1
 
 
+def test_the_whole_listing_is_the_documented_order_of_every_item():
+    """No subset (neither --per-class nor --fraction): every item, in the keyed order alone,
+    as when a subset keeps all of each class (the per-class ranking is skipped, not changed)."""
+    key = Key(FIXED_SECRET)
+    items = listing()
+
+    def rank(text: str) -> bytes:
+        return hmac.new(key.order_key, b"7\x00" + text.encode(), hashlib.sha256).digest()
+
+    everything = select_subset(items, seed=7, order_key=key.order_key)
+    assert everything == sorted(items, key=lambda it: rank("order/" + it.path))
+    assert everything == select_subset(items, fraction=1.0, seed=7, order_key=key.order_key)
+
+
 def test_keyed_order_is_deterministic_and_depends_on_key_and_seed():
     items, key = listing(), Key(FIXED_SECRET)
     a = select_subset(items, per_class=5, seed=0, order_key=key.order_key)
