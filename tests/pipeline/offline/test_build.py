@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipeline import Key, decrypt
 from pipeline.errors import KeyprotectError
+from pipeline.offline import makers
 from pipeline.offline.build import ShardBuildError, ShardConfig, build_shards, samples_per_shard
 from pipeline.offline.decode import decode_pil
 from pipeline.offline.makers import ShardResult
@@ -474,3 +475,42 @@ def test_the_builder_never_waits_on_the_disk_and_every_shard_is_synced_before_it
     assert len(shards) > 1 and sorted(staged) == sorted(f".{name}.partial" for name in shards)
     assert set(staged.values()) == {"shard-publish_0"}
     assert all((out / name).is_file() for name in shards)
+
+
+def test_a_batchs_files_are_read_several_at_once_and_kept_in_order(
+    jpeg_tree, tmp_path, monkeypatch
+):
+    """With a decoder feeding this process (DALI on the CPU here) a batch's files are read in
+    parts at once, so a network file system's latency per file overlaps: each read here takes
+    a few ms, as on one. The shards are those of one file at a time."""
+    import threading
+
+    key = Key(FIXED_SECRET)
+    one_at_a_time = tmp_path / "one"
+    monkeypatch.setattr(makers, "READ_PARTS", 1)
+    build_shards(config(jpeg_tree, one_at_a_time, splits=("train",), decoder="dali",
+                        batch_size=8), key)  # fmt: skip
+    monkeypatch.setattr(makers, "READ_PARTS", 4)
+    reading, most, lock = [0], [0], threading.Lock()
+    real_read = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:
+        with lock:
+            reading[0] += 1
+            most[0] = max(most[0], reading[0])
+        time.sleep(0.005)
+        try:
+            return real_read(path)
+        finally:
+            with lock:
+                reading[0] -= 1
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    at_once = tmp_path / "at-once"
+    build_shards(config(jpeg_tree, at_once, splits=("train",), decoder="dali", batch_size=8), key)
+    monkeypatch.setattr(Path, "read_bytes", real_read)
+    assert most[0] >= 4  # four parts of a batch at once (two batches decode ahead)
+    shards = sorted(p.name for p in one_at_a_time.glob("*.tar"))
+    assert shards and all(
+        (one_at_a_time / n).read_bytes() == (at_once / n).read_bytes() for n in shards
+    )
