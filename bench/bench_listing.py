@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     per_21k = seconds / files * 14.2e6
     print(f"listing {results['source_listing_us_per_file']} us/file, "
           f"{results['source_listing_vs_bare_walk_ratio']}x a bare walk (ImageNet-21k: about "
-          f"{per_21k / 60:.1f} min per rank at this rate); wrote {out}")  # fmt: skip
+          f"{per_21k / 60:.1f} min per node at this rate); wrote {out}")  # fmt: skip
     return 0
 
 
