@@ -99,6 +99,7 @@ def _decode_ahead(
     decoder,
     depth: int = DECODE_AHEAD,
     read_pool: ThreadPoolExecutor | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> Generator[tuple[list[DecodeError | None], Any], None, None]:
     """``_decode_stage`` of each batch, in order, with up to ``depth`` batches decoding on
     ``pool`` (which has ``depth`` workers) meanwhile, across shard boundaries. With one batch in
@@ -106,15 +107,23 @@ def _decode_ahead(
     and stacked; with two, the next batch's images queue behind this one's on the decoder's
     threads. Results come back in order, so the bytes do not depend on ``depth``."""
     src, pending = Path(config.src), deque[Future]()
+    seconds = seconds if seconds is not None else {}
+
+    def result(future: Future) -> tuple[list[DecodeError | None], Any]:
+        decoded, clock = future.result()
+        for stage, spent in clock.items():  # added up here, in the one consuming thread
+            seconds[stage] = seconds.get(stage, 0.0) + spent
+        return decoded
+
     try:
         for batch in batches:
             pending.append(
-                pool.submit(_decode_stage, src, batch, config.max_pixels, decoder, read_pool)
+                pool.submit(_decode_timed, src, batch, config.max_pixels, decoder, read_pool)
             )
             if len(pending) > depth:
-                yield pending.popleft().result()
+                yield result(pending.popleft())
         while pending:
-            yield pending.popleft().result()
+            yield result(pending.popleft())
     finally:  # closed early (an error): let the decodes in flight end before the decoder closes
         for future in pending:
             future.cancel()
@@ -140,16 +149,34 @@ def _read_files(
     return [blob for part in pool.map(_read_all, parts) for blob in part]
 
 
+def _decode_timed(
+    src: Path,
+    batch: Sequence[SourceItem],
+    max_pixels: int,
+    decoder,
+    read_pool: ThreadPoolExecutor | None,
+) -> tuple[tuple[list[DecodeError | None], Any], dict[str, float]]:
+    """``_decode_stage``, and the wall seconds it spent reading the files and decoding them."""
+    clock: dict[str, float] = {}
+    return _decode_stage(src, batch, max_pixels, decoder, read_pool, clock), clock
+
+
 def _decode_stage(
     src: Path,
     batch: Sequence[SourceItem],
     max_pixels: int,
     decoder,
     read_pool: ThreadPoolExecutor | None = None,
+    clock: dict[str, float] | None = None,
 ) -> tuple[list[DecodeError | None], Any]:
     """Read, check and decode one batch. Returns a ``DecodeError`` or None per item, and the
-    decoded images stacked into one array (numpy, or a CUDA tensor from the GPU decoder)."""
+    decoded images stacked into one array (numpy, or a CUDA tensor from the GPU decoder);
+    ``clock`` receives the seconds spent reading and decoding."""
+    started = time.perf_counter()
     blobs = _read_files(src, batch, read_pool)
+    read = time.perf_counter()
+    if clock is not None:
+        clock["read"] = read - started
     errors: list[DecodeError | None] = [probe(b, max_pixels) for b in blobs]
     good = [i for i, e in enumerate(errors) if e is None]
     images = []
@@ -158,13 +185,16 @@ def _decode_stage(
             errors[i] = image
         else:
             images.append(image)
-    if not images:
-        return errors, None
-    if isinstance(images[0], np.ndarray):
-        return errors, np.stack(images)
-    import torch
+    stacked: Any = None  # numpy, or a CUDA tensor
+    if images and isinstance(images[0], np.ndarray):
+        stacked = np.stack(images)
+    elif images:
+        import torch
 
-    return errors, torch.stack(images)
+        stacked = torch.stack(images)
+    if clock is not None:
+        clock["decode"] = time.perf_counter() - read
+    return errors, stacked
 
 
 def _samples(
@@ -217,10 +247,9 @@ class ShardMaker:
     decode_pool: ThreadPoolExecutor
     read_pool: ThreadPoolExecutor
     encrypt_on: str = "auto"  # resolved for this rank by encryption_device()
-    # wall seconds of the builder (this thread) in build(), and waiting or encrypting within it
-    seconds: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys(("build", "decoded", "encrypt", "writer"), 0.0)
-    )
+    # wall seconds of the builder (this thread) in build(), and waiting or encrypting within it;
+    # "read" and "decode": the decode threads' (DECODE_AHEAD of them), added up
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def start(
@@ -243,9 +272,10 @@ class ShardMaker:
         decode_pool = ThreadPoolExecutor(DECODE_AHEAD, thread_name_prefix="shard-decode")
         read_pool = ThreadPoolExecutor(DECODE_AHEAD * READ_PARTS, thread_name_prefix="shard-read")
         batches = (b for i in todo for b in _batches(plan.chunk(i), config.batch_size))
-        return cls(config=config, plan=plan, key=key, storage=storage,
+        seconds = dict.fromkeys(("build", "decoded", "encrypt", "writer", "read", "decode"), 0.0)
+        return cls(config=config, plan=plan, key=key, storage=storage, seconds=seconds,
                    decoded=_decode_ahead(decode_pool, batches, config, decoder,
-                                         read_pool=read_pool),
+                                         read_pool=read_pool, seconds=seconds),
                    write_pool=ThreadPoolExecutor(1, thread_name_prefix="shard-write"),
                    stats=stats, decoder=decoder, decode_pool=decode_pool, read_pool=read_pool,
                    encrypt_on=encrypt_on)  # fmt: skip
@@ -324,7 +354,9 @@ class ShardMaker:
         return (
             f"the builder spent {s['build']:.1f} s: {s['decoded'] / total:.0%} waiting for "
             f"decoded batches, {s['encrypt'] / total:.0%} encrypting (and copying to the host), "
-            f"{s['writer'] / total:.0%} waiting for the writer, {rest / total:.0%} making samples"
+            f"{s['writer'] / total:.0%} waiting for the writer, {rest / total:.0%} making samples; "
+            f"its {DECODE_AHEAD} decode threads spent {s['read']:.2f} s reading files and "
+            f"{s['decode']:.2f} s decoding"
         )
 
 
