@@ -48,7 +48,8 @@ if TYPE_CHECKING:  # build.py imports this module
 
 DECODE_AHEAD = 2  # batches decoding while the builder encrypts and writes the one before
 # a batch's files are read in this many parts at once: one file at a time, a network file
-# system's latency per file (ms) capped a rank below what a GPU decoder does (~1,550 img/s)
+# system's latency would cap a rank (2 ms a file, two batches ahead: 1,000 img/s, under what a
+# GPU decoder does)
 READ_PARTS = 8
 
 
