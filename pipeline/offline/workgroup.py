@@ -150,7 +150,9 @@ class WorkGroup:
     ) -> T:
         """``make()`` on this node's first rank (``LOCAL_RANK`` 0) alone; the node's other ranks
         get it through a file only this user can read (``dump``, then ``load``), named to
-        them in the store. It goes once they have all read it (:meth:`close`)."""
+        them in the store. It goes once they have all read it (:meth:`close`). Where the file
+        cannot be written or read (a full or private temporary folder), each rank makes its
+        own, with a warning: slower, never wrong."""
         if self._store is None or self.local_world_size <= 1:
             return make()
         key = f"node/{self.node}/{name}"
@@ -158,17 +160,31 @@ class WorkGroup:
             value = make()
             folder = Path(tempfile.mkdtemp(prefix="keyprotect-node-"))  # mode 0700
             path = folder / "data"
-            path.write_bytes(dump(value))
+            try:
+                path.write_bytes(dump(value))
+            except OSError as exc:
+                shutil.rmtree(folder, ignore_errors=True)
+                logger.warning("%s: could not leave %s for this node's other ranks (%s); each "
+                               "makes its own", folder, name, exc)  # fmt: skip
+                self._store.set(key, "")
+                return value
             self._node_files.append((key, path))
             self._store.set(key, str(path))
             return value
         self._wait(lambda: self._store.check([key]), f"this node's first rank ({name})")
-        path = Path(self._store.get(key).decode())
+        where = self._store.get(key).decode()
         try:
-            value = load(path.read_bytes())
+            if not where:  # the first rank could not write it
+                return make()
+            try:
+                data = Path(where).read_bytes()
+            except OSError as exc:
+                logger.warning("rank %d: could not read %s from %s (%s); making it here",
+                               self.rank, name, where, exc)  # fmt: skip
+                return make()
+            return load(data)
         finally:
             self._store.add(f"{key}/read", 1)
-        return value
 
     def _remove_node_files(self, wait: bool) -> None:
         """With ``wait``, once the node's other ranks have read them (long done, unless this

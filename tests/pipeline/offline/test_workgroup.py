@@ -139,3 +139,39 @@ def test_a_stopping_first_rank_removes_the_node_file_without_waiting(node_of_thr
 def test_a_group_of_one_per_node_makes_it_in_place(pair):
     made = pair[0].once_per_node("listing/train", lambda: [1, 2], None, None)  # type: ignore[arg-type]
     assert made == [1, 2] and not pair[0]._node_files
+
+
+def test_without_room_for_the_node_file_each_rank_makes_its_own(node_of_three, monkeypatch, caplog):
+    """A full (or private) temporary folder: slower, never wrong; the first rank says why."""
+    import errno
+    from pathlib import Path
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    made: list[int] = []
+
+    def make() -> int:
+        made.append(1)
+        return 42
+
+    first, *others = node_of_three
+    dump = lambda value: str(value).encode()  # noqa: E731
+    assert first.once_per_node("listing/train", make, dump, int) == 42
+    assert "No space left on device" in caplog.text and "each makes its own" in caplog.text
+    assert [g.once_per_node("listing/train", make, dump, int) for g in others] == [42, 42]
+    assert made == [1, 1, 1] and not first._node_files
+    for group in node_of_three:
+        group.close()
+
+
+def test_a_node_file_gone_before_it_is_read_is_made_again(node_of_three):
+    first, second, third = node_of_three
+    first.once_per_node("listing/val", lambda: 7, lambda v: str(v).encode(), int)
+    ((_, path),) = first._node_files
+    assert second.once_per_node("listing/val", lambda: 0, bytes, int) == 7  # read
+    path.unlink()
+    assert third.once_per_node("listing/val", lambda: 8, bytes, int) == 8  # made
+    for group in node_of_three[::-1]:
+        group.close()  # the first rank's close still sees both readers
