@@ -46,9 +46,10 @@ status is 1 if any section failed):
 13. ``loader_224``: the webdataset loader at 224 px onto the GPU, one worker per host core.
 14. ``training_224``: timm ``resnet50`` (random init), bf16, channels_last, compiled, img/s per
    GPU from the encrypted raw shards against the same photos as JPEG files decoded on the GPU.
-15. ``make_shards_dali`` and ``dali_loader_gpu``: DALI's own GPU decoder in make_shards, and the
-   DALI loader on the GPU (skipped without DALI: its wheel travels in three parts,
-   docs/benchmarks.md).
+15. ``make_shards_dali``, ``make_shards_dali_cpu`` and ``dali_loader_gpu``: DALI's own GPU
+   decoder in make_shards, its CPU decoder with every host core (``--decoder auto`` on a node
+   without a GPU), and the DALI loader on the GPU (skipped without DALI: its wheel travels in
+   three parts, docs/benchmarks.md).
 16. ``frontier``: ``python -m attacks.frontier`` on those photos, block size 4, one key, with
    the trained model on the device: its top-1 with the estimated key.
 
@@ -448,6 +449,17 @@ def check_make_shards_dali(c: Check) -> dict:
     if missing:
         return {"skipped": True, "reason": missing}
     return _photo_decoder_run(c, "dali", "cuda" if c.cuda else "cpu")
+
+
+def check_make_shards_dali_cpu(c: Check) -> dict:
+    """``--decoder dali --device cpu`` with every host core (``--threads`` = cores): what
+    ``--decoder auto`` runs on a node without a GPU, one builder fed by DALI's CPU threads,
+    beside ``make_shards_threads``' PIL processes (which build whole shards) on the same
+    photos."""
+    missing = _dali_missing()
+    if missing:
+        return {"skipped": True, "reason": missing}
+    return {"threads": os.cpu_count(), **_photo_decoder_run(c, "dali", "cpu")}
 
 
 def check_make_shards_threads(c: Check) -> dict:
@@ -941,6 +953,7 @@ SECTIONS: list[tuple[str, Callable[[Check], dict]]] = [
     ("loader_224", check_loader_224),
     ("training_224", check_training_224),
     ("make_shards_dali", check_make_shards_dali),
+    ("make_shards_dali_cpu", check_make_shards_dali_cpu),
     ("dali_loader_gpu", check_dali_loader_gpu),
     ("frontier", check_frontier),
 ]

@@ -7,7 +7,7 @@
 #   call 1, carry .whl .dali1: bash bench/gpu/run.sh --work /tmp/gpuwork --out $OUT/a.json
 #   call 2, carry .dali2:      bash bench/gpu/run.sh stash
 #   call 3, carry .dali3:      bash bench/gpu/run.sh --work /tmp/gpuwork --out $OUT/b.json \
-#                                  --sections make_shards_dali,dali_loader_gpu
+#                                  --sections make_shards_dali,make_shards_dali_cpu,dali_loader_gpu
 set -u
 mkdir -p /tmp/dali
 for part in .dali1/* .dali2/* .dali3/*; do
