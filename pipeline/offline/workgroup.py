@@ -150,9 +150,10 @@ class WorkGroup:
     ) -> T:
         """``make()`` on this node's first rank (``LOCAL_RANK`` 0) alone; the node's other ranks
         get it through a file only this user can read (``dump``, then ``load``), named to
-        them in the store. It goes once they have all read it (:meth:`close`). Where the file
-        cannot be written or read (a full or private temporary folder), each rank makes its
-        own, with a warning: slower, never wrong."""
+        them in the store. The last of them to read it removes it (or the first rank, when the
+        job stops before they have: :meth:`close`). Where the file cannot be written or read
+        (a full or private temporary folder), each rank makes its own, with a warning: slower,
+        never wrong."""
         if self._store is None or self.local_world_size <= 1:
             return make()
         key = f"node/{self.node}/{name}"
@@ -184,18 +185,19 @@ class WorkGroup:
                 return make()
             return load(data)
         finally:
-            self._store.add(f"{key}/read", 1)
+            if int(self._store.add(f"{key}/read", 1)) >= self.local_world_size - 1 and where:
+                shutil.rmtree(Path(where).parent, ignore_errors=True)  # the last reader
 
-    def _remove_node_files(self, wait: bool) -> None:
-        """With ``wait``, once the node's other ranks have read them (long done, unless this
-        rank had nothing to build); without (the job is stopping), now."""
+    def _remove_node_files(self, stopping: bool) -> None:
+        """This node's shared files that the last reader has not removed: now when the job is
+        stopping (a reader may never come), else left to that reader (one still starting)."""
         readers = self.local_world_size - 1
         for key, path in self._node_files:
-            with contextlib.suppress(Exception):  # another rank failed: remove the file anyway
-                if wait:
-                    self._wait(lambda k=key: int(self._store.add(f"{k}/read", 0)) >= readers,
-                               f"this node's ranks to read {key}")  # fmt: skip
-            shutil.rmtree(path.parent, ignore_errors=True)
+            read = readers
+            with contextlib.suppress(Exception):  # the store is gone: remove the file anyway
+                read = int(self._store.add(f"{key}/read", 0))
+            if stopping or read >= readers:
+                shutil.rmtree(path.parent, ignore_errors=True)
         self._node_files.clear()
 
     def fail(self, message: str) -> None:
@@ -255,9 +257,9 @@ class WorkGroup:
                 return
 
     def close(self, *, finished: bool = True) -> None:
-        """Stop the heartbeat; ``finished=False`` (an error, Ctrl-C) removes this node's shared
-        files without waiting for the node's other ranks to read them."""
-        self._remove_node_files(wait=finished)
+        """Stop the heartbeat; ``finished=False`` (an error, Ctrl-C) also removes this node's
+        shared files that a rank has not read yet."""
+        self._remove_node_files(stopping=not finished)
         self._stop.set()
         if self._beat is not None:
             self._beat.join()

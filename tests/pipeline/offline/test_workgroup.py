@@ -105,24 +105,30 @@ def test_once_per_node_makes_it_on_the_first_rank_and_hands_the_others_its_bytes
         made.append(1)
         return {"files": ["a", "b\tc"]}
 
-    got: dict[int, dict] = {}
-
-    def take(group: WorkGroup) -> None:
-        got[group.rank] = group.once_per_node("listing/train", make, dump, load)
-
     dump, load = (lambda value: json.dumps(value).encode()), json.loads
-    readers = [threading.Thread(target=take, args=(g,)) for g in node_of_three[1:]]
+    first, *others = node_of_three
+    assert first.once_per_node("listing/train", make, dump, load) == {"files": ["a", "b\tc"]}
+    ((_, path),) = first._node_files
+    assert path.is_file() and oct(path.parent.stat().st_mode & 0o777) == "0o700"
+    first.close()  # finished before the others read it (they are still starting): it stays
+    assert path.is_file()
+    got: dict[int, dict] = {}
+    readers = [
+        threading.Thread(
+            target=lambda g=g: got.update(
+                {g.rank: g.once_per_node("listing/train", make, dump, load)}
+            )
+        )  # fmt: skip
+        for g in others
+    ]
     for reader in readers:
         reader.start()
-    take(node_of_three[0])
     for reader in readers:
         reader.join(timeout=10)
-    assert made == [1] and got == {r: {"files": ["a", "b\tc"]} for r in range(3)}
-    ((key, path),) = node_of_three[0]._node_files
-    assert path.is_file() and oct(path.parent.stat().st_mode & 0o777) == "0o700"
-    for group in node_of_three[::-1]:  # the first rank's close waits for the readers, then
-        group.close()  # removes the file and its folder
-    assert not path.parent.exists()
+    assert made == [1] and got == {r: {"files": ["a", "b\tc"]} for r in (1, 2)}
+    assert not path.parent.exists()  # the last reader removed it
+    for group in others:
+        group.close()
 
 
 def test_a_stopping_first_rank_removes_the_node_file_without_waiting(node_of_three):
