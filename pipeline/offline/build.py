@@ -421,16 +421,30 @@ def build_split(
 
     started, made_before = time.perf_counter(), stats.images
     stats.first_batch_at, stats.first_batch_images = None, 0
-    results = _build_own_shards(config, plan, key, storage, state, stats, group, lock)
-    built = time.perf_counter()
-    made = stats.images - made_before
-    rate = 0.0  # this rank's img/s after its first batch
-    if stats.first_batch_at is not None and made > stats.first_batch_images:
-        rate = (made - stats.first_batch_images) / max(built - stats.first_batch_at, 1e-9)
-    group.done(Handshake.BUILT.of(split), json.dumps({"made": made, "rate": rate}))
+    progress = _progress_bar(plan, group)
+    ranks: list[dict] = []
+    try:
+        results, held_up = _build_own_shards(config, plan, key, storage, state, stats, group,
+                                             lock, progress)  # fmt: skip
+        built = time.perf_counter()
+        made = stats.images - made_before
+        rate = 0.0  # this rank's img/s after its first batch
+        if stats.first_batch_at is not None and made > stats.first_batch_images:
+            rate = (made - stats.first_batch_images) / max(built - stats.first_batch_at, 1e-9)
+        group.done(Handshake.BUILT.of(split), json.dumps({"made": made, "rate": rate}))
+
+        def show_job() -> None:  # rank 0's bar goes on with the other ranks' shards
+            _advance(progress, group, split, 0)
+
+        if group.is_primary:
+            ranks = [json.loads(r) for r in group.wait_all(Handshake.BUILT.of(split), show_job)]
+            show_job()  # every rank tallied its images before it said it was done
+    finally:
+        progress.close()
+    if held_up:  # the stage that held this rank up, once the bar is gone
+        logger.info("%s: rank %d: %s", split, group.rank, held_up)
     if not group.is_primary:
         return None
-    ranks = [json.loads(r) for r in group.wait_all(Handshake.BUILT.of(split))]
     if ranks:  # the job's: every rank's images, and their steady rates together
         made, rate = sum(r["made"] for r in ranks), sum(r["rate"] for r in ranks)
     stats.job_images += made
@@ -462,6 +476,7 @@ class Handshake(str, Enum):
     SEALING = "sealing"  # rank 0's word on the output's sealing: its id, or "" (unsealed)
     SETUP = "setup"  # rank 0's verdict on the output: build it, or it is complete
     BUILT = "built"  # a rank has made its shards
+    PROGRESS = "progress"  # the images of the shards every rank has made or found made
 
     def of(self, split: str) -> str:
         return f"{split}/{self.value}"
@@ -519,16 +534,17 @@ def _build_own_shards(
     stats: BuildStats,
     group: WorkGroup,
     lock: OutputLock | None,
-) -> dict[int, ShardResult]:
+    progress: tqdm,
+) -> tuple[dict[int, ShardResult], str | None]:
     """This rank's shards, each built unless recorded as finished; stops early when this
-    rank's rejects alone exceed the split's limit."""
+    rank's rejects alone exceed the split's limit. Also the stage that held it up (None when
+    it found every shard made)."""
     mine = [i for i in range(plan.n_shards) if group.owns(i)]
     limit = config.max_reject_fraction * len(plan.items)
     results: dict[int, ShardResult] = {}
     rejected = 0
     encrypt_on = encryption_device(config.encrypt_device, plan.device, group.local_rank)
     _announce(config, plan, key, group, encrypt_on, len(mine))
-    progress = _progress_bar(plan, group, sum(len(plan.chunk(i)) for i in mine))
     finished = _finished_shards(storage, state, plan, mine)
     todo = [i for i in mine if finished.get(i) is None]
     maker: ShardMaker | ShardProcesses
@@ -561,15 +577,12 @@ def _build_own_shards(
                         config, plan, rejected, results, shard_name(plan.split, index)
                     )
                 )
-            progress.update(len(plan.chunk(index)))
+            _advance(progress, group, plan.split, len(plan.chunk(index)))
         publisher.drain()
     finally:
         maker.close()
         publisher.close()  # publishes what is finished (kept for a resume) before any error
-        progress.close()
-    if todo:  # the stage that held this rank up
-        logger.info("%s: rank %d: %s", plan.split, group.rank, maker.time_report())
-    return results
+    return results, maker.time_report() if todo else None
 
 
 def _announce(
@@ -608,15 +621,27 @@ def _announce(
     )
 
 
-def _progress_bar(plan: _SplitPlan, group: WorkGroup, images: int) -> tqdm:
-    """Rank 0's progress bar over this rank's images (the other ranks' stays off)."""
+def _progress_bar(plan: _SplitPlan, group: WorkGroup) -> tqdm:
+    """Rank 0's progress bar over the split's images, every rank's (the others' stays off)."""
     return tqdm(
-        total=images,
-        desc=f"{plan.split} shards" + ("" if group.world_size == 1 else " (rank 0)"),
+        total=len(plan.items),
+        desc=f"{plan.split} shards"
+        + ("" if group.world_size == 1 else f" ({group.world_size} ranks)"),  # fmt: skip
         unit="img",
         leave=False,
         **({} if group.is_primary else {"disable": True}),  # passing False would beat TQDM_DISABLE
     )
+
+
+def _advance(progress: tqdm, group: WorkGroup, split: str, images: int) -> None:
+    """Count ``images`` of this rank's (a shard made or found made) into the job's tally; rank
+    0's bar shows the tally, every rank's images."""
+    if group.world_size == 1:
+        progress.update(images)
+        return
+    done = group.tally(Handshake.PROGRESS.of(split), images)
+    if group.is_primary:
+        progress.update(done - progress.n)
 
 
 def _finished_shards(

@@ -133,13 +133,21 @@ class WorkGroup:
         if self._store is not None:
             self._store.set(f"{name}/{self.rank}", value)
 
-    def wait_all(self, name: str) -> list[str]:
-        """Wait until every rank said ``done(name)``; their values, by rank (none alone)."""
+    def wait_all(self, name: str, tick: Callable[[], None] | None = None) -> list[str]:
+        """Wait until every rank said ``done(name)``; their values, by rank (none alone).
+        ``tick`` is called at each poll (a progress bar's refresh)."""
         if self._store is None:
             return []
         keys = [f"{name}/{r}" for r in range(self.world_size)]
-        self._wait(lambda: self._store.check(keys), f"every rank to finish {name}")
+        self._wait(lambda: self._store.check(keys), f"every rank to finish {name}", tick)
         return [self._store.get(k).decode() for k in keys]
+
+    def tally(self, name: str, count: int = 0) -> int:
+        """Add ``count`` to the job's counter ``name`` (every rank's together); its total (in
+        a group of one, ``count``: there is no job beyond this process)."""
+        if self._store is None:
+            return count
+        return int(self._store.add(name, count))
 
     def once_per_node(
         self,
@@ -241,12 +249,14 @@ class WorkGroup:
                     "or its node lost); finished shards are kept: rerun to resume"
                 )
 
-    def _wait(self, ready, what: str) -> None:
+    def _wait(self, ready, what: str, tick: Callable[[], None] | None = None) -> None:
         logger.debug("rank %d: waiting for %s", self.rank, what)
         while True:
             self.check()
             if ready():
                 return
+            if tick is not None:
+                tick()
             time.sleep(POLL_S)
 
     def _heartbeat(self) -> None:

@@ -181,3 +181,57 @@ def test_a_node_file_gone_before_it_is_read_is_made_again(node_of_three):
     assert third.once_per_node("listing/val", lambda: 8, bytes, int) == 8  # made
     for group in node_of_three[::-1]:
         group.close()  # the first rank's close still sees both readers
+
+
+def test_a_tally_adds_every_ranks_counts_and_a_wait_ticks(pair):
+    zero, one = pair
+    assert zero.tally("train/progress", 5) == 5 and one.tally("train/progress", 7) == 12
+    assert zero.tally("train/progress") == 12 and WorkGroup().tally("x", 3) == 3
+    ticks: list[int] = []
+    one.done("built")
+    waiting = threading.Thread(target=lambda: zero.wait_all("built", lambda: ticks.append(1)))
+    waiting.start()
+    time.sleep(0.5)  # zero waits for itself: it ticks meanwhile
+    zero.done("built")
+    waiting.join(timeout=10)
+    assert not waiting.is_alive() and ticks
+
+
+def test_rank_zeros_bar_shows_every_ranks_images(pair, tmp_path, monkeypatch):
+    """Two ranks (threads, a real store) build one split: rank 0's bar ends at the split's
+    images, its own and rank 1's, not its share."""
+    from tqdm import tqdm
+
+    from pipeline import Key
+    from pipeline.offline import build
+    from tests.conftest import FIXED_SECRET, write_jpeg_tree
+
+    shown: list[tuple[int, int]] = []
+
+    class Bar(tqdm):
+        def close(self):
+            if not self.disable:
+                shown.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(build, "tqdm", Bar)
+    monkeypatch.setenv("TQDM_DISABLE", "")  # rank 0's bar on, whatever the environment says
+    src = write_jpeg_tree(tmp_path / "src", classes=2, train=6, val=2, size=(48, 40))
+    config = build.ShardConfig(src=str(src), out=str(tmp_path / "out"), splits=("train",),
+                               size=32, decoder="pil", shard_size="3", batch_size=3,
+                               encrypt_device="cpu", num_threads=1)  # fmt: skip
+    errors: list[BaseException] = []
+
+    def run(group: WorkGroup) -> None:
+        try:
+            build.build_shards(config, Key(FIXED_SECRET), group=group)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    ranks = [threading.Thread(target=run, args=(g,)) for g in pair]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=120)
+    assert not errors, errors
+    assert shown == [(12, 12)]  # one bar (rank 0's), every rank's 12 images
