@@ -231,6 +231,12 @@ def _finish_shard(
     return ShardResult(record, rejects, rows), writer.index_text()
 
 
+def _stage_seconds() -> dict[str, float]:
+    """Wall seconds of the builder (one thread) in build(), and waiting or encrypting within it;
+    "read" and "decode": the decode threads' (DECODE_AHEAD of them), added up."""
+    return dict.fromkeys(("build", "decoded", "encrypt", "writer", "read", "decode"), 0.0)
+
+
 @dataclass(frozen=True)
 class ShardMaker:
     """What every shard of one rank's share of a split is made with when a decoder hands this
@@ -248,9 +254,7 @@ class ShardMaker:
     decode_pool: ThreadPoolExecutor
     read_pool: ThreadPoolExecutor
     encrypt_on: str = "auto"  # resolved for this rank by encryption_device()
-    # wall seconds of the builder (this thread) in build(), and waiting or encrypting within it;
-    # "read" and "decode": the decode threads' (DECODE_AHEAD of them), added up
-    seconds: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=_stage_seconds)
 
     @classmethod
     def start(
@@ -273,7 +277,7 @@ class ShardMaker:
         decode_pool = ThreadPoolExecutor(DECODE_AHEAD, thread_name_prefix="shard-decode")
         read_pool = ThreadPoolExecutor(DECODE_AHEAD * READ_PARTS, thread_name_prefix="shard-read")
         batches = (b for i in todo for b in _batches(plan.chunk(i), config.batch_size))
-        seconds = dict.fromkeys(("build", "decoded", "encrypt", "writer", "read", "decode"), 0.0)
+        seconds = _stage_seconds()  # shared with the decode stage, which adds its own
         return cls(config=config, plan=plan, key=key, storage=storage, seconds=seconds,
                    decoded=_decode_ahead(decode_pool, batches, config, decoder,
                                          read_pool=read_pool, seconds=seconds),

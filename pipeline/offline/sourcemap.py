@@ -144,9 +144,7 @@ def _items(manifest: Manifest, src: str, key: Key | None, classes_file: str | No
     """The split's items in shard order: ``selected``, or recomputed as the offline stage
     chose them."""
     order_key = None if key is None else key.order_key
-    items = selected
-    if items is None:
-        items = _select(manifest, src, order_key, classes_file)
+    items = selected if selected is not None else _select(manifest, src, order_key, classes_file)
     if listing_digest(items, order_key=order_key) != manifest.source_digest:
         raise SourceMapError(
             f"{storage.uri(manifest_name(manifest.split))}: {src} no longer lists the files "
