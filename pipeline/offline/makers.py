@@ -357,12 +357,18 @@ class ShardMaker:
         total = max(s["build"], 1e-9)
         rest = max(total - s["decoded"] - s["encrypt"] - s["writer"], 0.0)
         return (
-            f"the builder spent {s['build']:.1f} s: {s['decoded'] / total:.0%} waiting for "
+            f"the builder spent {_duration(s['build'])}: {s['decoded'] / total:.0%} waiting for "
             f"decoded batches, {s['encrypt'] / total:.0%} encrypting (and copying to the host), "
             f"{s['writer'] / total:.0%} waiting for the writer, {rest / total:.0%} making samples; "
-            f"its {DECODE_AHEAD} decode threads spent {s['read']:.2f} s reading files and "
-            f"{s['decode']:.2f} s decoding"
+            f"its {DECODE_AHEAD} decode threads spent {_duration(s['read'])} reading files and "
+            f"{_duration(s['decode'])} decoding"
         )
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as a person reads them: milliseconds below one second, so that a short run's
+    stages do not all read 0.0 s."""
+    return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds * 1000:.1f} ms"
 
 
 @dataclass(frozen=True)
