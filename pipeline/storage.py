@@ -161,7 +161,19 @@ class Storage:
         with self.talking(name):
             if self._s3 and name:
                 return self._head(name)
-            return self.fs.exists(self.path(name), **self._t)
+            return self._there(self.path(name))
+
+    def _there(self, full: str) -> bool:
+        """``fs.exists`` without the bare ``except`` of fsspec's generic one, which swallowed
+        a Ctrl-C that landed in its ``stat``: the run went on as if never interrupted. s3fs's
+        own catches exceptions only."""
+        if self._s3:
+            return self.fs.exists(full, **self._t)
+        try:
+            self.fs.info(full, **self._t)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
 
     def _head(self, name: str) -> bool:
         bucket, key, _ = self.fs.split_path(self.path(name))
@@ -199,7 +211,7 @@ class Storage:
     def remove(self, name: str) -> None:
         """Remove ``name`` if it is there (on S3 one DELETE, which succeeds either way)."""
         with self.talking(name):
-            if self._s3 or self.fs.exists(self.path(name), **self._t):
+            if self._s3 or self._there(self.path(name)):
                 self.fs.rm_file(self.path(name), **self._t)
 
     def remove_many(self, names: list[str]) -> None:
@@ -210,7 +222,7 @@ class Storage:
 
     def list(self) -> builtins.list[str]:
         with self.talking(""):
-            if not self.fs.exists(self.root, **self._t):
+            if not self._there(self.root):
                 return []
             listed = self.fs.ls(self.root, detail=False, **self._t)
         return sorted(posixpath.basename(p) for p in listed)
@@ -224,7 +236,7 @@ class Storage:
                 listed = self.fs.find(full, maxdepth=1, withdirs=True, prefix=leaf, **self._t)
                 names = [posixpath.join(folder, posixpath.basename(p)) for p in listed]
                 return sorted(n for n in names if n.startswith(prefix))
-            if not self.fs.exists(full, **self._t):
+            if not self._there(full):
                 return []
             listed = self.fs.ls(full, detail=False, **self._t)
         names = [posixpath.join(folder, posixpath.basename(p)) for p in listed]
@@ -232,7 +244,7 @@ class Storage:
 
     def remove_folder_if_empty(self, name: str) -> None:
         full = self.path(name)
-        if self.is_local and self.fs.exists(full, **self._t) and not self.fs.ls(full):
+        if self.is_local and self._there(full) and not self.fs.ls(full):
             self.fs.rmdir(full)
 
     def staging_dir(self) -> Path:

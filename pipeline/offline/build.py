@@ -7,8 +7,8 @@ digest of everything that shapes the data, so a shard made under another key or 
 never counts); a rerun with the same options skips recorded shards whose file is present,
 rebuilds the rest byte for byte, and writes the manifest last.
 
-Under ``torchrun`` the same holds per rank: rank ``r`` of ``W`` builds the shards whose index is
-``r`` modulo ``W`` (``pipeline.offline.workgroup``), with its own decoder on its own device
+Under ``torchrun`` the same holds per rank: each rank takes the next shard when it is ready
+for one (``WorkGroup.claims``), with its own decoder on its own device
 (``LOCAL_RANK``); rank 0 checks the output first and writes the manifest and samples table
 once every rank is done. The bytes do not depend on ``W``, so a rerun may use another world size.
 One run at a time holds the output (``pipeline.offline.outlock``).
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -536,39 +537,54 @@ def _build_own_shards(
     lock: OutputLock | None,
     progress: tqdm,
 ) -> tuple[dict[int, ShardResult], str | None]:
-    """This rank's shards, each built unless recorded as finished; stops early when this
-    rank's rejects alone exceed the split's limit. Also the stage that held it up (None when
-    it found every shard made)."""
-    mine = [i for i in range(plan.n_shards) if group.owns(i)]
+    """The shards this rank takes (:meth:`WorkGroup.claims`), each built unless recorded as
+    finished; stops early when this rank's rejects alone exceed the split's limit. Also the
+    stage that held it up (None when every shard it took was made already)."""
     limit = config.max_reject_fraction * len(plan.items)
     results: dict[int, ShardResult] = {}
     rejected = 0
     encrypt_on = encryption_device(config.encrypt_device, plan.device, group.local_rank)
-    _announce(config, plan, key, group, encrypt_on, len(mine))
-    finished = _finished_shards(storage, state, plan, mine)
-    todo = [i for i in mine if finished.get(i) is None]
+    _announce(config, plan, key, group, encrypt_on)
+    recorded = _recorded_shards(storage, state, plan, group)
+
+    def todo() -> Iterator[int]:  # the shards taken and not made yet (a shard made is counted)
+        nonlocal rejected
+        for index in group.claims(plan.split, plan.n_shards):
+            found = None
+            if index in recorded:
+                found = _finished_shard(storage, state, index, plan.digest)
+            if found is None:
+                yield index
+                continue
+            results[index] = found
+            rejected += len(found.rejects)
+            _advance(progress, group, plan.split, len(plan.chunk(index)))
+
+    # the maker reads ahead (decoding, or whole shards in processes) on one copy of the taken
+    # shards; this loop collects them, in the same order, on the other
+    ahead, taken = itertools.tee(todo())
     maker: ShardMaker | ShardProcesses
     if plan.decoder == "pil" and encrypt_on in ("auto", "cpu"):  # all CPU work: whole shards
-        maker = ShardProcesses(config, plan, key, storage, stats, todo)
+        maker = ShardProcesses(config, plan, key, storage, stats, ahead)
     else:
-        maker = ShardMaker.start(config, plan, key, storage, stats, todo, encrypt_on, group)
+        maker = ShardMaker.start(config, plan, key, storage, stats, ahead, encrypt_on, group)
     publisher = _Publisher(storage, state, plan)
+    built = False
     try:
-        for index in mine:
+        for index in taken:
             group.check()
             if lock is not None:
                 lock.check()
-            result = finished.get(index)
-            if result is None:
-                try:
-                    result, index_text = maker.build(index)
-                except OSError as exc:  # an unreadable source file, a full staging disk, ...
-                    raise ShardBuildError(
-                        f"{shard_name(plan.split, index)}: {exc}; finished shards are kept and "
-                        "a rerun resumes"
-                    ) from exc
-                publisher.submit(index, result, index_text)
-                stats.shards += 1
+            try:
+                result, index_text = maker.build(index)
+            except OSError as exc:  # an unreadable source file, a full staging disk, ...
+                raise ShardBuildError(
+                    f"{shard_name(plan.split, index)}: {exc}; finished shards are kept and "
+                    "a rerun resumes"
+                ) from exc
+            publisher.submit(index, result, index_text)
+            stats.shards += 1
+            built = True
             results[index] = result
             rejected += len(result.rejects)
             if rejected > limit:
@@ -578,11 +594,28 @@ def _build_own_shards(
                     )
                 )
             _advance(progress, group, plan.split, len(plan.chunk(index)))
+        if rejected > limit:  # counted in shards found made
+            raise ShardBuildError(_too_many_rejects(config, plan, rejected, results))
         publisher.drain()
     finally:
         maker.close()
         publisher.close()  # publishes what is finished (kept for a resume) before any error
-    return results, maker.time_report() if todo else None
+    return results, maker.time_report() if built else None
+
+
+def _recorded_shards(
+    storage: Storage, state: _State, plan: _SplitPlan, group: WorkGroup
+) -> set[int]:
+    """The shards a previous run recorded as made (one listing); rank 0 says so in one line
+    when there are any: the rerun resumes from them. Each is checked when a rank takes it."""
+    recorded = {i for i in state.recorded() if i < plan.n_shards}
+    if recorded and group.is_primary:
+        logger.info(
+            "%s: resuming: %d of %d shards (%d images) already made in %s; building the other %d",
+            plan.split, len(recorded), plan.n_shards, sum(len(plan.chunk(i)) for i in recorded),
+            storage.url, plan.n_shards - len(recorded),
+        )  # fmt: skip
+    return recorded
 
 
 def _announce(
@@ -591,7 +624,6 @@ def _announce(
     key: Key | None,
     group: WorkGroup,
     encrypt_on: str,
-    count: int,
 ) -> None:
     """The line that says what this rank builds, and where it decodes and encrypts."""
     encrypts_on = encrypt_on  # "auto": where the decoder leaves the images
@@ -608,12 +640,13 @@ def _announce(
         encrypts_on = "cpu" if encrypt_on == "auto" else encrypt_on
         where = "the CPU"
     logger.info(
-        "%s: rank %d of %d builds %d of %d shards; decoding with %s on %s (%s), encrypting on %s",
+        "%s: rank %d of %d builds %s; decoding with %s on %s (%s), encrypting on %s",
         plan.split,
         group.rank,
         group.world_size,
-        count,
-        plan.n_shards,
+        f"{plan.n_shards} shards"
+        if group.world_size == 1
+        else f"the shards it takes of {plan.n_shards} (a faster rank takes more)",
         plan.decoder + (" (--decoder auto)" if config.decoder == "auto" else ""),
         where,
         f"{config.num_threads} " + ("process(es)" if plan.decoder == "pil" else "CPU worker(s)"),
@@ -642,23 +675,6 @@ def _advance(progress: tqdm, group: WorkGroup, split: str, images: int) -> None:
     done = group.tally(Handshake.PROGRESS.of(split), images)
     if group.is_primary:
         progress.update(done - progress.n)
-
-
-def _finished_shards(
-    storage: Storage, state: _State, plan: _SplitPlan, mine: list[int]
-) -> dict[int, ShardResult | None]:
-    """Of this rank's shards, those a previous run finished (their results), said in one line
-    when there are any: the rerun resumes from them."""
-    recorded = state.recorded()
-    finished = {i: _finished_shard(storage, state, i, plan.digest) for i in mine if i in recorded}
-    done = [i for i, result in finished.items() if result is not None]
-    if done:
-        logger.info(
-            "%s: resuming: %d of %d shards (%d images) already made in %s; building the other %d",
-            plan.split, len(done), len(mine), sum(len(plan.chunk(i)) for i in done),
-            storage.url, len(mine) - len(done),
-        )  # fmt: skip
-    return finished
 
 
 def _too_many_rejects(

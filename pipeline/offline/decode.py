@@ -13,6 +13,7 @@ reason in that sample's place, and the caller records it as a reject.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import multiprocessing
@@ -20,7 +21,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -169,6 +170,25 @@ def forkserver_context(*preload: str) -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(sorted(_PRELOAD))  # not __main__: a tool's imports
     return context
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """A Ctrl-C held until the block ends, then raised (in the main thread; elsewhere none
+    lands). One that lands while a pool starts a worker process leaves a process the pool never
+    learns of: it fails once this one has exited, and prints a traceback under the one-line
+    message."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if held and callable(before):
+            before(signal.SIGINT, None)
 
 
 class DecoderCrashed(KeyprotectError, RuntimeError):

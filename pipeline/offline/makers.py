@@ -34,6 +34,7 @@ from pipeline.offline.decode import (
     DecoderCrashed,
     InlinePilDecoder,
     forkserver_context,
+    interrupts_held,
     probe,
 )
 from pipeline.offline.sourcemap import reject_entry
@@ -264,7 +265,7 @@ class ShardMaker:
         key: Key | None,
         storage: Storage,
         stats: BuildStats,
-        todo: list[int],
+        todo: Iterator[int],
         encrypt_on: str,
         group: WorkGroup,
     ) -> ShardMaker:
@@ -443,13 +444,13 @@ class ShardProcesses:
         key: Key | None,
         storage: Storage,
         stats: BuildStats,
-        todo: list[int],
+        todo: Iterator[int],
     ) -> None:
         self.config, self.plan, self.storage, self.stats = config, plan, storage, stats
         workers = max(1, config.num_threads)
         # shards building or waiting their turn to be published: at most this many are staged
         self.ahead = workers + 2
-        self.todo = deque(todo)
+        self.todo = todo  # taken as processes come free (each taken shard is this rank's)
         self.futures: dict[int, Future] = {}
         self.workers, self.started = workers, time.perf_counter()
         # the processes' CPU seconds, and this process's wall seconds waiting for their shards
@@ -461,8 +462,10 @@ class ShardProcesses:
                                         initargs=(key, sealing))  # fmt: skip
 
     def _submit_ahead(self) -> None:
-        while self.todo and len(self.futures) < self.ahead:
-            index = self.todo.popleft()
+        while len(self.futures) < self.ahead:
+            index = next(self.todo, None)
+            if index is None:
+                return
             name = shard_name(self.plan.split, index)
             job = _ShardJob(name=name, split=self.plan.split,
                             staging=self.storage.staging_path(name),
@@ -471,7 +474,8 @@ class ShardProcesses:
                             max_pixels=self.config.max_pixels,
                             batch_size=self.config.batch_size,
                             sync=self.storage.is_local)  # fmt: skip
-            self.futures[index] = self.pool.submit(_make_shard, job)
+            with interrupts_held():  # a submit may start a process
+                self.futures[index] = self.pool.submit(_make_shard, job)
 
     def build(self, index: int) -> tuple[ShardResult, str | None]:
         self._submit_ahead()

@@ -97,12 +97,12 @@ def describe(config: ShardConfig, plans: list[PlannedSplit], *, world_size: int 
     # be published, plus the publish queue's 2; a decoder feeding the rank's process, 3
     processes = decoder == "pil" and config.encrypt_device in ("auto", "cpu")
     staged = config.num_threads + 4 if processes else 3
-    most = max(math.ceil(p.shards / world_size) for p in plans)
+    each = max(math.ceil(p.shards / world_size) for p in plans)  # a faster rank takes more
     workers = "processes" if decoder == "pil" else "CPU workers"
     lines.append(
         f"in all {total / 1e9:,.2f} GB to {config.out}; decoding with {decoder} on the "
-        f"{device.upper()}, {config.num_threads} {workers} per rank, {world_size} rank(s): at "
-        f"most {most:,} shards of a split each; staging disk per rank: up to "
+        f"{device.upper()}, {config.num_threads} {workers} per rank, {world_size} rank(s): "
+        f"about {each:,} shards of a split each; staging disk per rank: up to "
         f"{staged * largest / 1e9:,.2f} GB; nothing was written"
     )
     return lines

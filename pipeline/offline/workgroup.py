@@ -1,7 +1,10 @@
 """The ranks of one ``torchrun`` job building shards together (one process: a group of one).
 
-Rank ``r`` of ``W`` owns the shards whose index is ``r`` modulo ``W``: a static split that needs
-no scheduler and makes every rank's work independent of the others'. The ranks coordinate only
+Each rank takes the split's next shard when it is ready for one (a counter in the store,
+:meth:`WorkGroup.claims`): a shard's bytes depend on its index alone, so who builds it does not
+matter, and a faster rank (a free GPU, a nearer disk) takes more; with a fixed split (rank ``r``
+the shards ``r`` modulo ``W``) the job waits for its slowest rank, and a resumed job for the
+ranks whose shards a failed node left unbuilt. The ranks coordinate only
 through torch.distributed's key-value store (``torch.distributed.rendezvous("env://")``: the
 TCPStore that torchrun's agent hosts) and never through a collective, so a long healthy build
 cannot run into a collective timeout: every wait is a poll of the store that also watches for
@@ -31,7 +34,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -112,9 +115,16 @@ class WorkGroup:
     def is_primary(self) -> bool:
         return self.rank == 0
 
-    def owns(self, index: int) -> bool:
-        """Whether shard ``index`` is this rank's to build."""
-        return index % self.world_size == self.rank
+    def claims(self, name: str, count: int) -> Iterator[int]:
+        """The indices below ``count`` this rank takes, each taken by the first rank that asks
+        for it (a counter in the job's store): a faster rank takes more, and a resumed job's
+        unfinished shards go to every rank, not to those that held them when a node failed. A
+        group of one takes them all, in order."""
+        if self._store is None:
+            yield from range(count)
+            return
+        while (index := int(self._store.add(f"claims/{name}", 1)) - 1) < count:
+            yield index
 
     def share(self, name: str, value: str | None = None) -> str:
         """Rank 0 passes ``value``; every rank gets it back (the others wait for it)."""

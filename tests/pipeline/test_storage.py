@@ -84,3 +84,23 @@ def test_a_local_put_syncs_the_file_before_it_takes_its_name(tmp_path, monkeypat
     storage.put(staged, "train-000000.tar")
     assert events == [("fsync", str(staged)), ("replace", str(staged))]
     assert (tmp_path / "out" / "train-000000.tar").read_bytes() == b"x" * 1000
+
+
+def test_a_ctrl_c_inside_a_local_lookup_is_not_swallowed(tmp_path, monkeypatch):
+    """fsspec's generic exists() has a bare except: a Ctrl-C landing in its stat was swallowed
+    and make_shards ran on to the end, exit 0. Every local lookup lets it through; a missing
+    name, or one under a file, is simply not there."""
+    storage = Storage(str(tmp_path))
+    (tmp_path / "a.tar").write_bytes(b"x")
+    assert storage.exists("a.tar") and not storage.exists("b.tar")
+    assert not storage.exists("a.tar/inside") and storage.list_prefix("none/x") == []
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(storage.fs, "info", interrupted)
+    for lookup in (lambda: storage.exists("a.tar"), storage.list,
+                   lambda: storage.list_prefix("_progress/train."),
+                   lambda: storage.remove("a.tar")):  # fmt: skip
+        with pytest.raises(KeyboardInterrupt):
+            lookup()

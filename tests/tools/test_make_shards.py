@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline import Key, decrypt, save_key
-from tests.conftest import FIXED_SECRET, ChildLines
+from tests.conftest import FIXED_SECRET, ChildLines, write_jpeg_tree
 from tests.tools.conftest import ROOT, files, shard_args, tool
 
 pytestmark = pytest.mark.slow  # subprocesses, torchrun, moto or training: the full suite only
@@ -299,11 +299,15 @@ def test_a_folder_it_may_not_write_is_one_line(tree, key_file, tmp_path):
     assert "not permitted" in last or "denied" in last or "Read-only" in last, last
 
 
-def test_ctrl_c_is_one_line_with_the_resume_command(tree, key_file, reference, tmp_path):
+def test_ctrl_c_is_one_line_with_the_resume_command(key_file, tmp_path):
     """Issue 22.2: Ctrl-C prints what was kept and the exact command that resumes; the rerun
     says it resumes and ends with the same bytes."""
     out = tmp_path / "out"
-    args = [*shard_args(tree, key_file, out), "--shard-size", "1"]
+    # a tree large enough that the run is still building when the signal lands (the shared
+    # one's 64 images took 0.4 s after the line below); two processes: the signal may land
+    # while they start
+    big = write_jpeg_tree(tmp_path / "src", classes=4, train=60, val=4, size=(160, 120))
+    args = [*shard_args(big, key_file, out), "--shard-size", "1", "--threads", "2"]
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "tools" / "make_shards.py"), *args],
         stdout=subprocess.DEVNULL,
@@ -325,3 +329,6 @@ def test_ctrl_c_is_one_line_with_the_resume_command(tree, key_file, reference, t
     assert "resuming" in resumed.stderr or "made now" in resumed.stderr
     again = tool("make_shards.py", *args)  # the same command once more: nothing left to do
     assert "already complete" in again.stderr
+    clean = tmp_path / "clean"
+    done = tool("make_shards.py", *[str(clean) if a == str(out) else a for a in args])
+    assert done.returncode == 0 and files(out) == files(clean)

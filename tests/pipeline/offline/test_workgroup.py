@@ -28,11 +28,26 @@ def pair(monkeypatch):
         group.close()
 
 
-def test_shards_are_split_by_index_modulo_world_size():
-    owners = [[WorkGroup(rank=r, world_size=3).owns(i) for r in range(3)] for i in range(7)]
-    assert all(sum(o) == 1 for o in owners)
-    assert [o.index(True) for o in owners] == [0, 1, 2, 0, 1, 2, 0]
-    assert all(WorkGroup().owns(i) for i in range(5))  # one process owns every shard
+def test_each_shard_goes_to_the_first_rank_that_asks_and_to_no_other(pair):
+    """Two ranks take indices at once from a real store: each index once, in rising order per
+    rank, none beyond the count; a slower rank takes fewer. A group of one takes them all."""
+    taken: list[list[int]] = [[], []]
+
+    def take(rank: int, pause: float) -> None:
+        for index in pair[rank].claims("train", 40):
+            taken[rank].append(index)
+            time.sleep(pause)
+
+    ranks = [threading.Thread(target=take, args=(r, p)) for r, p in ((0, 0.001), (1, 0.02))]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=30)
+    assert sorted(taken[0] + taken[1]) == list(range(40))
+    assert all(t == sorted(t) for t in taken) and len(taken[0]) > len(taken[1]) >= 1
+    assert list(pair[1].claims("val", 3)) == [0, 1, 2]  # another split: its own counter
+    assert list(pair[0].claims("val", 3)) == []  # all taken
+    assert list(WorkGroup().claims("train", 5)) == [0, 1, 2, 3, 4]
 
 
 def test_rank_zero_shares_a_value_and_waits_for_every_rank(pair):
@@ -235,3 +250,64 @@ def test_rank_zeros_bar_shows_every_ranks_images(pair, tmp_path, monkeypatch):
         rank.join(timeout=120)
     assert not errors, errors
     assert shown == [(12, 12)]  # one bar (rank 0's), every rank's 12 images
+
+
+def test_a_resumed_job_spreads_the_shards_a_failed_rank_left_over_every_rank(
+    pair, tmp_path, monkeypatch
+):
+    """A run made every shard but those a failed node held (1, 3, 5, 7: rank 1's of two under a
+    fixed split). Resumed with two ranks (threads, a real store), both build some of them (each
+    rank's first build waits until the other has one too: with a fixed split that wait would
+    fail), none is built twice, and the output is the bytes of one clean process."""
+    from pipeline import Key
+    from pipeline.offline import build, makers
+    from tests.conftest import FIXED_SECRET, write_jpeg_tree
+
+    src = write_jpeg_tree(tmp_path / "src", classes=2, train=12, val=2, size=(48, 40))
+
+    def config(out: str) -> build.ShardConfig:
+        return build.ShardConfig(src=str(src), out=str(tmp_path / out), splits=("train",),
+                                 size=32, decoder="pil", shard_size="3", batch_size=3,
+                                 encrypt_device="cpu", num_threads=1)  # fmt: skip
+
+    key = Key(FIXED_SECRET)
+    with monkeypatch.context() as m:  # every shard made, then the job dies before its manifest
+        m.setattr(build, "_finish_split", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            build.build_shards(config("out"), key)
+    for index in (1, 3, 5, 7):  # the failed node's shards: never published
+        (tmp_path / "out" / "_progress" / f"train.{index:06d}.json").unlink()
+        (tmp_path / "out" / f"train-{index:06d}.tar").unlink()
+
+    built: dict[str, list[int]] = {"rank0": [], "rank1": []}
+    both_started = threading.Barrier(2, timeout=60)
+    real_build = makers.ShardProcesses.build
+
+    def build_and_note(self, index):
+        name = threading.current_thread().name
+        if not built[name]:
+            both_started.wait()
+        built[name].append(index)
+        return real_build(self, index)
+
+    errors: list[BaseException] = []
+
+    def run(group: WorkGroup) -> None:
+        try:
+            build.build_shards(config("out"), key, group=group)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with monkeypatch.context() as m:
+        m.setattr(makers.ShardProcesses, "build", build_and_note)
+        ranks = [threading.Thread(target=run, args=(g,), name=f"rank{g.rank}") for g in pair]
+        for rank in ranks:
+            rank.start()
+        for rank in ranks:
+            rank.join(timeout=120)
+    assert not errors, errors
+    assert sorted(built["rank0"] + built["rank1"]) == [1, 3, 5, 7]
+    assert built["rank0"] and built["rank1"]
+    build.build_shards(config("clean"), key)
+    made = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
+    assert made == {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
