@@ -158,6 +158,35 @@ def test_kill_one_rank_then_resume_with_one_process(tree, key_file, reference, t
     assert sorted(os.listdir(out)) == sorted(files(reference))
 
 
+def test_a_rank_killed_under_max_restarts_is_restarted_and_the_job_ends_whole(
+    tree, key_file, reference, tmp_path
+):
+    """torchrun --max-restarts=1: rank 1 is killed mid-run, the agent restarts both ranks, and
+    the new attempt takes over its earlier attempt's lock, resumes from the shards made and
+    ends with the bytes of one process, exit 0."""
+    out = tmp_path / "out"
+    script = str(ROOT / "tools" / "make_shards.py")
+    cmd = [*TORCHRUN, "--nproc_per_node=2", "--max-restarts=1", script,
+           *shard_args(tree, key_file, out), "--batch-size", "1", "--verbose"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env())  # fmt: skip
+    lines = ChildLines(proc.stderr)
+    try:  # rank 0 logs its first finished shard: both ranks are building by then
+        lines.wait_for(lambda line: "train: shard 0 of" in line, 240)
+        victim = _worker_pid(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, lines.rest()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = lines.rest()
+    assert "taking over the lock of this torchrun job's earlier attempt" in said
+    assert "train: resuming:" in said
+    assert files(out) == files(reference)
+    assert sorted(os.listdir(out)) == sorted(files(reference))
+
+
 def test_a_failing_rank_stops_the_job_with_its_message(tree, key_file, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tree, src)
