@@ -30,7 +30,7 @@ import sys
 from pipeline import cli, paths
 from pipeline.cipher.keys import load_key
 from pipeline.cipher.seal import load_data_key
-from pipeline.offline.build import DECODERS, ShardConfig
+from pipeline.offline.config import DECODERS, ShardConfig
 from pipeline.offline.decode import DEFAULT_MAX_PIXELS
 from pipeline.offline.job import ShardJob, resolve_sources
 from pipeline.offline.plan import describe, plan_splits

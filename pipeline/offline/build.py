@@ -2,10 +2,13 @@
 
 Shard ``k`` of a split always holds the selected items ``[k*S, (k+1)*S)`` minus the rejected
 ones, so every shard can be built, skipped or rebuilt on its own. That is what makes resuming
-exact: a finished shard leaves a record in ``OUT/_progress/`` (with the key's fingerprint and a
-digest of everything that shapes the data, so a shard made under another key or other options
-never counts); a rerun with the same options skips recorded shards whose file is present,
-rebuilds the rest byte for byte, and writes the manifest last.
+exact: a finished shard leaves a record in ``OUT/_progress/`` (``pipeline.offline.progress``:
+with the key's fingerprint and a digest of everything that shapes the data, so a shard made
+under another key or other options never counts); a rerun with the same options skips recorded
+shards whose file is present, rebuilds the rest byte for byte, and writes the manifest last.
+What a split's shards hold (its items in their keyed order, the shard geometry, the identity)
+is its plan (``pipeline.offline.plan``); what the run was asked for is its ``ShardConfig``
+(``pipeline.offline.config``).
 
 Under ``torchrun`` the same holds per rank: each rank takes the next shard when it is ready
 for one (``WorkGroup.claims``), with its own decoder on its own device
@@ -15,54 +18,57 @@ One run at a time holds the output (``pipeline.offline.outlock``).
 
 Making a rank's shards (``pipeline.offline.makers``: in this process from a decoder, or whole
 in PIL's worker processes) and publishing them (moving or uploading a finished shard and its
-record: another thread) overlap. Publishing is a queue of at most ``PUBLISH_QUEUE`` shards: the
-next shard is made while the previous one uploads, and if uploads fall behind the maker waits,
-so few shards are staged on local disk at once and memory stays flat (a staged shard is a file;
-one upload runs at a time, and s3fs holds at most 10 parts of 50 MiB of it in memory).
+record: another thread, ``Publisher``) overlap. Publishing is a queue of at most
+``PUBLISH_QUEUE`` shards: the next shard is made while the previous one uploads, and if uploads
+fall behind the maker waits, so few shards are staged on local disk at once and memory stays
+flat (a staged shard is a file; one upload runs at a time, and s3fs holds at most 10 parts of
+50 MiB of it in memory).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import logging
-import math
 import os
-import re
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from enum import Enum
-from functools import cached_property
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
-from pipeline import __version__, paths
+from pipeline import __version__
 from pipeline.cipher.keys import Key
 from pipeline.cipher.seal import DataKey
-from pipeline.errors import ConfigError, KeyprotectError
-from pipeline.offline.decode import DEFAULT_MAX_PIXELS, decode_pil, is_grey
+from pipeline.errors import ConfigError
+from pipeline.offline.config import (
+    BuildStats,
+    ShardBuildError,
+    ShardConfig,
+    choose_decoder,
+    encryption_device,
+)
+from pipeline.offline.decode import decode_pil, is_grey
 from pipeline.offline.makers import ShardMaker, ShardProcesses, ShardResult
 from pipeline.offline.outlock import OutputLock
+from pipeline.offline.plan import SplitIdentity, SplitPlan, plan_split
+from pipeline.offline.progress import (
+    PROGRESS_DIR,
+    Progress,
+    Publisher,
+    finished_shard,
+)
 from pipeline.offline.sourcemap import log_rejects, reject_source
 from pipeline.offline.sources import (
-    SPLITS,
     SourceItem,
     SourceReject,
-    SourceScan,
-    listing_digest,
-    scan_source,
-    select_split,
 )
 from pipeline.offline.workgroup import WorkGroup
-from pipeline.shards.format import ShardRecord, index_name, shard_name
+from pipeline.shards.format import ShardRecord, shard_name
 from pipeline.shards.manifest import (
     Manifest,
     ManifestError,
@@ -76,317 +82,6 @@ from pipeline.shards.sealing import join_output, prepare_output
 from pipeline.storage import Storage
 
 logger = logging.getLogger(__name__)
-
-PROGRESS_DIR = "_progress"
-TAR_OVERHEAD = 3 * 512 + 3 * 512 + 256  # three headers, padding and the JSON, per sample
-PUBLISH_QUEUE = 2  # finished shards waiting for (or in) their upload; the builder waits beyond
-
-
-@dataclass
-class BuildStats:
-    """What a run did, for the summary line and the benchmark."""
-
-    images: int = 0  # images made into samples by this run
-    job_images: int = 0  # on rank 0: the same for every rank of the job together
-    rejected: int = 0  # files this run could not decode (not counted in ``images``)
-    shards: int = 0  # shards made by this run (not those a resume found finished)
-    encrypt_seconds: float = 0.0  # wall-clock seconds the builder thread spent encrypting
-    encrypt_cpu_seconds: float = 0.0  # CPU seconds spent encrypting, every thread and process
-    seconds: float = 0.0  # wall-clock seconds of the whole run
-    cpu_seconds: float = 0.0  # CPU seconds of the whole process, every thread, and its workers
-    worker_cpu_seconds: float = 0.0  # of which the decoding processes' (PIL)
-    # the split being built: when its first decoded batch reached the builder, and its size
-    # (the rate after it leaves out start-up: a GPU decoder's CUDA context, a pool's start)
-    first_batch_at: float | None = None
-    first_batch_images: int = 0
-
-
-class ShardBuildError(KeyprotectError, RuntimeError):
-    """The run cannot go on (too many rejects, a mismatched existing output, ...)."""
-
-
-@dataclass(frozen=True)
-class ShardConfig:
-    """Everything that decides the shards' bytes, plus how to run."""
-
-    src: str
-    out: str = paths.SHARDS
-    splits: tuple[str, ...] = SPLITS
-    size: int = 224
-    per_class: int | None = None
-    fraction: float | None = None
-    seed: int = 0
-    classes_file: str | None = None
-    shard_size: str = "1000"  # samples, or bytes with a unit: "200MB"
-    decoder: str = "auto"  # auto, dali, nvjpeg, pil: see choose_decoder
-    device: str = "auto"
-    # where encryption runs: "auto" (where the decoder left the images: the GPU after DALI's
-    # GPU decoder, else the CPU), "cpu", "cuda[:N]" (e.g. PIL decoding, encryption on a GPU).
-    # The bytes are the same on every device, so it is not one of the data options.
-    encrypt_device: str = "auto"
-    plain: bool = False
-    max_reject_fraction: float = 0.01
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    batch_size: int = 64
-    num_threads: int = 2
-    overwrite: bool = False
-    force_unlock: bool = False  # take over another run's lock on the output
-    follow_symlinks: bool = False  # use symlinks that leave src (rejected otherwise)
-
-    def data_options(self, decoder: str, device: str) -> dict:
-        """The options that shape the shards' content (recorded; a rerun must match them):
-        ``decoder`` and ``device`` are the ones that run (``choose_decoder``), never "auto"."""
-        options = {
-            "size": self.size,
-            "per_class": self.per_class,
-            "fraction": self.fraction,
-            "seed": self.seed,
-            "shard_size": self.shard_size,
-            "decoder": decoder,
-            "decode_device": device,
-            "plain": self.plain,
-            "max_pixels": self.max_pixels,
-        }
-        if self.follow_symlinks:  # only then: outputs made without it keep their identity
-            options["follow_symlinks"] = True
-        return options
-
-
-def samples_per_shard(shard_size: str, sample_bytes: int) -> int:
-    """``"1000"`` -> 1000 samples; ``"200MB"`` -> as many samples as fit in 200 MB."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?i?[bB])?\s*", str(shard_size))
-    if not match:
-        raise ConfigError(
-            f"--shard-size {shard_size!r} is neither a sample count (e.g. 1000) nor a size "
-            "(e.g. 200MB, 1GB)"
-        )
-    number, unit = float(match.group(1)), match.group(2)
-    if unit is None:
-        if number < 1 or number != int(number):
-            raise ConfigError(f"--shard-size {shard_size!r} must be a whole number of samples >= 1")
-        return int(number)
-    scale = {"b": 1, "k": 1e3, "m": 1e6, "g": 1e9}[unit[0].lower()]
-    if "i" in unit.lower():
-        scale = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit[0].lower()]
-    return max(1, int(number * scale) // (sample_bytes + TAR_OVERHEAD))
-
-
-DECODERS = ("auto", "dali", "nvjpeg", "pil")
-
-
-def choose_decoder(decoder: str, device: str) -> tuple[str, str]:
-    """The decoder that runs and where ("cpu" or "gpu"); both shape the bytes, so the manifest
-    records them. ``auto``: DALI on the GPU when DALI and CUDA are there, else nvJPEG when CUDA
-    is there, else the CPU decoder (DALI's when installed, else PIL). Checked before any work."""
-    if device not in ("auto", "cpu", "gpu"):
-        raise ConfigError(f"--device {device!r} must be one of auto, cpu, gpu")
-    if decoder not in DECODERS:
-        raise ConfigError(f"--decoder {decoder!r} must be one of {', '.join(DECODERS)}")
-    if decoder == "pil":
-        if device == "gpu":
-            raise ConfigError(
-                "--decoder pil decodes on the CPU; use --decoder dali or nvjpeg for --device gpu "
-                "(or --encrypt-device cuda to encrypt on the GPU)"
-            )
-        return "pil", "cpu"
-    cuda = device != "cpu" and _cuda_available()
-    if decoder == "nvjpeg":
-        if device == "cpu" or not cuda:
-            raise ConfigError(
-                "--decoder nvjpeg decodes on a CUDA GPU"
-                + (" (--device cpu was given)" if device == "cpu" else " and none is here")
-                + ": use --decoder auto, dali or pil"
-            )
-        return "nvjpeg", "gpu"
-    if decoder == "dali":
-        return "dali", device if device != "auto" else ("gpu" if cuda else "cpu")
-    dali = _dali_available()
-    if cuda or device == "gpu":
-        return ("dali" if dali else "nvjpeg"), "gpu"
-    return ("dali" if dali else "pil"), "cpu"
-
-
-def _cuda_available() -> bool:
-    from pipeline.device import resolve_device as torch_device
-
-    return torch_device("auto").type == "cuda"
-
-
-def _dali_available() -> bool:
-    from pipeline.offline.dali import DaliUnavailableError, _dali
-
-    try:
-        _dali()
-    except DaliUnavailableError:
-        return False
-    return True
-
-
-def encryption_device(encrypt_device: str, decoding_on: str, local_rank: int) -> str:
-    """Where this rank encrypts: ``auto`` (where the decoder leaves the images: DALI's GPU
-    output is on this rank's GPU), or ``--encrypt-device`` resolved for this rank (``cuda``
-    means this rank's GPU: ``LOCAL_RANK``, shared when there are more ranks than GPUs, see
-    ``rank_gpu``). The bytes are the same everywhere, so this is not recorded."""
-    if decoding_on != "gpu" and encrypt_device == "auto":
-        return "auto"  # no torch import: on the CPU paths it would add ~450 MB RSS
-    import torch
-
-    from pipeline.device import rank_gpu
-    from pipeline.device import resolve_device as torch_device
-
-    if decoding_on == "gpu":
-        torch.cuda.set_device(rank_gpu(local_rank))  # DALI decodes there; torch's "cuda" too
-    if encrypt_device == "auto":
-        return "auto"
-    gpu = rank_gpu(local_rank) if torch.cuda.is_available() else local_rank
-    return str(torch_device(encrypt_device, local_rank=gpu))
-
-
-@dataclass(frozen=True)
-class SplitIdentity:
-    """Everything that shapes a split's bytes: the data options, the classes, the source
-    listing's digest and the key's public parts. A finished split (its manifest), the options
-    file of an unfinished run and every progress record are checked against it."""
-
-    options: dict[str, Any]
-    classes: tuple[str, ...]
-    source_digest: str
-    key_fingerprint: str | None
-    block_size: int | None
-    transforms: tuple[str, ...]
-
-    @classmethod
-    def of_manifest(cls, manifest: Manifest) -> SplitIdentity:
-        return cls(options=manifest.options, classes=tuple(manifest.classes),
-                   source_digest=manifest.source_digest,
-                   key_fingerprint=manifest.key_fingerprint, block_size=manifest.block_size,
-                   transforms=tuple(manifest.transforms))  # fmt: skip
-
-    def to_json(self) -> dict[str, Any]:
-        """The form written to ``_progress/SPLIT.options.json`` (and digested)."""
-        return {"options": self.options, "classes": list(self.classes),
-                "source_digest": self.source_digest, "key_fingerprint": self.key_fingerprint,
-                "block_size": self.block_size, "transforms": list(self.transforms)}  # fmt: skip
-
-    def digest(self) -> str:
-        """SHA-256 of the identity: progress records made under anything else never count."""
-        return hashlib.sha256(_dumps(self.to_json())).hexdigest()
-
-
-@dataclass(frozen=True)
-class _SplitPlan:
-    """One split's selected items, shard geometry and identity (what shapes its bytes)."""
-
-    split: str
-    items: list[SourceItem]
-    shape: list[int]
-    per_shard: int
-    decoder: str  # the decoder that runs (never "auto")
-    device: str  # where decoding runs
-    identity: SplitIdentity = field(repr=False)
-    source_rejects: list[SourceReject] = field(default_factory=list)  # not images, not used
-
-    @cached_property
-    def digest(self) -> str:
-        return self.identity.digest()
-
-    @property
-    def n_shards(self) -> int:
-        return math.ceil(len(self.items) / self.per_shard)
-
-    def chunk(self, index: int) -> list[SourceItem]:
-        return self.items[index * self.per_shard : (index + 1) * self.per_shard]
-
-
-def _plan_split(
-    config: ShardConfig, split: str, key: Key | None, group: WorkGroup | None = None
-) -> _SplitPlan:
-    order_key = None if key is None else key.order_key  # encrypted: an order nobody can redo
-    group = group or WorkGroup()
-
-    # one rank per node lists the tree (millions of stat calls on a shared file system); the
-    # node's other ranks read its listing, then select and order it themselves (with the key)
-    def listing() -> SourceScan:
-        return scan_source(config.src, split, classes_file=config.classes_file,
-                           follow_symlinks=config.follow_symlinks)  # fmt: skip
-
-    scan = group.once_per_node(
-        f"listing/{split}", listing, SourceScan.to_bytes, SourceScan.from_bytes
-    )
-    classes, items, source_rejects = select_split(
-        config.src,
-        split,
-        per_class=config.per_class,
-        fraction=config.fraction,
-        seed=config.seed,
-        order_key=order_key,
-        scan=scan,
-    )
-    if not items:
-        raise ShardBuildError(f"{split}: no source images selected under {config.src}/{split}")
-    decoder, device = choose_decoder(config.decoder, config.device)
-    shape = [config.size, config.size, 3]
-    identity = SplitIdentity(
-        options=config.data_options(decoder, device),
-        classes=tuple(classes),
-        source_digest=listing_digest(items, order_key=order_key),
-        key_fingerprint=None if key is None else key.fingerprint,
-        block_size=None if key is None else key.block_size,
-        transforms=() if key is None else tuple(key.transforms),
-    )
-    per_shard = samples_per_shard(config.shard_size, int(np.prod(shape)))
-    return _SplitPlan(split, items, shape, per_shard, decoder, device, identity, source_rejects)
-
-
-class _State:
-    """Per-split progress records under ``OUT/_progress/``, and the options they were made with."""
-
-    def __init__(self, storage: Storage, split: str) -> None:
-        self.storage, self.split = storage, split
-
-    def _name(self, leaf: str) -> str:
-        return f"{PROGRESS_DIR}/{self.split}.{leaf}.json"
-
-    def read_options(self) -> dict | None:
-        try:
-            return json.loads(self.storage.read_bytes(self._name("options")))
-        except FileNotFoundError:
-            return None
-
-    def write_options(self, identity: SplitIdentity) -> None:
-        self.storage.fs.makedirs(self.storage.path(PROGRESS_DIR), exist_ok=True)
-        self.storage.write_bytes(self._name("options"), _dumps(identity.to_json()))
-
-    def recorded(self) -> set[int]:
-        """The shard indices with a progress record (one listing, not a request per shard)."""
-        names = self.storage.list_prefix(f"{PROGRESS_DIR}/{self.split}.")
-        leaves = (n.rsplit("/", 1)[1].split(".")[1] for n in names)
-        return {int(leaf) for leaf in leaves if leaf.isdigit()}
-
-    def read_shard(self, index: int) -> dict | None:
-        name = self._name(f"{index:06d}")
-        try:
-            return json.loads(self.storage.read_bytes(name))
-        except FileNotFoundError:
-            return None
-
-    def write_shard(self, index: int, result: ShardResult, plan: _SplitPlan) -> None:
-        entry = {
-            "key_fingerprint": plan.identity.key_fingerprint,
-            "identity_digest": plan.digest,
-            "record": result.record.to_dict() if result.record else None,
-            "rejects": result.rejects,
-            "rows": result.rows,
-        }
-        self.storage.write_bytes(self._name(f"{index:06d}"), _dumps(entry))
-
-    def clear(self) -> None:
-        self.storage.remove_many(self.storage.list_prefix(f"{PROGRESS_DIR}/{self.split}."))
-        self.storage.remove_folder_if_empty(PROGRESS_DIR)
-
-
-def _dumps(obj: object) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
 def build_split(
@@ -403,10 +98,10 @@ def build_split(
     """Make (or finish, or confirm) the shards and manifest of one split: this rank's shards,
     and, on rank 0 once every rank is done, the manifest. Returns None on other ranks."""
     group = group or WorkGroup()
-    plan = _plan_split(config, split, key, group)
+    plan = plan_split(config, split, key, group)
     if selected is not None and group.is_primary:
         selected[split] = plan.items
-    state = _State(storage, split)
+    state = Progress(storage, split)
     # rank 0 checks the output; every rank then checks that it selected the same data
     mine = _setup_split(config, plan, storage, state) if group.is_primary else None
     verdict = SetupVerdict.from_text(
@@ -503,7 +198,7 @@ class SetupVerdict:
 
 
 def _setup_split(
-    config: ShardConfig, plan: _SplitPlan, storage: Storage, state: _State
+    config: ShardConfig, plan: SplitPlan, storage: Storage, state: Progress
 ) -> SetupVerdict:
     """Rank 0, before any shard: complete if the split is already made with these options,
     else clear what --overwrite replaces, record the options, and build."""
@@ -528,10 +223,10 @@ def _setup_split(
 
 def _build_own_shards(
     config: ShardConfig,
-    plan: _SplitPlan,
+    plan: SplitPlan,
     key: Key | None,
     storage: Storage,
-    state: _State,
+    state: Progress,
     stats: BuildStats,
     group: WorkGroup,
     lock: OutputLock | None,
@@ -552,7 +247,7 @@ def _build_own_shards(
         for index in group.claims(plan.split, plan.n_shards):
             found = None
             if index in recorded:
-                found = _finished_shard(storage, state, index, plan.digest)
+                found = finished_shard(storage, state, index, plan.digest)
             if found is None:
                 yield index
                 continue
@@ -568,7 +263,7 @@ def _build_own_shards(
         maker = ShardProcesses(config, plan, key, storage, stats, ahead)
     else:
         maker = ShardMaker.start(config, plan, key, storage, stats, ahead, encrypt_on, group)
-    publisher = _Publisher(storage, state, plan)
+    publisher = Publisher(storage, state, plan)
     built = False
     try:
         for index in taken:
@@ -604,7 +299,7 @@ def _build_own_shards(
 
 
 def _recorded_shards(
-    storage: Storage, state: _State, plan: _SplitPlan, group: WorkGroup
+    storage: Storage, state: Progress, plan: SplitPlan, group: WorkGroup
 ) -> set[int]:
     """The shards a previous run recorded as made (one listing); rank 0 says so in one line
     when there are any: the rerun resumes from them. Each is checked when a rank takes it."""
@@ -620,7 +315,7 @@ def _recorded_shards(
 
 def _announce(
     config: ShardConfig,
-    plan: _SplitPlan,
+    plan: SplitPlan,
     key: Key | None,
     group: WorkGroup,
     encrypt_on: str,
@@ -654,7 +349,7 @@ def _announce(
     )
 
 
-def _progress_bar(plan: _SplitPlan, group: WorkGroup) -> tqdm:
+def _progress_bar(plan: SplitPlan, group: WorkGroup) -> tqdm:
     """Rank 0's progress bar over the split's images, every rank's (the others' stays off)."""
     return tqdm(
         total=len(plan.items),
@@ -679,7 +374,7 @@ def _advance(progress: tqdm, group: WorkGroup, split: str, images: int) -> None:
 
 def _too_many_rejects(
     config: ShardConfig,
-    plan: _SplitPlan,
+    plan: SplitPlan,
     rejected: int,
     results: dict[int, ShardResult],
     where: str | None = None,
@@ -697,16 +392,16 @@ def _too_many_rejects(
 
 def _finish_split(
     config: ShardConfig,
-    plan: _SplitPlan,
+    plan: SplitPlan,
     storage: Storage,
-    state: _State,
+    state: Progress,
     results: dict[int, ShardResult],
 ) -> Manifest:
     """Rank 0, once every shard is made: the samples table and the manifest, then no records."""
     split = plan.split
     missing = [i for i in range(plan.n_shards) if i not in results]
     with ThreadPoolExecutor(8, thread_name_prefix="read-progress") as pool:  # many GETs on S3
-        found = pool.map(lambda i: _finished_shard(storage, state, i, plan.digest), missing)
+        found = pool.map(lambda i: finished_shard(storage, state, i, plan.digest), missing)
         for index, result in zip(missing, found, strict=True):
             if result is None:
                 raise ShardBuildError(
@@ -801,7 +496,7 @@ def _finished_and_same(
             f"{_diff(existing.to_json(), identity.to_json())}. Pass --overwrite to replace "
             "them, or choose another --out"
         )
-    _remove_split(storage, split, _State(storage, split))
+    _remove_split(storage, split, Progress(storage, split))
     return False
 
 
@@ -834,71 +529,13 @@ def _diff(old: dict, new: dict) -> str:
     return "; ".join(said)
 
 
-def _remove_split(storage: Storage, split: str, state: _State) -> None:
+def _remove_split(storage: Storage, split: str, state: Progress) -> None:
     for name in storage.list():
         if name.startswith(f"{split}-") and name.endswith((".tar", ".idx")):
             storage.remove(name)
     storage.remove(manifest_name(split))
     storage.remove(samples_table_name(split))
     state.clear()
-
-
-def _finished_shard(storage: Storage, state: _State, index: int, digest: str) -> ShardResult | None:
-    entry = state.read_shard(index)
-    if entry is None or entry.get("identity_digest") != digest:
-        return None  # not made, or made under another key or options: rebuild it
-    record = ShardRecord(**entry["record"]) if entry["record"] else None
-    if record is not None and (
-        not storage.exists(record.name) or storage.size(record.name) != record.stored_bytes
-    ):
-        return None  # recorded but missing or different: rebuild it
-    return ShardResult(record, entry["rejects"], entry["rows"])
-
-
-class _Publisher:
-    """Moves finished shards (DALI index, then shard, then progress record) to the output on
-    one background thread, in order. At most ``PUBLISH_QUEUE`` shards wait or move at once;
-    ``submit`` waits for the oldest beyond that, so staging disk and memory stay bounded."""
-
-    def __init__(self, storage: Storage, state: _State, plan: _SplitPlan) -> None:
-        self.storage, self.state, self.plan = storage, state, plan
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-publish")
-        self._pending: deque[Future] = deque()
-
-    def submit(self, index: int, result: ShardResult, index_text: str | None) -> None:
-        while len(self._pending) >= PUBLISH_QUEUE:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(self._publish, index, result, index_text))
-
-    def _publish(self, index: int, result: ShardResult, index_text: str | None) -> None:
-        if result.record is not None:
-            name = result.record.name
-            staged = self.storage.staging_path(name)
-            try:
-                assert index_text is not None  # every written shard has its index
-                self.storage.write_bytes(index_name(name), index_text.encode())  # before its shard
-                self.storage.put(staged, name)
-            except OSError as exc:
-                staged.unlink(missing_ok=True)
-                raise ShardBuildError(
-                    f"{self.storage.uri(name)}: could not write the finished shard ({exc}); "
-                    "finished shards are kept and a rerun resumes"
-                ) from exc
-        self.state.write_shard(index, result, self.plan)
-        logger.debug("%s: shard %d of %d finished (%d images)", self.plan.split, index,
-                     self.plan.n_shards, len(self.plan.chunk(index)))  # fmt: skip
-
-    def drain(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
-
-    def close(self) -> None:
-        """Let queued shards finish publishing; errors here are logged (one is being raised)."""
-        for future in self._pending:
-            with contextlib.suppress(BaseException):
-                future.result()
-        self._pending.clear()
-        self._pool.shutdown()
 
 
 def _open_output(out: str, data_key: DataKey | None, group: WorkGroup) -> Storage:

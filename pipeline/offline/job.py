@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from pipeline.cipher.keys import Key
 from pipeline.cipher.seal import DataKey
-from pipeline.offline.build import BuildStats, ShardConfig, build_shards
+from pipeline.offline.build import build_shards
+from pipeline.offline.config import BuildStats, ShardConfig
 from pipeline.offline.digits import write_digits_tree
 from pipeline.offline.sourcemap import check_location, write_source_map
 from pipeline.offline.sources import SourceItem

@@ -43,7 +43,8 @@ from pipeline.shards.format import ShardRecord, ShardWriter, sample_files, shard
 from pipeline.storage import Storage
 
 if TYPE_CHECKING:  # build.py imports this module
-    from pipeline.offline.build import BuildStats, ShardConfig, _SplitPlan
+    from pipeline.offline.config import BuildStats, ShardConfig
+    from pipeline.offline.plan import SplitPlan
     from pipeline.offline.workgroup import WorkGroup
 
 
@@ -245,7 +246,7 @@ class ShardMaker:
     decoded batches (two batches ahead, across shards), the writer thread and where to encrypt."""
 
     config: ShardConfig
-    plan: _SplitPlan
+    plan: SplitPlan
     key: Key | None = field(repr=False)
     storage: Storage
     decoded: Generator[tuple[list[DecodeError | None], Any], None, None]
@@ -261,7 +262,7 @@ class ShardMaker:
     def start(
         cls,
         config: ShardConfig,
-        plan: _SplitPlan,
+        plan: SplitPlan,
         key: Key | None,
         storage: Storage,
         stats: BuildStats,
@@ -440,7 +441,7 @@ class ShardProcesses:
     def __init__(
         self,
         config: ShardConfig,
-        plan: _SplitPlan,
+        plan: SplitPlan,
         key: Key | None,
         storage: Storage,
         stats: BuildStats,

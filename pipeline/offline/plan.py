@@ -1,16 +1,130 @@
-"""What a make_shards run would make, without making it (``make_shards --dry-run``): per split
-the images selected, the shards and their size, and for the run the decoder, the workers and
-the staging disk each rank needs. It lists the source as the run does and writes nothing."""
+"""What a make_shards run makes of each split: its plan (the selected items in their order, the
+shard geometry and the identity that shapes the bytes: ``plan_split``), and what ``make_shards
+--dry-run`` prints of it: per split the images selected, the shards and their size, and for the
+run the decoder, the workers and the staging disk each rank needs. The dry run lists the source
+as the run does and writes nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
 
 from pipeline.cipher.keys import Key
-from pipeline.offline.build import ShardConfig, _plan_split, _State, choose_decoder
+from pipeline.offline.config import ShardBuildError, ShardConfig, choose_decoder, samples_per_shard
+from pipeline.offline.progress import Progress, record_bytes
+from pipeline.offline.sources import (
+    SourceItem,
+    SourceReject,
+    SourceScan,
+    listing_digest,
+    scan_source,
+    select_split,
+)
+from pipeline.offline.workgroup import WorkGroup
+from pipeline.shards.manifest import Manifest
 
 BLOCK, RECORD = 512, 10240  # tar's block, and the record its end is padded to
+
+
+@dataclass(frozen=True)
+class SplitIdentity:
+    """Everything that shapes a split's bytes: the data options, the classes, the source
+    listing's digest and the key's public parts. A finished split (its manifest), the options
+    file of an unfinished run and every progress record are checked against it."""
+
+    options: dict[str, Any]
+    classes: tuple[str, ...]
+    source_digest: str
+    key_fingerprint: str | None
+    block_size: int | None
+    transforms: tuple[str, ...]
+
+    @classmethod
+    def of_manifest(cls, manifest: Manifest) -> SplitIdentity:
+        return cls(options=manifest.options, classes=tuple(manifest.classes),
+                   source_digest=manifest.source_digest,
+                   key_fingerprint=manifest.key_fingerprint, block_size=manifest.block_size,
+                   transforms=tuple(manifest.transforms))  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        """The form written to ``_progress/SPLIT.options.json`` (and digested)."""
+        return {"options": self.options, "classes": list(self.classes),
+                "source_digest": self.source_digest, "key_fingerprint": self.key_fingerprint,
+                "block_size": self.block_size, "transforms": list(self.transforms)}  # fmt: skip
+
+    def digest(self) -> str:
+        """SHA-256 of the identity: progress records made under anything else never count."""
+        return hashlib.sha256(record_bytes(self.to_json())).hexdigest()
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """One split's selected items, shard geometry and identity (what shapes its bytes)."""
+
+    split: str
+    items: list[SourceItem]
+    shape: list[int]
+    per_shard: int
+    decoder: str  # the decoder that runs (never "auto")
+    device: str  # where decoding runs
+    identity: SplitIdentity = field(repr=False)
+    source_rejects: list[SourceReject] = field(default_factory=list)  # not images, not used
+
+    @cached_property
+    def digest(self) -> str:
+        return self.identity.digest()
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(len(self.items) / self.per_shard)
+
+    def chunk(self, index: int) -> list[SourceItem]:
+        return self.items[index * self.per_shard : (index + 1) * self.per_shard]
+
+
+def plan_split(
+    config: ShardConfig, split: str, key: Key | None, group: WorkGroup | None = None
+) -> SplitPlan:
+    order_key = None if key is None else key.order_key  # encrypted: an order nobody can redo
+    group = group or WorkGroup()
+
+    # one rank per node lists the tree (millions of stat calls on a shared file system); the
+    # node's other ranks read its listing, then select and order it themselves (with the key)
+    def listing() -> SourceScan:
+        return scan_source(config.src, split, classes_file=config.classes_file,
+                           follow_symlinks=config.follow_symlinks)  # fmt: skip
+
+    scan = group.once_per_node(
+        f"listing/{split}", listing, SourceScan.to_bytes, SourceScan.from_bytes
+    )
+    classes, items, source_rejects = select_split(
+        config.src,
+        split,
+        per_class=config.per_class,
+        fraction=config.fraction,
+        seed=config.seed,
+        order_key=order_key,
+        scan=scan,
+    )
+    if not items:
+        raise ShardBuildError(f"{split}: no source images selected under {config.src}/{split}")
+    decoder, device = choose_decoder(config.decoder, config.device)
+    shape = [config.size, config.size, 3]
+    identity = SplitIdentity(
+        options=config.data_options(decoder, device),
+        classes=tuple(classes),
+        source_digest=listing_digest(items, order_key=order_key),
+        key_fingerprint=None if key is None else key.fingerprint,
+        block_size=None if key is None else key.block_size,
+        transforms=() if key is None else tuple(key.transforms),
+    )
+    per_shard = samples_per_shard(config.shard_size, int(np.prod(shape)))
+    return SplitPlan(split, items, shape, per_shard, decoder, device, identity, source_rejects)
 
 
 def sample_bytes(shape: list[int]) -> int:
@@ -53,7 +167,7 @@ def plan_splits(config: ShardConfig, key: Key | None) -> list[PlannedSplit]:
     """Each split of ``config`` as a run would make it (the same listing and selection)."""
     plans = []
     for split in config.splits:
-        plan = _plan_split(config, split, key)
+        plan = plan_split(config, split, key)
         plans.append(
             PlannedSplit(
                 split=split,
@@ -77,7 +191,7 @@ def found(out: str, split: str) -> str:
     storage = Storage(out)
     if storage.exists(manifest_name(split)):
         return "; the output has its manifest: a run with the same key and options does nothing"
-    made = len(_State(storage, split).recorded())
+    made = len(Progress(storage, split).recorded())
     return f"; the output has {made:,} of them made: a run resumes" if made else ""
 
 

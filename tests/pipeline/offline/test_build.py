@@ -20,9 +20,9 @@ from PIL import Image
 from pipeline import Key, decrypt
 from pipeline.errors import KeyprotectError
 from pipeline.offline import makers
-from pipeline.offline.build import ShardBuildError, ShardConfig, build_shards, samples_per_shard
+from pipeline.offline.build import build_shards
+from pipeline.offline.config import ShardBuildError, ShardConfig
 from pipeline.offline.decode import decode_pil
-from pipeline.offline.makers import ShardResult
 from pipeline.offline.sources import SourceError
 from pipeline.shards.manifest import load_manifest
 from pipeline.storage import Storage
@@ -222,19 +222,6 @@ def test_classes_file_sets_label_order(tmp_path):
         assert manifest.classes[int(s["cls"])] == folder
 
 
-@pytest.mark.parametrize(
-    "text, expected", [("1000", 1000), ("1", 1), ("1MB", 64), ("2GiB", 137_518)]
-)
-def test_shard_size_parsing(text, expected):
-    assert samples_per_shard(text, 12288) == expected
-
-
-@pytest.mark.parametrize("text", ["0", "1.5", "ten", "5TB", ""])
-def test_shard_size_rejects_nonsense(text):
-    with pytest.raises(ValueError, match="shard-size"):
-        samples_per_shard(text, 12288)
-
-
 def test_tar_is_gnu_format_and_reproducible(jpeg_tree, tmp_path):
     key = Key(FIXED_SECRET)
     a = build_shards(config(jpeg_tree, tmp_path / "a", splits=("val",)), key)["val"]
@@ -299,7 +286,7 @@ def test_the_cpu_paths_never_import_torch(jpeg_tree, tmp_path, decoder):
 def test_more_ranks_than_gpus_share_them_round_robin(monkeypatch):
     """Four ranks on a node of two GPUs encrypt on cuda:0, 1, 0, 1 (no GPU here: torch's CUDA
     answers are set by hand, and set_device is recorded)."""
-    from pipeline.offline.build import encryption_device
+    from pipeline.offline.config import encryption_device
 
     chosen: list[int] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -339,6 +326,8 @@ def test_each_rank_says_which_stage_held_it_up(jpeg_tree, tmp_path, caplog):
 def test_progress_made_under_another_key_never_counts(jpeg_tree, tmp_path, monkeypatch):
     """Two runs interleaved: records of shards made with key A, options file of key B."""
     from pipeline.offline import build
+    from pipeline.offline.plan import plan_split
+    from pipeline.offline.progress import record_bytes
 
     key_a, key_b = Key(FIXED_SECRET), Key(bytes(32))
     out = tmp_path / "out"
@@ -348,8 +337,8 @@ def test_progress_made_under_another_key_never_counts(jpeg_tree, tmp_path, monke
             build_shards(config(jpeg_tree, out, splits=("val",)), key_a)
     records = sorted((out / "_progress").glob("val.0*.json"))
     assert records and json.loads(records[0].read_text())["key_fingerprint"] == key_a.fingerprint
-    identity_b = build._plan_split(config(jpeg_tree, out, splits=("val",)), "val", key_b).identity
-    (out / "_progress" / "val.options.json").write_bytes(build._dumps(identity_b.to_json()))
+    identity_b = plan_split(config(jpeg_tree, out, splits=("val",)), "val", key_b).identity
+    (out / "_progress" / "val.options.json").write_bytes(record_bytes(identity_b.to_json()))
 
     build_shards(config(jpeg_tree, out, splits=("val",)), key_b)
     build_shards(config(jpeg_tree, tmp_path / "clean", splits=("val",)), key_b)
@@ -365,39 +354,6 @@ def test_a_split_with_no_samples_is_an_error_naming_it(tmp_path):
         build_shards(config(src, tmp_path / "o", plain=True, max_reject_fraction=1.0), None)
     assert (tmp_path / "o" / "train.manifest.json").exists()
     assert not (tmp_path / "o" / "val.manifest.json").exists()
-
-
-def test_publishing_runs_behind_the_builder_in_a_bounded_queue(jpeg_tree, tmp_path):
-    """Two finished shards may wait for a slow store; the third waits for the first."""
-    import threading
-
-    from pipeline.offline import build
-
-    class SlowStore(Storage):  # a real local store whose writes wait for the test's signal
-        gate = threading.Event()
-
-        def write_bytes(self, name: str, data: bytes) -> None:
-            self.gate.wait(timeout=30)
-            super().write_bytes(name, data)
-
-    storage = SlowStore(tmp_path)
-    plan = build._plan_split(config(jpeg_tree, tmp_path), "val", Key(FIXED_SECRET))
-    publisher = build._Publisher(storage, build._State(storage, "val"), plan)
-    empty = ShardResult(None, [], [])
-    started = time.monotonic()
-    publisher.submit(0, empty, None)
-    publisher.submit(1, empty, None)
-    assert time.monotonic() - started < 1  # the builder went on while nothing was written
-    third = threading.Thread(target=publisher.submit, args=(2, empty, None))
-    third.start()
-    third.join(timeout=0.5)
-    assert third.is_alive()  # the queue is full: the builder waits
-    SlowStore.gate.set()
-    third.join(timeout=30)
-    publisher.drain()
-    publisher.close()
-    assert sorted(p.name for p in (tmp_path / "_progress").iterdir()) == [
-        "val.000000.json", "val.000001.json", "val.000002.json"]  # fmt: skip
 
 
 def test_the_setup_verdict_crosses_ranks_as_text_and_back():

@@ -15,8 +15,9 @@ from PIL import Image
 
 from pipeline import Key, decrypt
 from pipeline.errors import ConfigError
-from pipeline.offline import build
-from pipeline.offline.build import ShardConfig, build_shards, choose_decoder
+from pipeline.offline import config as run_config
+from pipeline.offline.build import build_shards
+from pipeline.offline.config import ShardConfig, choose_decoder
 from pipeline.offline.decode import DecodeError, decode_pil
 from pipeline.offline.nvjpeg import NvjpegDecoder, nvjpeg_takes, resize_crop
 from tests.conftest import FIXED_SECRET, sources_by_key, write_jpeg_tree
@@ -155,13 +156,13 @@ def test_a_bad_file_in_a_batch_costs_only_that_file(tmp_path):
     ],
 )
 def test_choose_decoder(monkeypatch, decoder, device, cuda, dali, chosen):
-    monkeypatch.setattr(build, "_cuda_available", lambda: cuda)
-    monkeypatch.setattr(build, "_dali_available", lambda: dali)
+    monkeypatch.setattr(run_config, "_cuda_available", lambda: cuda)
+    monkeypatch.setattr(run_config, "_dali_available", lambda: dali)
     assert choose_decoder(decoder, device) == chosen
 
 
 def test_nvjpeg_without_cuda_is_refused_before_any_work(monkeypatch, tmp_path):
-    monkeypatch.setattr(build, "_cuda_available", lambda: False)
+    monkeypatch.setattr(run_config, "_cuda_available", lambda: False)
     with pytest.raises(ConfigError, match="--decoder nvjpeg decodes on a CUDA GPU and none"):
         choose_decoder("nvjpeg", "auto")
     with pytest.raises(ConfigError, match=r"\(--device cpu was given\)"):
@@ -178,7 +179,7 @@ def test_nvjpeg_without_cuda_is_refused_before_any_work(monkeypatch, tmp_path):
 def test_auto_records_the_decoder_that_ran_and_makes_its_bytes(monkeypatch, tmp_path, caplog):
     """On a CPU machine auto is what the default was (DALI's CPU decoder; PIL without DALI):
     the same manifest options and bytes."""
-    monkeypatch.setattr(build, "_cuda_available", lambda: False)
+    monkeypatch.setattr(run_config, "_cuda_available", lambda: False)
     src = write_jpeg_tree(tmp_path / "src", classes=2, train=3, val=1)
     key = Key(FIXED_SECRET)
     caplog.set_level("INFO", logger="pipeline.offline.build")
@@ -189,12 +190,12 @@ def test_auto_records_the_decoder_that_ran_and_makes_its_bytes(monkeypatch, tmp_
         manifest = build_shards(config, key)["train"]
         return manifest.options, [s.sha256 for s in manifest.shards]
 
-    monkeypatch.setattr(build, "_dali_available", lambda: False)
+    monkeypatch.setattr(run_config, "_dali_available", lambda: False)
     assert made("auto-pil") == made("pil", decoder="pil")
     assert made("auto-pil")[0]["decoder"] == "pil"
     assert "decoding with pil (--decoder auto) on the CPU" in caplog.text  # says which ran
     pytest.importorskip("nvidia.dali", reason="DALI is installed on Linux x86_64 only")
-    monkeypatch.setattr(build, "_dali_available", lambda: True)
+    monkeypatch.setattr(run_config, "_dali_available", lambda: True)
     options, hashes = made("auto-dali", decoder="auto")
     assert (options["decoder"], options["decode_device"]) == ("dali", "cpu")
     assert (options, hashes) == made("dali", decoder="dali", device="cpu")
