@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DECODERS,
         default="auto",
         help="image decoder: dali (GPU or CPU), nvjpeg (torchvision's, GPU only), pil (CPU "
-        "only); auto: DALI on the GPU, else nvJPEG on the GPU, else DALI's CPU decoder, else PIL",
+        "only); auto: the one an existing output was made with, where it can run, else DALI on "
+        "the GPU, else nvJPEG on the GPU, else DALI's CPU decoder, else PIL",
     )
     p.add_argument(
         "--device",

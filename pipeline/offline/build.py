@@ -55,7 +55,7 @@ from pipeline.offline.config import (
 from pipeline.offline.decode import decode_pil, is_grey
 from pipeline.offline.makers import ShardMaker, ShardProcesses, ShardResult
 from pipeline.offline.outlock import OutputLock
-from pipeline.offline.plan import SplitIdentity, SplitPlan, plan_split
+from pipeline.offline.plan import SplitIdentity, SplitPlan, made_with, plan_split
 from pipeline.offline.progress import (
     PROGRESS_DIR,
     Progress,
@@ -98,7 +98,8 @@ def build_split(
     """Make (or finish, or confirm) the shards and manifest of one split: this rank's shards,
     and, on rank 0 once every rank is done, the manifest. Returns None on other ranks."""
     group = group or WorkGroup()
-    plan = plan_split(config, split, key, group)
+    kept = made_with(storage, split) if config.decoder == "auto" else None
+    plan = plan_split(config, split, key, group, made_with=kept)
     if selected is not None and group.is_primary:
         selected[split] = plan.items
     state = Progress(storage, split)
@@ -342,10 +343,23 @@ def _announce(
         f"{plan.n_shards} shards"
         if group.world_size == 1
         else f"the shards it takes of {plan.n_shards} (a faster rank takes more)",
-        plan.decoder + (" (--decoder auto)" if config.decoder == "auto" else ""),
+        plan.decoder + _auto_note(config, plan),
         where,
         f"{config.num_threads} " + ("process(es)" if plan.decoder == "pil" else "CPU worker(s)"),
         "nothing (plain)" if key is None else encrypts_on,
+    )
+
+
+def _auto_note(config: ShardConfig, plan: SplitPlan) -> str:
+    """How ``--decoder auto`` chose: as on any machine of this kind, or the output's own."""
+    if config.decoder != "auto":
+        return ""
+    fresh = choose_decoder(config.decoder, config.device)
+    if fresh == (plan.decoder, plan.device):
+        return " (--decoder auto)"
+    return (
+        f" (--decoder auto: the one this output was made with; a new output here would get "
+        f"{fresh[0]} on the {fresh[1].upper()})"
     )
 
 

@@ -107,14 +107,21 @@ def samples_per_shard(shard_size: str, sample_bytes: int) -> int:
 DECODERS = ("auto", "dali", "nvjpeg", "pil")
 
 
-def choose_decoder(decoder: str, device: str) -> tuple[str, str]:
+def choose_decoder(
+    decoder: str, device: str, made_with: tuple[str, str] | None = None
+) -> tuple[str, str]:
     """The decoder that runs and where ("cpu" or "gpu"); both shape the bytes, so the manifest
-    records them. ``auto``: DALI on the GPU when DALI and CUDA are there, else nvJPEG when CUDA
-    is there, else the CPU decoder (DALI's when installed, else PIL). Checked before any work."""
+    records them. ``auto``: the decoder the output was made with (``made_with``, from its
+    manifest or an unfinished run's options) when it can run here, so that a rerun on another
+    kind of machine resumes or confirms it instead of being refused for other options; else DALI
+    on the GPU when DALI and CUDA are there, else nvJPEG when CUDA is there, else the CPU
+    decoder (DALI's when installed, else PIL). Checked before any work."""
     if device not in ("auto", "cpu", "gpu"):
         raise ConfigError(f"--device {device!r} must be one of auto, cpu, gpu")
     if decoder not in DECODERS:
         raise ConfigError(f"--decoder {decoder!r} must be one of {', '.join(DECODERS)}")
+    if decoder == "auto" and made_with is not None and _can_run(*made_with, device):
+        return made_with
     if decoder == "pil":
         if device == "gpu":
             raise ConfigError(
@@ -137,6 +144,18 @@ def choose_decoder(decoder: str, device: str) -> tuple[str, str]:
     if cuda or device == "gpu":
         return ("dali" if dali else "nvjpeg"), "gpu"
     return ("dali" if dali else "pil"), "cpu"
+
+
+def _can_run(decoder: str, where: str, device: str) -> bool:
+    """Whether ``decoder`` on ``where`` (an output's record) can run here under ``--device``."""
+    if device not in ("auto", where) or (decoder, where) not in _DECODER_PLACES:
+        return False
+    if where == "gpu" and not _cuda_available():
+        return False
+    return decoder != "dali" or _dali_available()
+
+
+_DECODER_PLACES = {("pil", "cpu"), ("dali", "cpu"), ("dali", "gpu"), ("nvjpeg", "gpu")}
 
 
 def _cuda_available() -> bool:

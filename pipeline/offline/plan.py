@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cipher.keys import Key
+from pipeline.errors import KeyprotectError
 from pipeline.offline.config import ShardBuildError, ShardConfig, choose_decoder, samples_per_shard
 from pipeline.offline.progress import Progress, record_bytes
 from pipeline.offline.sources import (
@@ -26,7 +27,8 @@ from pipeline.offline.sources import (
     select_split,
 )
 from pipeline.offline.workgroup import WorkGroup
-from pipeline.shards.manifest import Manifest
+from pipeline.shards.manifest import Manifest, load_manifest, manifest_name
+from pipeline.storage import Storage
 
 BLOCK, RECORD = 512, 10240  # tar's block, and the record its end is padded to
 
@@ -88,8 +90,15 @@ class SplitPlan:
 
 
 def plan_split(
-    config: ShardConfig, split: str, key: Key | None, group: WorkGroup | None = None
+    config: ShardConfig,
+    split: str,
+    key: Key | None,
+    group: WorkGroup | None = None,
+    made_with: tuple[str, str] | None = None,
 ) -> SplitPlan:
+    """The split's plan: its source listed (once per node), selected and put in the key's
+    order, cut into shards; the decoder ``choose_decoder`` picks (``made_with``: the one an
+    existing output was made with) and the identity all of it gives the bytes."""
     order_key = None if key is None else key.order_key  # encrypted: an order nobody can redo
     group = group or WorkGroup()
 
@@ -113,7 +122,7 @@ def plan_split(
     )
     if not items:
         raise ShardBuildError(f"{split}: no source images selected under {config.src}/{split}")
-    decoder, device = choose_decoder(config.decoder, config.device)
+    decoder, device = choose_decoder(config.decoder, config.device, made_with)
     shape = [config.size, config.size, 3]
     identity = SplitIdentity(
         options=config.data_options(decoder, device),
@@ -150,6 +159,7 @@ class PlannedSplit:
     shards: int
     per_shard: int
     sample_bytes: int  # the tar's bytes per sample: the image plus headers and metadata
+    decoder: tuple[str, str] = ("", "")  # the decoder that would run, and where
 
     @property
     def shard_bytes(self) -> int:
@@ -167,7 +177,7 @@ def plan_splits(config: ShardConfig, key: Key | None) -> list[PlannedSplit]:
     """Each split of ``config`` as a run would make it (the same listing and selection)."""
     plans = []
     for split in config.splits:
-        plan = plan_split(config, split, key)
+        plan = plan_split(config, split, key, made_with=made_with(Storage(config.out), split))
         plans.append(
             PlannedSplit(
                 split=split,
@@ -177,17 +187,30 @@ def plan_splits(config: ShardConfig, key: Key | None) -> list[PlannedSplit]:
                 shards=plan.n_shards,
                 per_shard=plan.per_shard,
                 sample_bytes=sample_bytes(plan.shape),
+                decoder=(plan.decoder, plan.device),
             )
         )
     return plans
 
 
+def made_with(storage: Storage, split: str) -> tuple[str, str] | None:
+    """The decoder, and where it ran, that ``split`` of the output was made with: its
+    manifest's, or an unfinished run's options; None for a new output, or one this process
+    cannot read (sealed, and no data key)."""
+    try:
+        if storage.exists(manifest_name(split)):
+            options = load_manifest(storage, split).options
+        else:
+            options = (Progress(storage, split).read_options() or {}).get("options", {})
+    except (KeyprotectError, ValueError):
+        return None
+    decoder, where = options.get("decoder"), options.get("decode_device")
+    return (decoder, where) if isinstance(decoder, str) and isinstance(where, str) else None
+
+
 def found(out: str, split: str) -> str:
     """What ``out`` already holds of ``split``: a manifest, progress records, or nothing. A run
     checks that they were made with the same key and options; this does not."""
-    from pipeline.shards.manifest import manifest_name
-    from pipeline.storage import Storage
-
     storage = Storage(out)
     if storage.exists(manifest_name(split)):
         return "; the output has its manifest: a run with the same key and options does nothing"
@@ -204,7 +227,9 @@ def describe(config: ShardConfig, plans: list[PlannedSplit], *, world_size: int 
         f"{found(config.out, p.split)}"
         for p in plans
     ]
-    decoder, device = choose_decoder(config.decoder, config.device)
+    decoder, device = (
+        plans[0].decoder if plans[0].decoder[0] else choose_decoder(config.decoder, config.device)
+    )
     total = sum(p.total_bytes for p in plans)
     largest = max(p.shard_bytes for p in plans)
     # staged at once per rank: PIL's shard processes keep --threads + 2 building or waiting to

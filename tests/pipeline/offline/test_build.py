@@ -346,6 +346,35 @@ def test_progress_made_under_another_key_never_counts(jpeg_tree, tmp_path, monke
     assert made == {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
 
 
+def test_a_rerun_with_decoder_auto_keeps_the_decoder_the_output_was_made_with(
+    jpeg_tree, tmp_path, monkeypatch, caplog
+):
+    """Made with PIL (asked for), cut short, rerun with --decoder auto where auto would take
+    DALI: it resumes with PIL and says so, the bytes are a clean PIL run's, and a rerun of the
+    finished output with auto finds it complete (before, both were refused: other options)."""
+    pytest.importorskip("nvidia.dali", reason="auto takes DALI only where it is installed")
+    from pipeline.offline import build
+    from pipeline.offline.config import choose_decoder
+
+    assert choose_decoder("auto", "cpu") == ("dali", "cpu")
+    key, out = Key(FIXED_SECRET), tmp_path / "out"
+    with monkeypatch.context() as m:  # the PIL run dies after its shards, before its manifest
+        m.setattr(build, "_finish_split", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            build_shards(config(jpeg_tree, out, splits=("val",)), key)
+    caplog.set_level("INFO", logger="pipeline.offline.build")
+    auto = config(jpeg_tree, out, splits=("val",), decoder="auto", device="cpu")
+    made = build_shards(auto, key)["val"]
+    assert made.options["decoder"] == "pil" and "resuming:" in caplog.text
+    assert "the one this output was made with; a new output here would get dali" in caplog.text
+    build_shards(config(jpeg_tree, tmp_path / "clean", splits=("val",)), key)
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert files == {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
+    caplog.clear()
+    build_shards(auto, key)
+    assert "already complete" in caplog.text
+
+
 def test_a_split_with_no_samples_is_an_error_naming_it(tmp_path):
     src = write_jpeg_tree(tmp_path / "src", classes=2, train=2, val=2)
     for path in (src / "val").rglob("*.JPEG"):

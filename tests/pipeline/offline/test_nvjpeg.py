@@ -161,6 +161,28 @@ def test_choose_decoder(monkeypatch, decoder, device, cuda, dali, chosen):
     assert choose_decoder(decoder, device) == chosen
 
 
+@pytest.mark.parametrize(
+    "made_with, device, cuda, dali, chosen",
+    [
+        (("pil", "cpu"), "auto", True, True, ("pil", "cpu")),  # the output's, though a GPU is here
+        (("dali", "cpu"), "auto", True, True, ("dali", "cpu")),
+        (("nvjpeg", "gpu"), "auto", True, True, ("nvjpeg", "gpu")),
+        (("dali", "gpu"), "auto", False, True, ("dali", "cpu")),  # no GPU here: auto's own
+        (("nvjpeg", "gpu"), "auto", False, False, ("pil", "cpu")),
+        (("dali", "cpu"), "auto", False, False, ("pil", "cpu")),  # no DALI here
+        (("dali", "gpu"), "cpu", True, True, ("dali", "cpu")),  # --device cpu rules it out
+        (("pil", "gpu"), "auto", True, True, ("dali", "gpu")),  # not a real record
+    ],
+)
+def test_auto_keeps_the_decoder_an_output_was_made_with_where_it_can_run(
+    monkeypatch, made_with, device, cuda, dali, chosen
+):
+    monkeypatch.setattr(run_config, "_cuda_available", lambda: cuda)
+    monkeypatch.setattr(run_config, "_dali_available", lambda: dali)
+    assert choose_decoder("auto", device, made_with) == chosen
+    assert choose_decoder("pil", "auto", ("dali", "cpu")) == ("pil", "cpu")  # asked: never kept
+
+
 def test_nvjpeg_without_cuda_is_refused_before_any_work(monkeypatch, tmp_path):
     monkeypatch.setattr(run_config, "_cuda_available", lambda: False)
     with pytest.raises(ConfigError, match="--decoder nvjpeg decodes on a CUDA GPU and none"):

@@ -58,3 +58,5 @@ def test_the_plan_says_what_the_output_already_holds(jpeg_tree, tmp_path, monkey
     assert line.endswith(
         "the output has its manifest: a run with the same key and options does nothing"
     )
+    auto = ShardConfig(**{**config.__dict__, "decoder": "auto", "device": "cpu"})
+    assert "decoding with pil on the CPU" in describe(auto, plan_splits(auto, key))[-1]  # kept
