@@ -601,6 +601,7 @@ def build_shards(
             f"use e.g. --size {config.size - config.size % key.block_size}"
         )
     group = group or WorkGroup()
+    group.next_build()  # this build's steps under names of their own
     # a bad --encrypt-device or a missing GPU fails now, before anything is written
     encryption_device(
         config.encrypt_device, choose_decoder(config.decoder, config.device)[1], group.local_rank

@@ -17,7 +17,8 @@ cannot run into a collective timeout: every wait is a poll of the store that als
   of a worker's non-zero exit; the heartbeat covers a worker lost on another node.
 
 Keys live under ``keyprotect/make_shards/<restart count>/`` so that a torchrun restart
-(``--max-restarts``) does not see the previous attempt's flags.
+(``--max-restarts``) does not see the previous attempt's flags, and each build's steps under
+``build<n>/`` so that a second ``build_shards`` in the same job does not see the first's.
 
 What every rank of a node needs but one can make (the source listing: millions of ``stat``
 calls on a shared file system) goes through :meth:`WorkGroup.once_per_node`: the node's first
@@ -83,6 +84,7 @@ class WorkGroup:
         self.run_id = run_id
         self._store = store
         self._node_files: list[tuple[str, Path]] = []  # this node's shared files, by key
+        self._build = 0  # the builds this group has started: each one's names are its own
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (heartbeat count, when it moved)
         self._checked = 0.0
         self._stop = threading.Event()
@@ -115,6 +117,15 @@ class WorkGroup:
     def is_primary(self) -> bool:
         return self.rank == 0
 
+    def next_build(self) -> None:
+        """Start another build in this group (``build_shards``): the names of the steps below
+        are then new ones, so a second build in the same job never sees the first's (every
+        rank starts as many builds, so the ranks agree on the names)."""
+        self._build += 1
+
+    def _scoped(self, name: str) -> str:
+        return f"build{self._build}/{name}"
+
     def claims(self, name: str, count: int) -> Iterator[int]:
         """The indices below ``count`` this rank takes, each taken by the first rank that asks
         for it (a counter in the job's store): a faster rank takes more, and a resumed job's
@@ -123,7 +134,8 @@ class WorkGroup:
         if self._store is None:
             yield from range(count)
             return
-        while (index := int(self._store.add(f"claims/{name}", 1)) - 1) < count:
+        counter = self._scoped(f"claims/{name}")
+        while (index := int(self._store.add(counter, 1)) - 1) < count:
             yield index
 
     def share(self, name: str, value: str | None = None) -> str:
@@ -131,24 +143,25 @@ class WorkGroup:
         if self._store is None:
             assert value is not None
             return value
+        key = self._scoped(name)
         if self.is_primary:
             assert value is not None
-            self._store.set(name, value)
+            self._store.set(key, value)
             return value
-        self._wait(lambda: self._store.check([name]), f"rank 0 ({name})")
-        return self._store.get(name).decode()
+        self._wait(lambda: self._store.check([key]), f"rank 0 ({name})")
+        return self._store.get(key).decode()
 
     def done(self, name: str, value: str = "1") -> None:
         """Say that this rank finished step ``name`` (with ``value``: what it reports)."""
         if self._store is not None:
-            self._store.set(f"{name}/{self.rank}", value)
+            self._store.set(self._scoped(f"{name}/{self.rank}"), value)
 
     def wait_all(self, name: str, tick: Callable[[], None] | None = None) -> list[str]:
         """Wait until every rank said ``done(name)``; their values, by rank (none alone).
         ``tick`` is called at each poll (a progress bar's refresh)."""
         if self._store is None:
             return []
-        keys = [f"{name}/{r}" for r in range(self.world_size)]
+        keys = [self._scoped(f"{name}/{r}") for r in range(self.world_size)]
         self._wait(lambda: self._store.check(keys), f"every rank to finish {name}", tick)
         return [self._store.get(k).decode() for k in keys]
 
@@ -157,7 +170,7 @@ class WorkGroup:
         a group of one, ``count``: there is no job beyond this process)."""
         if self._store is None:
             return count
-        return int(self._store.add(name, count))
+        return int(self._store.add(self._scoped(name), count))
 
     def once_per_node(
         self,
@@ -174,7 +187,7 @@ class WorkGroup:
         never wrong."""
         if self._store is None or self.local_world_size <= 1:
             return make()
-        key = f"node/{self.node}/{name}"
+        key = self._scoped(f"node/{self.node}/{name}")
         if self.local_rank == 0:
             value = make()
             folder = Path(tempfile.mkdtemp(prefix="keyprotect-node-"))  # mode 0700

@@ -311,3 +311,37 @@ def test_a_resumed_job_spreads_the_shards_a_failed_rank_left_over_every_rank(
     build.build_shards(config("clean"), key)
     made = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()}
     assert made == {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
+
+
+def test_a_second_build_in_the_same_group_is_a_build_of_its_own(pair, tmp_path):
+    """Two ranks (threads, a real store) build one output, then another: the second build's
+    steps are not the first's (its shards are not taken already, its verdict is its own), and
+    both outputs are whole."""
+    from pipeline import Key
+    from pipeline.offline import build
+    from tests.conftest import FIXED_SECRET, write_jpeg_tree
+
+    src = write_jpeg_tree(tmp_path / "src", classes=2, train=6, val=2, size=(48, 40))
+
+    def config(out: str) -> build.ShardConfig:
+        return build.ShardConfig(src=str(src), out=str(tmp_path / out), splits=("train",),
+                                 size=32, decoder="pil", shard_size="3", batch_size=3,
+                                 encrypt_device="cpu", num_threads=1)  # fmt: skip
+
+    errors: list[BaseException] = []
+
+    def run(group: WorkGroup) -> None:
+        try:
+            for out in ("first", "second"):
+                build.build_shards(config(out), Key(FIXED_SECRET), group=group)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    ranks = [threading.Thread(target=run, args=(g,)) for g in pair]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=120)
+    assert not errors, errors
+    first, second = (sorted((tmp_path / out).glob("train-*.tar")) for out in ("first", "second"))
+    assert len(first) == 4 and [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
