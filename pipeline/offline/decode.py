@@ -174,10 +174,10 @@ def forkserver_context(*preload: str) -> multiprocessing.context.BaseContext:
 
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
-    """A Ctrl-C held until the block ends, then raised (in the main thread; elsewhere none
-    lands). One that lands while a pool starts a worker process leaves a process the pool never
-    learns of: it fails once this one has exited, and prints a traceback under the one-line
-    message."""
+    """A Ctrl-C held until the block ends, then raised. Only the main thread receives one, so
+    elsewhere this does nothing. One that lands while a pool starts a worker process leaves a
+    process the pool never learns of: it fails once this one has exited, and prints a traceback
+    under the one-line message."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
