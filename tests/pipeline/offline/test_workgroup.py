@@ -28,6 +28,24 @@ def pair(monkeypatch):
         group.close()
 
 
+def run_ranks(groups: list[WorkGroup], job) -> list[BaseException]:
+    """``job(group)`` for each rank at once, in threads named ``rank<r>``; what they raised."""
+    errors: list[BaseException] = []
+
+    def run(group: WorkGroup) -> None:
+        try:
+            job(group)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    ranks = [threading.Thread(target=run, args=(g,), name=f"rank{g.rank}") for g in groups]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=120)
+    return errors
+
+
 def test_each_shard_goes_to_the_first_rank_that_asks_and_to_no_other(pair):
     """Two ranks take indices at once from a real store: each index once, in rising order per
     rank, none beyond the count; a slower rank takes fewer. A group of one takes them all."""
@@ -235,19 +253,7 @@ def test_rank_zeros_bar_shows_every_ranks_images(pair, tmp_path, monkeypatch):
     config = build.ShardConfig(src=str(src), out=str(tmp_path / "out"), splits=("train",),
                                size=32, decoder="pil", shard_size="3", batch_size=3,
                                encrypt_device="cpu", num_threads=1)  # fmt: skip
-    errors: list[BaseException] = []
-
-    def run(group: WorkGroup) -> None:
-        try:
-            build.build_shards(config, Key(FIXED_SECRET), group=group)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    ranks = [threading.Thread(target=run, args=(g,)) for g in pair]
-    for rank in ranks:
-        rank.start()
-    for rank in ranks:
-        rank.join(timeout=120)
+    errors = run_ranks(pair, lambda g: build.build_shards(config, Key(FIXED_SECRET), group=g))
     assert not errors, errors
     assert shown == [(12, 12)]  # one bar (rank 0's), every rank's 12 images
 
@@ -290,21 +296,9 @@ def test_a_resumed_job_spreads_the_shards_a_failed_rank_left_over_every_rank(
         built[name].append(index)
         return real_build(self, index)
 
-    errors: list[BaseException] = []
-
-    def run(group: WorkGroup) -> None:
-        try:
-            build.build_shards(config("out"), key, group=group)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
     with monkeypatch.context() as m:
         m.setattr(makers.ShardProcesses, "build", build_and_note)
-        ranks = [threading.Thread(target=run, args=(g,), name=f"rank{g.rank}") for g in pair]
-        for rank in ranks:
-            rank.start()
-        for rank in ranks:
-            rank.join(timeout=120)
+        errors = run_ranks(pair, lambda g: build.build_shards(config("out"), key, group=g))
     assert not errors, errors
     assert sorted(built["rank0"] + built["rank1"]) == [1, 3, 5, 7]
     assert built["rank0"] and built["rank1"]
@@ -328,20 +322,11 @@ def test_a_second_build_in_the_same_group_is_a_build_of_its_own(pair, tmp_path):
                                  size=32, decoder="pil", shard_size="3", batch_size=3,
                                  encrypt_device="cpu", num_threads=1)  # fmt: skip
 
-    errors: list[BaseException] = []
+    def two_builds(group: WorkGroup) -> None:
+        for out in ("first", "second"):
+            build.build_shards(config(out), Key(FIXED_SECRET), group=group)
 
-    def run(group: WorkGroup) -> None:
-        try:
-            for out in ("first", "second"):
-                build.build_shards(config(out), Key(FIXED_SECRET), group=group)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    ranks = [threading.Thread(target=run, args=(g,)) for g in pair]
-    for rank in ranks:
-        rank.start()
-    for rank in ranks:
-        rank.join(timeout=120)
+    errors = run_ranks(pair, two_builds)
     assert not errors, errors
     first, second = (sorted((tmp_path / out).glob("train-*.tar")) for out in ("first", "second"))
     assert len(first) == 4 and [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
