@@ -159,7 +159,7 @@ class PlannedSplit:
     shards: int
     per_shard: int
     sample_bytes: int  # the tar's bytes per sample: the image plus headers and metadata
-    decoder: tuple[str, str] = ("", "")  # the decoder that would run, and where
+    decoder: tuple[str, str]  # the decoder that would run, and where
 
     @property
     def shard_bytes(self) -> int:
@@ -227,9 +227,7 @@ def describe(config: ShardConfig, plans: list[PlannedSplit], *, world_size: int 
         f"{found(config.out, p.split)}"
         for p in plans
     ]
-    decoder, device = (
-        plans[0].decoder if plans[0].decoder[0] else choose_decoder(config.decoder, config.device)
-    )
+    decoder, device = plans[0].decoder
     total = sum(p.total_bytes for p in plans)
     largest = max(p.shard_bytes for p in plans)
     # staged at once per rank: PIL's shard processes keep --threads + 2 building or waiting to

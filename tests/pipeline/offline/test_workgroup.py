@@ -56,7 +56,7 @@ def test_each_shard_goes_to_the_first_rank_that_asks_and_to_no_other(pair):
             taken[rank].append(index)
             time.sleep(pause)
 
-    ranks = [threading.Thread(target=take, args=(r, p)) for r, p in ((0, 0.001), (1, 0.02))]
+    ranks = [threading.Thread(target=take, args=(r, p)) for r, p in ((0, 0.005), (1, 0.02))]
     for rank in ranks:
         rank.start()
     for rank in ranks:
